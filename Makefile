@@ -1,0 +1,41 @@
+# The README's commands. Each sets itself up on a fresh machine: a venv with pinned torch, then
+# the extension built against it (rebuilt when csrc/ or setup.py change).
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-$(TORCH_VERSION)
+BUILT := $(VENV)/.built
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+
+.PHONY: demo test bench lint clean
+
+demo: $(BUILT)
+	$(PY) -m gmm_allreduce.demo
+
+test: $(BUILT)
+	$(PY) -m pytest -q tests
+
+bench: $(BUILT)
+	$(PY) -m gmm_allreduce.bench
+
+lint: $(DEPS)
+	$(PY) -m pip install -q ruff clang-format
+	$(VENV)/bin/ruff check gmm_allreduce tests
+	$(VENV)/bin/clang-format --dry-run --Werror $(shell find csrc -name '*.cpp' -o -name '*.h')
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Exact pin: an open range would pull several GB of CUDA wheels.
+$(DEPS): $(VENV)/bin/python
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy pytest ninja "setuptools>=64" wheel
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info gmm_allreduce/*.so

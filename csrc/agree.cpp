@@ -1,0 +1,97 @@
+#include "agree.h"
+
+#include <c10/util/irange.h>
+
+#include <functional>
+
+namespace gmm_allreduce {
+namespace {
+
+enum Verdict : int32_t { kValid = 0, kValueError, kTypeError, kNotImplemented, kOtherError };
+
+// One rank's record: verdict, a hash of its plan signature, then its message (error text or
+// signature) as one byte per int32, truncated. int32 because every backend sums it.
+constexpr int64_t kRecord = 512;
+constexpr int64_t kHeader = 3;
+
+struct Record {
+  int32_t verdict = kValid;
+  int64_t hash = 0;
+  std::string text;
+};
+
+at::Tensor encode(const Record& r, int64_t rank, int64_t world, at::Device device) {
+  at::Tensor all = at::zeros({world, kRecord}, at::kInt);
+  int32_t* row = all.data_ptr<int32_t>() + rank * kRecord;
+  row[0] = r.verdict;
+  row[1] = static_cast<int32_t>(r.hash & 0xffffffff);
+  row[2] = static_cast<int32_t>((r.hash >> 32) & 0xffffffff);
+  const int64_t len = std::min<int64_t>(r.text.size(), kRecord - kHeader);
+  for (const auto i : c10::irange(len)) row[kHeader + i] = static_cast<unsigned char>(r.text[i]);
+  return all.to(device);
+}
+
+std::vector<Record> decode(const at::Tensor& all) {
+  at::Tensor host = all.to(at::kCPU).contiguous();
+  std::vector<Record> out(host.size(0));
+  for (const auto r : c10::irange(out.size())) {
+    const int32_t* row = host.const_data_ptr<int32_t>() + r * kRecord;
+    out[r].verdict = row[0];
+    out[r].hash = (static_cast<int64_t>(static_cast<uint32_t>(row[2])) << 32) |
+                  static_cast<uint32_t>(row[1]);
+    for (int64_t i = kHeader; i < kRecord && row[i] != 0; ++i) out[r].text += char(row[i]);
+  }
+  return out;
+}
+
+[[noreturn]] void raise(int32_t verdict, const std::string& msg) {
+  switch (verdict) {
+    case kValueError: TORCH_CHECK_VALUE(false, msg);
+    case kTypeError: TORCH_CHECK_TYPE(false, msg);
+    case kNotImplemented: TORCH_CHECK_NOT_IMPLEMENTED(false, msg);
+    default: TORCH_CHECK(false, msg);
+  }
+}
+
+}  // namespace
+
+Plan make_plan_agreed(const OpArgs& args, c10d::ProcessGroup& group) {
+  std::optional<Plan> plan;
+  Record mine;
+  try {
+    plan = make_plan(args);
+    mine.text = plan->signature();
+    mine.hash = static_cast<int64_t>(std::hash<std::string>{}(mine.text));
+  } catch (const c10::ValueError& e) {
+    mine = {kValueError, 0, e.what_without_backtrace()};
+  } catch (const c10::TypeError& e) {
+    mine = {kTypeError, 0, e.what_without_backtrace()};
+  } catch (const c10::NotImplementedError& e) {
+    mine = {kNotImplemented, 0, e.what_without_backtrace()};
+  } catch (const c10::Error& e) {
+    mine = {kOtherError, 0, e.what_without_backtrace()};
+  }
+
+  // The exchange tensor lives where the op's data does (NCCL takes no CPU tensors).
+  const at::Device device = plan ? plan->device
+                            : (!args.x.empty() && args.x[0].defined()) ? args.x[0].device()
+                                                                       : at::Device(at::kCPU);
+  at::Tensor all = encode(mine, group.getRank(), group.getSize(), device);
+  all_reduce_sum(group, all);
+  const std::vector<Record> records = decode(all);
+
+  for (const auto r : c10::irange(records.size())) {
+    if (records[r].verdict != kValid) {
+      raise(records[r].verdict, "check_ranks: rank " + std::to_string(r) +
+                                    " rejected the call: " + records[r].text);
+    }
+  }
+  for (const auto r : c10::irange(records.size())) {
+    TORCH_CHECK_VALUE(records[r].hash == records[0].hash,
+                      "check_ranks: ranks disagree on the call: rank 0 has ", records[0].text,
+                      "; rank ", r, " has ", records[r].text);
+  }
+  return *plan;
+}
+
+}  // namespace gmm_allreduce

@@ -1,0 +1,66 @@
+// The ATen engine: one ATen matmul per group, written straight into the group's block of the flat
+// output buffer. It uses only ATen ops, so it is registered as the CompositeExplicitAutograd
+// kernel: it serves the CPU and any device that has ATen matmuls and a c10d backend; a device
+// with its own kernel (csrc/cuda/) takes precedence.
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../op.h"
+
+namespace gmm_allreduce {
+namespace {
+
+// x_i as a 2-D [m_i, k_i] operand: a row slice of x[0] (split_item 1, 3) or x[i] with its
+// leading dims flattened (split_item 0, 2).
+at::Tensor group_x(const Plan& plan, const OpArgs& args, size_t i) {
+  const GroupPlan& g = plan.groups[i];
+  if (plan.split_item == 1 || plan.split_item == 3) return args.x[0].narrow(0, g.x_row, g.m);
+  return args.x[i].reshape({g.m, g.k});
+}
+
+void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat) {
+  // Accumulation type: fp32 for the 16-bit dtypes, the dtype itself for fp32 and fp64.
+  const at::ScalarType acc = at::toOpMathType(plan.dtype);
+  // ATen's CPU fp16 GEMM is a scalar fallback (~80x slower than fp32 on AVX-512 hosts); an fp32
+  // GEMM on upcast operands is exact for fp16 inputs and gives the single rounding of the spec.
+  const bool upcast = plan.device.is_cpu() && plan.dtype == at::kHalf;
+
+  for (size_t i = 0; i < plan.groups.size(); ++i) {
+    const GroupPlan& g = plan.groups[i];
+    if (g.m == 0 || g.n == 0) continue;
+    at::Tensor y = flat.narrow(0, g.out_offset, g.m * g.n).view({g.m, g.n});
+    const at::Tensor x = group_x(plan, args, i);
+    const at::Tensor& w = args.weight[i];
+    // bias_i / world_size, divided in the accumulation type: Σ_r bias_i / n then gives bias_i.
+    const at::Tensor bias = plan.has_bias ? (*args.bias)[i].to(acc).div(world_size) : at::Tensor();
+
+    if (acc == plan.dtype) {  // fp32, fp64: fused bias, one rounding
+      bias.defined() ? at::addmm_out(y, bias, x, w) : at::mm_out(y, x, w);
+    } else if (upcast) {      // fp16 on the CPU: fp32 GEMM, one rounding into y
+      const at::Tensor x32 = x.to(acc), w32 = w.to(acc);
+      y.copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
+    } else {
+      // 16-bit GEMM with fp32 accumulation, rounded once; ATen has no 16-bit GEMM with an fp32
+      // output on every device, so a bias is added in fp32 after that rounding (a second one).
+      at::mm_out(y, x, w);
+      if (bias.defined()) y.add_(bias);
+    }
+  }
+}
+
+std::vector<at::Tensor> grouped_mat_mul_all_reduce_aten(
+    at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
+    at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
+    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op,
+    int64_t comm_turn, int64_t group_list_type, bool check_ranks) {
+  return run_op(&compute_aten, x, weight, bias, group_list, group_list_tensor, split_item,
+                group_name, reduce_op, comm_turn, group_list_type, check_ranks);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
+  m.impl("grouped_mat_mul_all_reduce", &grouped_mat_mul_all_reduce_aten);
+}
+
+}  // namespace gmm_allreduce

@@ -1,0 +1,21 @@
+// The process group behind a name, and the all-reduce of the op's flat output buffer through it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <string>
+
+namespace gmm_allreduce {
+
+using GroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
+
+// The group registered under `group_name` (ProcessGroup.group_name in Python), as PyTorch's
+// functional collectives resolve it. Raises c10::ValueError naming hcomm when there is none.
+GroupPtr resolve_group(const std::string& group_name);
+
+// In-place sum of `flat` over the group; returns once the result is in `flat`. Dispatched through
+// c10d::allreduce_, so any backend (gloo, NCCL, ...) that implements all-reduce serves.
+void all_reduce_sum(c10d::ProcessGroup& group, at::Tensor& flat);
+
+}  // namespace gmm_allreduce

@@ -1,0 +1,249 @@
+#include "plan.h"
+
+#include <c10/util/irange.h>
+
+#include <sstream>
+
+namespace gmm_allreduce {
+namespace {
+
+std::string name(const char* arg, size_t i) {
+  return std::string(arg) + "[" + std::to_string(i) + "]";
+}
+
+bool single_x(int64_t split_item) {
+  return split_item == 1 || split_item == 3;
+}
+
+bool single_y(int64_t split_item) {
+  return split_item == 2 || split_item == 3;
+}
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+void check_scalars(const OpArgs& a) {
+  TORCH_CHECK_VALUE(a.split_item >= 0 && a.split_item <= 3,
+                    "split_item: expected 0, 1, 2 or 3, got ", a.split_item);
+  TORCH_CHECK_VALUE(a.reduce_op == "sum", "reduce_op: only \"sum\" is supported, got \"",
+                    a.reduce_op, "\"");
+  TORCH_CHECK_VALUE(a.comm_turn >= 0, "comm_turn: expected an integer >= 0, got ", a.comm_turn);
+  TORCH_CHECK_NOT_IMPLEMENTED(a.comm_turn == 0,
+                              "comm_turn: chunked overlap (comm_turn >= 1) is not implemented "
+                              "yet; pass comm_turn=0, got ",
+                              a.comm_turn);
+  TORCH_CHECK_VALUE(a.group_list_type == 0 || a.group_list_type == 1,
+                    "group_list_type: expected 0 (cumulative offsets) or 1 (counts), got ",
+                    a.group_list_type);
+}
+
+void check_tensor_list(const char* arg, at::TensorList list) {
+  TORCH_CHECK_VALUE(!list.empty(), arg, ": expected at least one tensor, got an empty list");
+  for (const auto i : c10::irange(list.size())) {
+    TORCH_CHECK_VALUE(list[i].defined(), name(arg, i), ": expected a tensor, got None");
+  }
+}
+
+// dtype and device of every tensor against x[0]'s.
+void check_dtypes_and_devices(const OpArgs& a) {
+  const at::Tensor& ref = a.x[0];
+  TORCH_CHECK_TYPE(is_supported_float(ref.scalar_type()),
+                   "x[0]: expected float16, bfloat16, float32 or float64, got ", ref.scalar_type());
+  auto check = [&](const char* arg, at::TensorList list, bool same_dtype) {
+    for (const auto i : c10::irange(list.size())) {
+      const at::Tensor& t = list[i];
+      if (same_dtype) {
+        TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name(arg, i), ": expected dtype ",
+                         ref.scalar_type(), " like x[0], got ", t.scalar_type());
+      } else {
+        TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name(arg, i),
+                         ": expected a floating-point dtype, got ", t.scalar_type());
+      }
+      TORCH_CHECK_VALUE(t.device() == ref.device(), name(arg, i), ": expected a tensor on ",
+                        ref.device(), " like x[0], got one on ", t.device());
+    }
+  };
+  check("x", a.x, true);
+  check("weight", a.weight, true);
+  if (a.bias) check("bias", *a.bias, false);
+}
+
+void check_list_counts(const OpArgs& a, size_t groups) {
+  if (single_x(a.split_item)) {
+    TORCH_CHECK_VALUE(a.x.size() == 1, "x: expected a single tensor for split_item=", a.split_item,
+                      " (its rows are cut by group_list), got ", a.x.size());
+  } else {
+    TORCH_CHECK_VALUE(a.x.size() == groups, "x: expected ", groups,
+                      " tensors (one per weight) for split_item=", a.split_item, ", got ",
+                      a.x.size());
+  }
+  if (a.bias) {
+    TORCH_CHECK_VALUE(a.bias->size() == groups, "bias: expected ", groups,
+                      " tensors (one per weight), got ", a.bias->size());
+  }
+  const bool given = a.group_list.has_value() || a.group_list_tensor.has_value();
+  if (single_x(a.split_item)) {
+    TORCH_CHECK_VALUE(given, "group_list: required for split_item=", a.split_item,
+                      " (it cuts the rows of x into groups)");
+  } else {
+    TORCH_CHECK_VALUE(!given, "group_list: must not be given for split_item=", a.split_item,
+                      " (each tensor of x is one group)");
+  }
+}
+
+// group_list as host int64 values, whichever form it came in.
+std::vector<int64_t> group_list_values(const OpArgs& a) {
+  if (a.group_list) return a.group_list->vec();
+  const at::Tensor& t = *a.group_list_tensor;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
+                   "group_list: expected an int64 or int32 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, "group_list: expected a 1-D tensor, got ", t.dim(), "-D");
+  at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = host.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + host.numel());
+}
+
+// Row counts per group from group_list (split_item 1 and 3).
+std::vector<int64_t> rows_from_group_list(const OpArgs& a, size_t groups, int64_t total_rows) {
+  const std::vector<int64_t> v = group_list_values(a);
+  TORCH_CHECK_VALUE(v.size() == groups, "group_list: expected ", groups,
+                    " values (one per weight), got ", v.size());
+  std::vector<int64_t> rows(groups);
+  int64_t sum = 0;
+  for (const auto i : c10::irange(groups)) {
+    TORCH_CHECK_VALUE(v[i] >= 0, name("group_list", i), ": expected a value >= 0, got ", v[i]);
+    if (a.group_list_type == 0) {
+      const int64_t prev = i == 0 ? 0 : v[i - 1];
+      TORCH_CHECK_VALUE(v[i] >= prev, name("group_list", i),
+                        ": cumulative offsets must not decrease, got ", v[i], " after ", prev);
+      rows[i] = v[i] - prev;
+    } else {
+      rows[i] = v[i];
+    }
+    sum += rows[i];
+  }
+  if (a.group_list_type == 0) {
+    TORCH_CHECK_VALUE(v.back() == total_rows,
+                      "group_list: the last cumulative offset must equal x[0].shape[0] = ",
+                      total_rows, ", got ", v.back());
+  } else {
+    TORCH_CHECK_VALUE(sum == total_rows, "group_list: counts must sum to x[0].shape[0] = ",
+                      total_rows, ", got ", sum);
+  }
+  return rows;
+}
+
+// m and k of each group from x (and group_list); x's rank is checked here.
+void fill_mk(const OpArgs& a, std::vector<GroupPlan>& groups) {
+  if (single_x(a.split_item)) {
+    const at::Tensor& x = a.x[0];
+    TORCH_CHECK_VALUE(x.dim() == 2, "x[0]: expected a 2-D tensor for split_item=", a.split_item,
+                      ", got ", x.dim(), "-D");
+    const std::vector<int64_t> rows = rows_from_group_list(a, groups.size(), x.size(0));
+    int64_t row = 0;
+    for (const auto i : c10::irange(groups.size())) {
+      groups[i].m = rows[i];
+      groups[i].k = x.size(1);
+      groups[i].x_row = row;
+      row += rows[i];
+    }
+    return;
+  }
+  const int64_t max_dim = a.split_item == 0 ? 5 : 2;
+  for (const auto i : c10::irange(groups.size())) {
+    const at::Tensor& x = a.x[i];
+    if (max_dim == 2) {
+      TORCH_CHECK_VALUE(x.dim() == 2, name("x", i), ": expected a 2-D tensor for split_item=",
+                        a.split_item, ", got ", x.dim(), "-D");
+    } else {
+      TORCH_CHECK_VALUE(x.dim() >= 2 && x.dim() <= max_dim, name("x", i),
+                        ": expected a tensor of 2 to 5 dims for split_item=0, got ", x.dim(),
+                        "-D");
+    }
+    int64_t m = 1;
+    for (const auto d : c10::irange(x.dim() - 1)) m *= x.size(d);
+    groups[i].m = m;
+    groups[i].k = x.size(-1);
+  }
+}
+
+void fill_n_and_check_weights(const OpArgs& a, std::vector<GroupPlan>& groups) {
+  for (const auto i : c10::irange(groups.size())) {
+    const at::Tensor& w = a.weight[i];
+    TORCH_CHECK_VALUE(w.dim() == 2, name("weight", i), ": expected a 2-D tensor [K, N], got ",
+                      w.dim(), "-D");
+    const std::string x_name = single_x(a.split_item) ? "x[0]" : name("x", i);
+    TORCH_CHECK_VALUE(w.size(0) == groups[i].k, name("weight", i), ": expected ", groups[i].k,
+                      " rows (K, the last dim of ", x_name, "), got ", w.size(0));
+    groups[i].n = w.size(1);
+    if (single_y(a.split_item)) {
+      TORCH_CHECK_VALUE(groups[i].n == groups[0].n, name("weight", i), ": expected N = ",
+                        groups[0].n, " like weight[0], since split_item=", a.split_item,
+                        " returns one tensor; got ", groups[i].n);
+    }
+    if (a.bias) {
+      const at::Tensor& b = (*a.bias)[i];
+      TORCH_CHECK_VALUE(b.dim() == 1, name("bias", i), ": expected a 1-D tensor, got ", b.dim(),
+                        "-D");
+      TORCH_CHECK_VALUE(b.size(0) == groups[i].n, name("bias", i), ": expected length ",
+                        groups[i].n, " (N of ", name("weight", i), "), got ", b.size(0));
+    }
+  }
+}
+
+void fill_layout(const OpArgs& a, Plan& plan) {
+  int64_t offset = 0;
+  int64_t total_rows = 0;
+  for (const auto i : c10::irange(plan.groups.size())) {
+    GroupPlan& g = plan.groups[i];
+    g.out_offset = offset;
+    offset += g.m * g.n;
+    total_rows += g.m;
+    if (single_y(a.split_item)) continue;
+    if (a.split_item == 0) {
+      std::vector<int64_t> shape = a.x[i].sizes().vec();
+      shape.back() = g.n;
+      plan.out_shapes.push_back(std::move(shape));
+    } else {
+      plan.out_shapes.push_back({g.m, g.n});
+    }
+  }
+  if (single_y(a.split_item)) plan.out_shapes.push_back({total_rows, plan.groups[0].n});
+  plan.numel = offset;
+}
+
+}  // namespace
+
+Plan make_plan(const OpArgs& a) {
+  check_scalars(a);
+  check_tensor_list("x", a.x);
+  check_tensor_list("weight", a.weight);
+  if (a.bias) check_tensor_list("bias", *a.bias);
+  const size_t groups = a.weight.size();
+  check_list_counts(a, groups);
+  check_dtypes_and_devices(a);
+
+  Plan plan;
+  plan.split_item = a.split_item;
+  plan.comm_turn = a.comm_turn;
+  plan.dtype = a.x[0].scalar_type();
+  plan.device = a.x[0].device();
+  plan.has_bias = a.bias.has_value();
+  plan.groups.resize(groups);
+  fill_mk(a, plan.groups);
+  fill_n_and_check_weights(a, plan.groups);
+  fill_layout(a, plan);
+  return plan;
+}
+
+std::string Plan::signature() const {
+  std::ostringstream s;
+  s << "split_item=" << split_item << " comm_turn=" << comm_turn << " dtype=" << dtype
+    << " outputs=[";
+  for (const auto& shape : out_shapes) s << at::IntArrayRef(shape);
+  s << "]";
+  return s.str();
+}
+
+}  // namespace gmm_allreduce

@@ -1,0 +1,16 @@
+// The op's schema: the only place it is written. Device kernels register in their own files
+// (aten/, cuda/). The Python module _C exists so that `import gmm_allreduce._C` loads this library.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(gmm_allreduce, m) {
+  m.def(
+      "grouped_mat_mul_all_reduce(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op=\"sum\", "
+      "int comm_turn=0, int group_list_type=0, bool check_ranks=False) -> Tensor[]");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,125 @@
+"""Deterministic test cases: every rank's inputs regenerate from (seed, rank), so any process can
+build all ranks' inputs and the float64 reference without a collective. Used by the tests and the
+demo."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .reference import reference
+
+# Accepted error against the float64 reference, as (atol, rtol) for outputs of magnitude ~1 per
+# rank. A partial is rounded once to the dtype, then the ranks' partials are summed in the dtype,
+# so the error grows with the world size: the tolerance is scaled by sqrt(world) in `check`.
+TOLERANCE = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call: per-group rows m, inner dim k and output dim n, and how the call is spelt.
+
+    For split_item 0, ``lead`` may give each x_i's leading dims (their product is m_i). For
+    split_item 1 and 3 all k are equal (one x). For 2 and 3 all n are equal (one y).
+    """
+
+    name: str
+    split_item: int
+    m: tuple[int, ...]
+    k: tuple[int, ...]
+    n: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    bias_dtype: torch.dtype | None = None  # None: no bias
+    integers: bool = False  # small-integer inputs whose sums are exact in every dtype
+    group_list_form: str = "list"  # "list" or "tensor" (int64) or "tensor32"
+    group_list_type: int = 0  # 0 cumulative, 1 counts
+    lead: tuple[tuple[int, ...], ...] | None = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def groups(self) -> int:
+        return len(self.m)
+
+
+def make_inputs(case: Case, rank: int, world: int) -> dict:
+    """This rank's x, weight, bias and group_list, regenerated from (case.seed, rank)."""
+    gen = torch.Generator().manual_seed(case.seed * 1009 + rank)
+
+    def draw(shape, scale=1.0):
+        if case.integers:
+            return torch.randint(-1, 2, shape, generator=gen).to(case.dtype)
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(case.dtype)
+
+    weight = [draw((k, n), 1 / math.sqrt(max(k, 1))) for k, n in zip(case.k, case.n)]
+    if case.split_item in (1, 3):
+        x = [draw((sum(case.m), case.k[0]))]
+    elif case.lead is not None:
+        x = [draw((*lead, k)) for lead, k in zip(case.lead, case.k)]
+    else:
+        x = [draw((m, k)) for m, k in zip(case.m, case.k)]
+    bias = None
+    if case.bias_dtype is not None:
+        if case.integers:  # bias_i / world stays an integer: exact in every dtype
+            bias = [(torch.randint(-3, 4, (n,), generator=gen) * world).to(case.bias_dtype)
+                    for n in case.n]
+        else:
+            bias = [torch.randn(n, generator=gen).to(case.bias_dtype) for n in case.n]
+    return {"x": x, "weight": weight, "bias": bias, "group_list": group_list(case)}
+
+
+def group_list(case: Case):
+    if case.split_item not in (1, 3):
+        return None
+    values = list(case.m)
+    if case.group_list_type == 0:
+        values = [sum(values[: i + 1]) for i in range(len(values))]
+    if case.group_list_form == "tensor":
+        return torch.tensor(values, dtype=torch.int64)
+    if case.group_list_form == "tensor32":
+        return torch.tensor(values, dtype=torch.int32)
+    return values
+
+
+def call_kwargs(case: Case, inputs: dict) -> dict:
+    return {
+        "bias": inputs["bias"],
+        "group_list": inputs["group_list"],
+        "split_item": case.split_item,
+        "group_list_type": case.group_list_type,
+    }
+
+
+def expected(case: Case, world: int) -> list[torch.Tensor]:
+    """The float64 reference for this case at this world size."""
+    return reference([make_inputs(case, r, world) for r in range(world)], case.split_item,
+                     case.group_list_type)
+
+
+def max_error(outputs, refs) -> float:
+    errs = [(o.double() - r).abs().max().item() for o, r in zip(outputs, refs) if r.numel()]
+    return max(errs, default=0.0)
+
+
+def check(case: Case, outputs: list[torch.Tensor], world: int) -> float:
+    """Asserts outputs match the reference (exactly for integer cases); returns the max error."""
+    refs = expected(case, world)
+    assert len(outputs) == len(refs), f"{case.name}: {len(outputs)} outputs, expected {len(refs)}"
+    for i, (o, r) in enumerate(zip(outputs, refs)):
+        assert o.dtype == case.dtype, f"{case.name}: output {i} has dtype {o.dtype}"
+        assert tuple(o.shape) == tuple(r.shape), f"{case.name}: output {i} shape {tuple(o.shape)}"
+        if case.integers:
+            torch.testing.assert_close(o.double(), r, atol=0, rtol=0, msg=lambda m: f"{case.name}[{i}]: {m}")
+        else:
+            atol, rtol = TOLERANCE[case.dtype]
+            scale = math.sqrt(world)
+            torch.testing.assert_close(o.double(), r, atol=atol * scale, rtol=rtol,
+                                       msg=lambda m: f"{case.name}[{i}]: {m}")
+    return max_error(outputs, refs)

@@ -1,0 +1,148 @@
+"""The public function: argument normalisation over the C++ op, and its fake kernel.
+
+Validation, planning, compute and communication all happen in C++ (csrc/); this file only turns
+Python conveniences (a ProcessGroup, a list or a tensor for group_list, bias=[]) into the op's
+schema arguments.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
+
+_OP = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce
+
+
+def grouped_mat_mul_all_reduce(
+    x: Sequence[torch.Tensor],
+    weight: Sequence[torch.Tensor],
+    hcomm: str | dist.ProcessGroup | None = None,
+    *,
+    bias: Sequence[torch.Tensor] | None = None,
+    group_list: Sequence[int] | torch.Tensor | None = None,
+    split_item: int = 0,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    group_list_type: int = 0,
+    check_ranks: bool = False,
+) -> list[torch.Tensor]:
+    """Grouped matmul, summed over the ranks of a process group.
+
+    With n ranks, rank r holding x_i^r (its K-slice of the activations) and W_i^r (its K-slice of
+    the weights), every rank returns, for every group i::
+
+        y_i = sum_r (x_i^r @ W_i^r + bias_i^r / n)
+
+    Args:
+        x: the activations; G tensors (split_item 0, 2) or one [M, K] tensor (1, 3).
+        weight: G tensors [K_i, N_i].
+        hcomm: the process group: its name (``group.group_name``), the group, or None for the
+            default group.
+        bias: None, [] (no bias) or G 1-D tensors [N_i] of any floating dtype.
+        group_list: rows of x per group for split_item 1 and 3: cumulative end offsets
+            (group_list_type=0) or counts (1); a list of ints or a 1-D int64/int32 tensor.
+        split_item: 0: G x, G y; 1: one x, G y; 2: G x, one y; 3: one x, one y.
+        reduce_op: "sum" only.
+        comm_turn: 0 (one all-reduce after all compute).
+        group_list_type: 0 cumulative offsets, 1 counts.
+        check_ranks: first agree across ranks that every call is valid and alike; on any
+            disagreement every rank raises the same error (costs one small collective).
+
+    Returns:
+        A list of tensors in x's dtype: G of them for split_item 0 and 1, one for 2 and 3.
+    """
+    group_list_ints, group_list_tensor = _group_list(group_list)
+    return _OP(
+        _tensors("x", x),
+        _tensors("weight", weight),
+        _tensors("bias", bias) if bias is not None and len(bias) > 0 else None,
+        group_list_ints,
+        group_list_tensor,
+        _int("split_item", split_item),
+        _group_name(hcomm),
+        _str("reduce_op", reduce_op),
+        _int("comm_turn", comm_turn),
+        _int("group_list_type", group_list_type),
+        bool(check_ranks),
+    )
+
+
+# The seed's name: code written for the Ascend op changes only its import and its device.
+npu_grouped_mat_mul_all_reduce = grouped_mat_mul_all_reduce
+
+
+def _tensors(arg: str, value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        raise TypeError(f"{arg}: expected a list of tensors, got {type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}[{i}]: expected a tensor, got {type(t).__name__}")
+    return list(value)
+
+
+def _int(arg: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _str(arg: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{arg}: expected a str, got {type(value).__name__}")
+    return value
+
+
+def _group_list(value) -> tuple[list[int] | None, torch.Tensor | None]:
+    if value is None:
+        return None, None
+    if isinstance(value, torch.Tensor):
+        return None, value
+    if isinstance(value, Sequence):
+        return [_int(f"group_list[{i}]", v) for i, v in enumerate(value)], None
+    raise TypeError(f"group_list: expected a list of ints or a tensor, got {type(value).__name__}")
+
+
+def _group_name(hcomm) -> str:
+    if isinstance(hcomm, str):
+        return hcomm
+    if isinstance(hcomm, dist.ProcessGroup):
+        return hcomm.group_name
+    if hcomm is None:
+        if not dist.is_initialized():
+            raise ValueError(
+                "hcomm: None means the default process group, but torch.distributed is not "
+                "initialized (call torch.distributed.init_process_group first)"
+            )
+        return dist.group.WORLD.group_name
+    raise TypeError(f"hcomm: expected a group name, a ProcessGroup or None, got {type(hcomm).__name__}")
+
+
+@torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
+def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op="sum",
+          comm_turn=0, group_list_type=0, check_ranks=False):
+    # A call mixing meta and real tensors dispatches here, not to the C++ kernel that checks this.
+    for arg, tensors in (("x", x), ("weight", weight), ("bias", bias or [])):
+        for i, t in enumerate(tensors):
+            if t.device != x[0].device:
+                raise ValueError(f"{arg}[{i}]: expected a tensor on {x[0].device} like x[0], "
+                                 f"got one on {t.device}")
+    n = [w.shape[1] for w in weight]
+    if split_item == 0:
+        return [xi.new_empty((*xi.shape[:-1], ni)) for xi, ni in zip(x, n)]
+    if split_item == 2:
+        return [x[0].new_empty((sum(xi.shape[0] for xi in x), n[0]))]
+    if split_item == 3:
+        return [x[0].new_empty((x[0].shape[0], n[0]))]
+    if group_list is None:  # split_item 1 with a tensor group_list: sizes known only at run time
+        ctx = torch.library.get_ctx()
+        rows = [ctx.new_dynamic_size() for _ in n]
+    elif group_list_type == 0:
+        rows = [end - start for start, end in zip([0, *group_list[:-1]], group_list)]
+    else:
+        rows = list(group_list)
+    return [x[0].new_empty((m, ni)) for m, ni in zip(rows, n)]

@@ -1,0 +1,74 @@
+"""Pure-PyTorch references, used by the tests, the demo and the benchmark alike.
+
+- ``reference``: the exact sum over ranks in float64, from every rank's inputs (no collective).
+- ``unfused``: the obvious composition a user writes today, in the inputs' dtype: one torch.mm per
+  group, then one dist.all_reduce per output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def group_rows(group_list, group_list_type: int) -> list[int]:
+    """Rows per group from group_list (cumulative end offsets, or counts)."""
+    values = group_list.tolist() if isinstance(group_list, torch.Tensor) else list(group_list)
+    if group_list_type == 1:
+        return values
+    return [end - start for start, end in zip([0, *values[:-1]], values)]
+
+
+def group_operands(x, weight, group_list=None, split_item=0, group_list_type=0):
+    """The 2-D x_i of each group, and the shape each group's output takes."""
+    if split_item in (1, 3):
+        xs = list(torch.split(x[0], group_rows(group_list, group_list_type)))
+        shapes = [(xi.shape[0], w.shape[1]) for xi, w in zip(xs, weight)]
+    else:
+        xs = [xi.reshape(math.prod(xi.shape[:-1]), xi.shape[-1]) for xi in x]
+        shapes = [(*xi.shape[:-1], w.shape[1]) for xi, w in zip(x, weight)]
+    return xs, shapes
+
+
+def _assemble(ys: list[torch.Tensor], shapes, split_item: int) -> list[torch.Tensor]:
+    if split_item in (2, 3):
+        return [torch.cat(ys)]
+    return [y.reshape(shape) for y, shape in zip(ys, shapes)]
+
+
+def reference(
+    inputs_per_rank: Sequence[dict], split_item: int = 0, group_list_type: int = 0
+) -> list[torch.Tensor]:
+    """sum_r (x_i^r @ W_i^r + bias_i^r / n) in float64, from each rank's inputs.
+
+    Each element of inputs_per_rank is a dict with x, weight, bias (None or a list) and group_list.
+    """
+    world = len(inputs_per_rank)
+    total = None
+    for inp in inputs_per_rank:
+        xs, shapes = group_operands(inp["x"], inp["weight"], inp.get("group_list"), split_item,
+                                    group_list_type)
+        bias = inp.get("bias") or [None] * len(xs)
+        ys = []
+        for xi, wi, bi in zip(xs, inp["weight"], bias):
+            yi = xi.double() @ wi.double()
+            ys.append(yi if bi is None else yi + bi.double() / world)
+        total = ys if total is None else [t + y for t, y in zip(total, ys)]
+    return _assemble(total, shapes, split_item)
+
+
+def unfused(x, weight, group=None, *, bias=None, group_list=None, split_item=0,
+            group_list_type=0) -> list[torch.Tensor]:
+    """The composition the op replaces: per-group torch.mm, then one dist.all_reduce per output."""
+    world = dist.get_world_size(group)
+    xs, shapes = group_operands(x, weight, group_list, split_item, group_list_type)
+    ys = [torch.mm(xi, wi) for xi, wi in zip(xs, weight)]
+    if bias:
+        ys = [(y + b / world).to(y.dtype) for y, b in zip(ys, bias)]
+    outputs = _assemble(ys, shapes, split_item)
+    for y in outputs:
+        dist.all_reduce(y, group=group)
+    return outputs

@@ -1,0 +1,106 @@
+"""A pool of W spawned ranks, joined over gloo with a file:// rendezvous, that runs many test
+functions without being restarted: starting ranks costs seconds on a small machine.
+
+`pool.run(fn, *args)` runs fn(*args) on every rank (fn must be importable: a module-level function)
+and returns the per-rank results in rank order. A rank that raises, or a call that outlasts its
+timeout, fails the call and retires the pool (its ranks may be stuck in a collective); the next
+`get_pool` starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import traceback
+from datetime import timedelta
+
+PG_TIMEOUT_S = 60
+CALL_TIMEOUT_S = 180
+
+
+class RankError(AssertionError):
+    """A function raised on some rank; carries that rank's traceback."""
+
+
+def _worker(rank, world, init_file, backend, tasks, results):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # W ranks share the machine's few cores
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
+    while (item := tasks.get()) is not None:
+        fn, args = item
+        try:
+            results.put((rank, True, fn(*args)))
+        except BaseException:  # noqa: BLE001 - the traceback goes back to the test
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class DistPool:
+    def __init__(self, world: int, backend: str = "gloo"):
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self._dir = tempfile.TemporaryDirectory()
+        init_file = os.path.join(self._dir.name, "rendezvous")
+        self._tasks = [ctx.Queue() for _ in range(world)]
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_worker, args=(r, world, init_file, backend, self._tasks[r],
+                                              self._results), daemon=True)
+            for r in range(world)
+        ]
+        for p in self._procs:
+            p.start()
+        self.healthy = True
+
+    def run(self, fn, *args, timeout: float = CALL_TIMEOUT_S) -> list:
+        assert self.healthy, "this pool was retired after a failure"
+        for q in self._tasks:
+            q.put((fn, args))
+        results, failures = [None] * self.world, []
+        try:
+            for _ in range(self.world):
+                rank, ok, value = self._results.get(timeout=timeout)
+                if ok:
+                    results[rank] = value
+                else:
+                    failures.append(f"rank {rank}:\n{value}")
+        except queue.Empty:
+            self.close()
+            raise RankError(f"{fn.__name__} did not finish on every rank within {timeout} s")
+        if failures:
+            self.close()
+            raise RankError(f"{fn.__name__} failed\n" + "\n".join(failures))
+        return results
+
+    def close(self):
+        self.healthy = False
+        for q, p in zip(self._tasks, self._procs):
+            if p.is_alive():
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self._dir.cleanup()
+
+
+_pools: dict[int, DistPool] = {}
+
+
+def get_pool(world: int) -> DistPool:
+    pool = _pools.get(world)
+    if pool is None or not pool.healthy:
+        pool = _pools[world] = DistPool(world)
+    return pool
+
+
+def close_pools():
+    for pool in _pools.values():
+        if pool.healthy:
+            pool.close()
+    _pools.clear()
