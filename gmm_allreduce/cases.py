@@ -116,10 +116,10 @@ def check(case: Case, outputs: list[torch.Tensor], world: int) -> float:
         assert o.dtype == case.dtype, f"{case.name}: output {i} has dtype {o.dtype}"
         assert tuple(o.shape) == tuple(r.shape), f"{case.name}: output {i} shape {tuple(o.shape)}"
         if case.integers:
-            torch.testing.assert_close(o.double(), r, atol=0, rtol=0, msg=lambda m: f"{case.name}[{i}]: {m}")
+            torch.testing.assert_close(o.double(), r, atol=0, rtol=0, msg=lambda m, i=i: f"{case.name}[{i}]: {m}")
         else:
             atol, rtol = TOLERANCE[case.dtype]
             scale = math.sqrt(world)
             torch.testing.assert_close(o.double(), r, atol=atol * scale, rtol=rtol,
-                                       msg=lambda m: f"{case.name}[{i}]: {m}")
+                                       msg=lambda m, i=i: f"{case.name}[{i}]: {m}")
     return max_error(outputs, refs)

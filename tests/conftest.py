@@ -5,7 +5,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_utils import close_pools, get_pool
 
 

@@ -71,7 +71,7 @@ class DistPool:
                     failures.append(f"rank {rank}:\n{value}")
         except queue.Empty:
             self.close()
-            raise RankError(f"{fn.__name__} did not finish on every rank within {timeout} s")
+            raise RankError(f"{fn.__name__} did not finish on every rank within {timeout} s") from None
         if failures:
             self.close()
             raise RankError(f"{fn.__name__} failed\n" + "\n".join(failures))
