@@ -37,8 +37,8 @@ std::vector<Record> decode(const at::Tensor& all) {
   for (const auto r : c10::irange(out.size())) {
     const int32_t* row = host.const_data_ptr<int32_t>() + r * kRecord;
     out[r].verdict = row[0];
-    out[r].hash = (static_cast<int64_t>(static_cast<uint32_t>(row[2])) << 32) |
-                  static_cast<uint32_t>(row[1]);
+    out[r].hash =
+        (static_cast<int64_t>(static_cast<uint32_t>(row[2])) << 32) | static_cast<uint32_t>(row[1]);
     for (int64_t i = kHeader; i < kRecord && row[i] != 0; ++i) out[r].text += char(row[i]);
   }
   return out;
@@ -46,11 +46,22 @@ std::vector<Record> decode(const at::Tensor& all) {
 
 [[noreturn]] void raise(int32_t verdict, const std::string& msg) {
   switch (verdict) {
-    case kValueError: TORCH_CHECK_VALUE(false, msg);
-    case kTypeError: TORCH_CHECK_TYPE(false, msg);
-    case kNotImplemented: TORCH_CHECK_NOT_IMPLEMENTED(false, msg);
-    default: TORCH_CHECK(false, msg);
+    case kValueError:
+      TORCH_CHECK_VALUE(false, msg);
+    case kTypeError:
+      TORCH_CHECK_TYPE(false, msg);
+    case kNotImplemented:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, msg);
+    default:
+      TORCH_CHECK(false, msg);
   }
+}
+
+// The exchange tensor lives where the op's data does (NCCL takes no CPU tensors).
+at::Device exchange_device(const std::optional<Plan>& plan, const OpArgs& args) {
+  if (plan) return plan->device;
+  if (!args.x.empty() && args.x[0].defined()) return args.x[0].device();
+  return at::kCPU;
 }
 
 }  // namespace
@@ -72,18 +83,14 @@ Plan make_plan_agreed(const OpArgs& args, c10d::ProcessGroup& group) {
     mine = {kOtherError, 0, e.what_without_backtrace()};
   }
 
-  // The exchange tensor lives where the op's data does (NCCL takes no CPU tensors).
-  const at::Device device = plan ? plan->device
-                            : (!args.x.empty() && args.x[0].defined()) ? args.x[0].device()
-                                                                       : at::Device(at::kCPU);
-  at::Tensor all = encode(mine, group.getRank(), group.getSize(), device);
+  at::Tensor all = encode(mine, group.getRank(), group.getSize(), exchange_device(plan, args));
   all_reduce_sum(group, all);
   const std::vector<Record> records = decode(all);
 
   for (const auto r : c10::irange(records.size())) {
     if (records[r].verdict != kValid) {
-      raise(records[r].verdict, "check_ranks: rank " + std::to_string(r) +
-                                    " rejected the call: " + records[r].text);
+      raise(records[r].verdict,
+            "check_ranks: rank " + std::to_string(r) + " rejected the call: " + records[r].text);
     }
   }
   for (const auto r : c10::irange(records.size())) {

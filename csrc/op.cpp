@@ -12,10 +12,14 @@ std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList w
                                int64_t split_item, std::string_view group_name,
                                std::string_view reduce_op, int64_t comm_turn,
                                int64_t group_list_type, bool check_ranks) {
-  const OpArgs args{x,          weight,
-                    bias,       group_list,
-                    group_list_tensor, split_item,
-                    std::string(reduce_op), comm_turn,
+  const OpArgs args{x,
+                    weight,
+                    bias,
+                    group_list,
+                    group_list_tensor,
+                    split_item,
+                    std::string(reduce_op),
+                    comm_turn,
                     group_list_type};
   // Everything that can reject the call happens here, before the first collective.
   const GroupPtr group = resolve_group(std::string(group_name));

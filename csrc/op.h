@@ -2,9 +2,9 @@
 // let a device engine compute all groups into it, all-reduce it once, return views of it.
 #pragma once
 
-#include "plan.h"
-
 #include <string_view>
+
+#include "plan.h"
 
 namespace gmm_allreduce {
 

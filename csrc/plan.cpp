@@ -11,13 +11,9 @@ std::string name(const char* arg, size_t i) {
   return std::string(arg) + "[" + std::to_string(i) + "]";
 }
 
-bool single_x(int64_t split_item) {
-  return split_item == 1 || split_item == 3;
-}
+bool single_x(int64_t split_item) { return split_item == 1 || split_item == 3; }
 
-bool single_y(int64_t split_item) {
-  return split_item == 2 || split_item == 3;
-}
+bool single_y(int64_t split_item) { return split_item == 2 || split_item == 3; }
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
@@ -128,8 +124,8 @@ std::vector<int64_t> rows_from_group_list(const OpArgs& a, size_t groups, int64_
                       "group_list: the last cumulative offset must equal x[0].shape[0] = ",
                       total_rows, ", got ", v.back());
   } else {
-    TORCH_CHECK_VALUE(sum == total_rows, "group_list: counts must sum to x[0].shape[0] = ",
-                      total_rows, ", got ", sum);
+    TORCH_CHECK_VALUE(sum == total_rows,
+                      "group_list: counts must sum to x[0].shape[0] = ", total_rows, ", got ", sum);
   }
   return rows;
 }
@@ -154,12 +150,12 @@ void fill_mk(const OpArgs& a, std::vector<GroupPlan>& groups) {
   for (const auto i : c10::irange(groups.size())) {
     const at::Tensor& x = a.x[i];
     if (max_dim == 2) {
-      TORCH_CHECK_VALUE(x.dim() == 2, name("x", i), ": expected a 2-D tensor for split_item=",
-                        a.split_item, ", got ", x.dim(), "-D");
+      TORCH_CHECK_VALUE(x.dim() == 2, name("x", i),
+                        ": expected a 2-D tensor for split_item=", a.split_item, ", got ", x.dim(),
+                        "-D");
     } else {
       TORCH_CHECK_VALUE(x.dim() >= 2 && x.dim() <= max_dim, name("x", i),
-                        ": expected a tensor of 2 to 5 dims for split_item=0, got ", x.dim(),
-                        "-D");
+                        ": expected a tensor of 2 to 5 dims for split_item=0, got ", x.dim(), "-D");
     }
     int64_t m = 1;
     for (const auto d : c10::irange(x.dim() - 1)) m *= x.size(d);
@@ -178,8 +174,9 @@ void fill_n_and_check_weights(const OpArgs& a, std::vector<GroupPlan>& groups) {
                       " rows (K, the last dim of ", x_name, "), got ", w.size(0));
     groups[i].n = w.size(1);
     if (single_y(a.split_item)) {
-      TORCH_CHECK_VALUE(groups[i].n == groups[0].n, name("weight", i), ": expected N = ",
-                        groups[0].n, " like weight[0], since split_item=", a.split_item,
+      TORCH_CHECK_VALUE(groups[i].n == groups[0].n, name("weight", i),
+                        ": expected N = ", groups[0].n,
+                        " like weight[0], since split_item=", a.split_item,
                         " returns one tensor; got ", groups[i].n);
     }
     if (a.bias) {

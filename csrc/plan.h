@@ -15,7 +15,7 @@ struct OpArgs {
   at::TensorList x;
   at::TensorList weight;
   std::optional<at::TensorList> bias;
-  at::OptionalIntArrayRef group_list;          // group_list given as Python ints
+  at::OptionalIntArrayRef group_list;           // group_list given as Python ints
   std::optional<at::Tensor> group_list_tensor;  // group_list given as a 1-D integer tensor
   int64_t split_item = 0;
   std::string reduce_op = "sum";

@@ -36,7 +36,7 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
 
     if (acc == plan.dtype) {  // fp32, fp64: fused bias, one rounding
       bias.defined() ? at::addmm_out(y, bias, x, w) : at::mm_out(y, x, w);
-    } else if (upcast) {      // fp16 on the CPU: fp32 GEMM, one rounding into y
+    } else if (upcast) {  // fp16 on the CPU: fp32 GEMM, one rounding into y
       const at::Tensor x32 = x.to(acc), w32 = w.to(acc);
       y.copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
     } else {
@@ -51,8 +51,8 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
 std::vector<at::Tensor> grouped_mat_mul_all_reduce_aten(
     at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
     at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
-    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op,
-    int64_t comm_turn, int64_t group_list_type, bool check_ranks) {
+    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op, int64_t comm_turn,
+    int64_t group_list_type, bool check_ranks) {
   return run_op(&compute_aten, x, weight, bias, group_list, group_list_tensor, split_item,
                 group_name, reduce_op, comm_turn, group_list_type, check_ranks);
 }
