@@ -5,7 +5,7 @@ demo."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,7 +42,6 @@ class Case:
     group_list_type: int = 0  # 0 cumulative, 1 counts
     lead: tuple[tuple[int, ...], ...] | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def groups(self) -> int:
