@@ -16,8 +16,9 @@ demo: $(BUILT)
 test: $(BUILT)
 	$(PY) -m pytest -q tests
 
+# The CPU scenarios over a comm_turn sweep, with the plot README shows.
 bench: $(BUILT)
-	$(PY) -m gmm_allreduce.bench
+	$(PY) -m gmm_allreduce.bench --comm-turns 0 1 2 4 8 --plot benchmarks/comm_turn_cpu.png --markdown
 
 lint: $(DEPS)
 	$(PY) -m pip install -q ruff clang-format
@@ -30,7 +31,7 @@ $(VENV)/bin/python:
 # Exact pin: an open range would pull several GB of CUDA wheels.
 $(DEPS): $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy pytest ninja "setuptools>=64" wheel
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy pytest ninja "setuptools>=64" wheel matplotlib
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)

@@ -84,7 +84,7 @@ Plan make_plan_agreed(const OpArgs& args, c10d::ProcessGroup& group) {
   }
 
   at::Tensor all = encode(mine, group.getRank(), group.getSize(), exchange_device(plan, args));
-  all_reduce_sum(group, all);
+  start_all_reduce_sum(group, all)->wait();
   const std::vector<Record> records = decode(all);
 
   for (const auto r : c10::irange(records.size())) {

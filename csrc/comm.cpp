@@ -14,11 +14,11 @@ GroupPtr resolve_group(const std::string& group_name) {
   }
 }
 
-void all_reduce_sum(c10d::ProcessGroup& group, at::Tensor& flat) {
+WorkPtr start_all_reduce_sum(c10d::ProcessGroup& group, const at::Tensor& flat) {
   std::vector<at::Tensor> tensors{flat};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::SUM;
-  group.allreduce(tensors, opts)->wait();
+  return group.allreduce(tensors, opts);
 }
 
 }  // namespace gmm_allreduce

@@ -14,8 +14,12 @@ using GroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
 // functional collectives resolve it. Raises c10::ValueError naming hcomm when there is none.
 GroupPtr resolve_group(const std::string& group_name);
 
-// In-place sum of `flat` over the group; returns once the result is in `flat`. Dispatched through
-// c10d::allreduce_, so any backend (gloo, NCCL, ...) that implements all-reduce serves.
-void all_reduce_sum(c10d::ProcessGroup& group, at::Tensor& flat);
+using WorkPtr = c10::intrusive_ptr<c10d::Work>;
+
+// Starts the in-place sum of the contiguous tensor `flat` over the group and returns at once; the
+// result is in `flat` after Work::wait() (on CUDA: for work then queued on the current stream).
+// Dispatched through c10d::allreduce_, so any backend (gloo, NCCL, ...) that implements all-reduce
+// serves, and the collective runs where that backend runs it (NCCL: the group's own stream).
+WorkPtr start_all_reduce_sum(c10d::ProcessGroup& group, const at::Tensor& flat);
 
 }  // namespace gmm_allreduce

@@ -4,6 +4,24 @@
 #include "comm.h"
 
 namespace gmm_allreduce {
+namespace {
+
+// The returned tensors: views of the flat buffer, one per output of the split mode.
+std::vector<at::Tensor> output_views(const Plan& plan, const at::Tensor& flat) {
+  if (plan.split_item == 2 || plan.split_item == 3) return {flat.view(plan.out_shapes[0])};
+  std::vector<at::Tensor> outputs;
+  for (size_t i = 0; i < plan.groups.size(); ++i) {
+    const GroupPlan& g = plan.groups[i];
+    outputs.push_back(flat.narrow(0, g.out_offset, g.m * g.n).view(plan.out_shapes[i]));
+  }
+  return outputs;
+}
+
+at::Tensor empty_flat(const Plan& plan) {
+  return at::empty({plan.numel}, at::TensorOptions(plan.dtype).device(plan.device));
+}
+
+}  // namespace
 
 std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList weight,
                                std::optional<at::TensorList> bias,
@@ -25,21 +43,35 @@ std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList w
   const GroupPtr group = resolve_group(std::string(group_name));
   const Plan plan = check_ranks ? make_plan_agreed(args, *group) : make_plan(args);
 
-  at::Tensor flat = at::empty({plan.numel}, at::TensorOptions(plan.dtype).device(plan.device));
-  engine(plan, args, group->getSize(), flat);
-  // Every valid call of the group has the same numel, so all ranks skip an empty one together.
-  if (plan.numel > 0) all_reduce_sum(*group, flat);
+  at::Tensor flat = empty_flat(plan);
+  // Chunk c's all-reduce runs (on the backend's threads or stream) while chunk c + 1 computes.
+  // Valid calls of one group plan the same chunks, so the ranks issue matching collectives, and
+  // all skip an empty buffer together.
+  std::vector<WorkPtr> pending;
+  for (const Chunk& chunk : plan.chunks) {
+    engine(plan, args, group->getSize(), flat, chunk);
+    if (chunk.elem_end > chunk.elem_begin) {
+      pending.push_back(start_all_reduce_sum(
+          *group, flat.narrow(0, chunk.elem_begin, chunk.elem_end - chunk.elem_begin)));
+    }
+  }
+  for (const WorkPtr& work : pending) work->wait();
+  return output_views(plan, flat);
+}
 
-  std::vector<at::Tensor> outputs;
-  if (plan.split_item == 2 || plan.split_item == 3) {
-    outputs.push_back(flat.view(plan.out_shapes[0]));
-    return outputs;
-  }
-  for (size_t i = 0; i < plan.groups.size(); ++i) {
-    const GroupPlan& g = plan.groups[i];
-    outputs.push_back(flat.narrow(0, g.out_offset, g.m * g.n).view(plan.out_shapes[i]));
-  }
-  return outputs;
+std::vector<at::Tensor> run_compute(Engine engine, at::TensorList x, at::TensorList weight,
+                                    std::optional<at::TensorList> bias,
+                                    at::OptionalIntArrayRef group_list,
+                                    const std::optional<at::Tensor>& group_list_tensor,
+                                    int64_t split_item, int64_t group_list_type,
+                                    int64_t world_size) {
+  TORCH_CHECK_VALUE(world_size >= 1, "world_size: expected an integer >= 1, got ", world_size);
+  const OpArgs args{x,          weight, bias, group_list,     group_list_tensor,
+                    split_item, "sum",  0,    group_list_type};
+  const Plan plan = make_plan(args);
+  at::Tensor flat = empty_flat(plan);
+  engine(plan, args, world_size, flat, plan.chunks.front());
+  return output_views(plan, flat);
 }
 
 }  // namespace gmm_allreduce

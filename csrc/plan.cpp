@@ -2,6 +2,7 @@
 
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <sstream>
 
 namespace gmm_allreduce {
@@ -25,10 +26,6 @@ void check_scalars(const OpArgs& a) {
   TORCH_CHECK_VALUE(a.reduce_op == "sum", "reduce_op: only \"sum\" is supported, got \"",
                     a.reduce_op, "\"");
   TORCH_CHECK_VALUE(a.comm_turn >= 0, "comm_turn: expected an integer >= 0, got ", a.comm_turn);
-  TORCH_CHECK_NOT_IMPLEMENTED(a.comm_turn == 0,
-                              "comm_turn: chunked overlap (comm_turn >= 1) is not implemented "
-                              "yet; pass comm_turn=0, got ",
-                              a.comm_turn);
   TORCH_CHECK_VALUE(a.group_list_type == 0 || a.group_list_type == 1,
                     "group_list_type: expected 0 (cumulative offsets) or 1 (counts), got ",
                     a.group_list_type);
@@ -195,6 +192,7 @@ void fill_layout(const OpArgs& a, Plan& plan) {
   for (const auto i : c10::irange(plan.groups.size())) {
     GroupPlan& g = plan.groups[i];
     g.out_offset = offset;
+    g.out_row = total_rows;
     offset += g.m * g.n;
     total_rows += g.m;
     if (single_y(a.split_item)) continue;
@@ -208,6 +206,7 @@ void fill_layout(const OpArgs& a, Plan& plan) {
   }
   if (single_y(a.split_item)) plan.out_shapes.push_back({total_rows, plan.groups[0].n});
   plan.numel = offset;
+  plan.rows = total_rows;
 }
 
 }  // namespace
@@ -231,7 +230,38 @@ Plan make_plan(const OpArgs& a) {
   fill_mk(a, plan.groups);
   fill_n_and_check_weights(a, plan.groups);
   fill_layout(a, plan);
+  plan.chunks = make_chunks(plan, a.comm_turn);
   return plan;
+}
+
+std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns) {
+  const int64_t k = std::max<int64_t>(turns, 1);
+  // Element c * numel / k, rounded up, without overflowing numel * c.
+  auto target = [&](int64_t c) {
+    return (plan.numel / k) * c + ((plan.numel % k) * c + k - 1) / k;
+  };
+  std::vector<Chunk> chunks;
+  Chunk cur;
+  auto cut = [&](int64_t row, int64_t elem) {
+    if (elem <= cur.elem_begin) return;  // nothing since the last cut: no empty chunk
+    cur.row_end = row;
+    cur.elem_end = elem;
+    chunks.push_back(cur);
+    cur = Chunk{row, row, elem, elem};
+  };
+  int64_t c = 1;
+  for (const GroupPlan& g : plan.groups) {
+    if (g.m == 0 || g.n == 0) continue;
+    const int64_t end = g.out_offset + g.m * g.n;
+    for (; c < k && target(c) <= end; ++c) {
+      // The first row of this group that starts at or after the target element.
+      const int64_t r = std::clamp<int64_t>((target(c) - g.out_offset + g.n - 1) / g.n, 0, g.m);
+      cut(g.out_row + r, g.out_offset + r * g.n);
+    }
+  }
+  cut(plan.rows, plan.numel);
+  if (chunks.empty()) chunks.push_back(Chunk{0, plan.rows, 0, 0});  // numel == 0
+  return chunks;
 }
 
 std::string Plan::signature() const {

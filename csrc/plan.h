@@ -29,7 +29,17 @@ struct GroupPlan {
   int64_t k = 0;
   int64_t n = 0;
   int64_t x_row = 0;       // first row of this group in x[0] (split_item 1 and 3)
+  int64_t out_row = 0;     // first row of y_i among all groups' output rows, in group order
   int64_t out_offset = 0;  // first element of y_i in the flat output buffer
+};
+
+// A run of consecutive output rows (possibly spanning groups) and the contiguous elements of the
+// flat buffer they occupy: the unit of work that is computed, then all-reduced on its own.
+struct Chunk {
+  int64_t row_begin = 0;
+  int64_t row_end = 0;
+  int64_t elem_begin = 0;
+  int64_t elem_end = 0;
 };
 
 // Every group's output is a contiguous [m_i, n_i] block of one flat buffer, in group order, so
@@ -43,10 +53,18 @@ struct Plan {
   std::vector<GroupPlan> groups;
   std::vector<std::vector<int64_t>> out_shapes;  // one per returned tensor
   int64_t numel = 0;                             // elements of the flat buffer
+  int64_t rows = 0;                              // output rows of all groups together
+  // comm_turn = 0: one chunk, all rows. comm_turn = k >= 1: at most k chunks with about numel / k
+  // elements each, cut at row boundaries; never an empty one (so fewer when rows are few).
+  std::vector<Chunk> chunks;
 
   // What every rank of the group must agree on for the all-reduce to be well formed.
   std::string signature() const;
 };
+
+// Cuts the plan's output rows into at most `turns` chunks of about equal elements (one if turns
+// is 0). Chunks cover every element once, in order; none is empty unless numel is 0.
+std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns);
 
 // Checks every rule of SPEC §4 that needs no process group and returns the plan. Raises
 // c10::ValueError / c10::TypeError naming the argument and index; reads group_list to the host.

@@ -8,6 +8,11 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "grouped_mat_mul_all_reduce(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op=\"sum\", "
       "int comm_turn=0, int group_list_type=0, bool check_ranks=False) -> Tensor[]");
+  // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
+  m.def(
+      "grouped_mat_mul(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type=0, int world_size=1) -> "
+      "Tensor[]");
 }
 
 extern "C" PyObject* PyInit__C(void) {

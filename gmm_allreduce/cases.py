@@ -42,6 +42,7 @@ class Case:
     group_list_type: int = 0  # 0 cumulative, 1 counts
     lead: tuple[tuple[int, ...], ...] | None = None
     seed: int = 0
+    comm_turn: int = 0
 
     @property
     def groups(self) -> int:
@@ -93,6 +94,7 @@ def call_kwargs(case: Case, inputs: dict) -> dict:
         "group_list": inputs["group_list"],
         "split_item": case.split_item,
         "group_list_type": case.group_list_type,
+        "comm_turn": case.comm_turn,
     }
 
 

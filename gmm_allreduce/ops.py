@@ -7,6 +7,7 @@ schema arguments.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
 
 _OP = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce
+_COMPUTE = torch.ops.gmm_allreduce.grouped_mat_mul
 
 
 def grouped_mat_mul_all_reduce(
@@ -48,7 +50,9 @@ def grouped_mat_mul_all_reduce(
             (group_list_type=0) or counts (1); a list of ints or a 1-D int64/int32 tensor.
         split_item: 0: G x, G y; 1: one x, G y; 2: G x, one y; 3: one x, one y.
         reduce_op: "sum" only.
-        comm_turn: 0 (one all-reduce after all compute).
+        comm_turn: 0: one all-reduce after all compute. k >= 1: the output rows cut into at most
+            k chunks of about equal size (never an empty one); chunk c's all-reduce runs while
+            chunk c + 1 is computed.
         group_list_type: 0 cumulative offsets, 1 counts.
         check_ranks: first agree across ranks that every call is valid and alike; on any
             disagreement every rank raises the same error (costs one small collective).
@@ -74,6 +78,33 @@ def grouped_mat_mul_all_reduce(
 
 # The seed's name: code written for the Ascend op changes only its import and its device.
 npu_grouped_mat_mul_all_reduce = grouped_mat_mul_all_reduce
+
+
+def grouped_mat_mul(
+    x: Sequence[torch.Tensor],
+    weight: Sequence[torch.Tensor],
+    *,
+    bias: Sequence[torch.Tensor] | None = None,
+    group_list: Sequence[int] | torch.Tensor | None = None,
+    split_item: int = 0,
+    group_list_type: int = 0,
+    world_size: int = 1,
+) -> list[torch.Tensor]:
+    """One rank's part of the op, with no collective: x_i @ W_i + bias_i / world_size.
+
+    Same arguments, checks and outputs as grouped_mat_mul_all_reduce (same C++ plan and engine).
+    """
+    group_list_ints, group_list_tensor = _group_list(group_list)
+    return _COMPUTE(
+        _tensors("x", x),
+        _tensors("weight", weight),
+        _tensors("bias", bias) if bias is not None and len(bias) > 0 else None,
+        group_list_ints,
+        group_list_tensor,
+        _int("split_item", split_item),
+        _int("group_list_type", group_list_type),
+        _int("world_size", world_size),
+    )
 
 
 def _tensors(arg: str, value) -> list[torch.Tensor]:
@@ -125,6 +156,17 @@ def _group_name(hcomm) -> str:
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
 def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op="sum",
           comm_turn=0, group_list_type=0, check_ranks=False):
+    return _fake_outputs(x, weight, bias, group_list, split_item, group_list_type)
+
+
+@torch.library.register_fake("gmm_allreduce::grouped_mat_mul")
+def _fake_compute(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type=0,
+                  world_size=1):
+    return _fake_outputs(x, weight, bias, group_list, split_item, group_list_type)
+
+
+def _fake_outputs(x, weight, bias, group_list, split_item, group_list_type):
+    """The outputs' shapes, as the C++ plan gives them; group_list None means a tensor one."""
     # A call mixing meta and real tensors dispatches here, not to the C++ kernel that checks this.
     for arg, tensors in (("x", x), ("weight", weight), ("bias", bias or [])):
         for i, t in enumerate(tensors):
@@ -132,17 +174,20 @@ def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name
                 raise ValueError(f"{arg}[{i}]: expected a tensor on {x[0].device} like x[0], "
                                  f"got one on {t.device}")
     n = [w.shape[1] for w in weight]
-    if split_item == 0:
-        return [xi.new_empty((*xi.shape[:-1], ni)) for xi, ni in zip(x, n)]
     if split_item == 2:
         return [x[0].new_empty((sum(xi.shape[0] for xi in x), n[0]))]
     if split_item == 3:
         return [x[0].new_empty((x[0].shape[0], n[0]))]
-    if group_list is None:  # split_item 1 with a tensor group_list: sizes known only at run time
+    if split_item == 0:
+        shapes = [(*xi.shape[:-1], ni) for xi, ni in zip(x, n)]
+    elif group_list is None:  # split_item 1 with a tensor group_list: sizes known only at run time
         ctx = torch.library.get_ctx()
-        rows = [ctx.new_dynamic_size() for _ in n]
+        shapes = [(ctx.new_dynamic_size(), ni) for ni in n]
     elif group_list_type == 0:
-        rows = [end - start for start, end in zip([0, *group_list[:-1]], group_list)]
+        shapes = [(end - start, ni) for start, end, ni in zip([0, *group_list[:-1]], group_list, n)]
     else:
-        rows = list(group_list)
-    return [x[0].new_empty((m, ni)) for m, ni in zip(rows, n)]
+        shapes = [(m, ni) for m, ni in zip(group_list, n)]
+    # Like the real kernel: views of one flat buffer, in group order (SPEC §5).
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = x[0].new_empty((sum(sizes),))
+    return [piece.view(shape) for piece, shape in zip(flat.split(sizes), shapes)]

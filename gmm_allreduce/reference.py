@@ -33,7 +33,7 @@ def group_operands(x, weight, group_list=None, split_item=0, group_list_type=0):
     return xs, shapes
 
 
-def _assemble(ys: list[torch.Tensor], shapes, split_item: int) -> list[torch.Tensor]:
+def assemble(ys: list[torch.Tensor], shapes, split_item: int) -> list[torch.Tensor]:
     if split_item in (2, 3):
         return [torch.cat(ys)]
     return [y.reshape(shape) for y, shape in zip(ys, shapes)]
@@ -57,7 +57,7 @@ def reference(
             yi = xi.double() @ wi.double()
             ys.append(yi if bi is None else yi + bi.double() / world)
         total = ys if total is None else [t + y for t, y in zip(total, ys)]
-    return _assemble(total, shapes, split_item)
+    return assemble(total, shapes, split_item)
 
 
 def unfused(x, weight, group=None, *, bias=None, group_list=None, split_item=0,
@@ -68,7 +68,7 @@ def unfused(x, weight, group=None, *, bias=None, group_list=None, split_item=0,
     ys = [torch.mm(xi, wi) for xi, wi in zip(xs, weight)]
     if bias:
         ys = [(y + b / world).to(y.dtype) for y, b in zip(ys, bias)]
-    outputs = _assemble(ys, shapes, split_item)
+    outputs = assemble(ys, shapes, split_item)
     for y in outputs:
         dist.all_reduce(y, group=group)
     return outputs

@@ -179,11 +179,6 @@ def test_errors_raise_before_any_collective(world1):
     assert not [e.name for e in prof.events() if e.name.startswith("c10d::")]
 
 
-def test_comm_turn_chunking_not_yet_implemented(world1):
-    with pytest.raises(NotImplementedError, match=r"^comm_turn: chunked overlap"):
-        _call(edit(split0, comm_turn=1)())
-
-
 def test_default_group_requires_init():
     """hcomm=None with no default group: checked in a fresh process (this one has a group)."""
     code = ("import torch, gmm_allreduce as g\n"

@@ -5,6 +5,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../op.h"
 
 namespace gmm_allreduce {
@@ -18,7 +20,8 @@ at::Tensor group_x(const Plan& plan, const OpArgs& args, size_t i) {
   return args.x[i].reshape({g.m, g.k});
 }
 
-void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat) {
+void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
+                  const Chunk& chunk) {
   // Accumulation type: fp32 for the 16-bit dtypes, the dtype itself for fp32 and fp64.
   const at::ScalarType acc = at::toOpMathType(plan.dtype);
   // ATen's CPU fp16 GEMM is a scalar fallback (~80x slower than fp32 on AVX-512 hosts); an fp32
@@ -27,9 +30,12 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
 
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
-    if (g.m == 0 || g.n == 0) continue;
-    at::Tensor y = flat.narrow(0, g.out_offset, g.m * g.n).view({g.m, g.n});
-    const at::Tensor x = group_x(plan, args, i);
+    // This group's rows [r0, r1) that fall in the chunk.
+    const int64_t r0 = std::max(chunk.row_begin, g.out_row) - g.out_row;
+    const int64_t r1 = std::min(chunk.row_end, g.out_row + g.m) - g.out_row;
+    if (r1 <= r0 || g.n == 0) continue;
+    at::Tensor y = flat.narrow(0, g.out_offset + r0 * g.n, (r1 - r0) * g.n).view({r1 - r0, g.n});
+    const at::Tensor x = group_x(plan, args, i).narrow(0, r0, r1 - r0);
     const at::Tensor& w = args.weight[i];
     // bias_i / world_size, divided in the accumulation type: Σ_r bias_i / n then gives bias_i.
     const at::Tensor bias = plan.has_bias ? (*args.bias)[i].to(acc).div(world_size) : at::Tensor();
@@ -57,10 +63,21 @@ std::vector<at::Tensor> grouped_mat_mul_all_reduce_aten(
                 group_name, reduce_op, comm_turn, group_list_type, check_ranks);
 }
 
+std::vector<at::Tensor> grouped_mat_mul_aten(at::TensorList x, at::TensorList weight,
+                                             std::optional<at::TensorList> bias,
+                                             at::OptionalIntArrayRef group_list,
+                                             const std::optional<at::Tensor>& group_list_tensor,
+                                             int64_t split_item, int64_t group_list_type,
+                                             int64_t world_size) {
+  return run_compute(&compute_aten, x, weight, bias, group_list, group_list_tensor, split_item,
+                     group_list_type, world_size);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
   m.impl("grouped_mat_mul_all_reduce", &grouped_mat_mul_all_reduce_aten);
+  m.impl("grouped_mat_mul", &grouped_mat_mul_aten);
 }
 
 }  // namespace gmm_allreduce

@@ -1,0 +1,86 @@
+"""What the benchmark times on each rank, for one scenario. Every method is a no-argument callable
+over inputs made once; the op's result is checked against the float64 reference first."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..cases import Case, call_kwargs, check, make_inputs
+from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce
+from ..reference import group_operands, unfused
+
+# Methods every device runs; "fused" is timed once per comm_turn of the sweep.
+COMMON = ("fused", "unfused", "compute", "comm")
+# Library baselines of the GPU table (world size 1 in the issue's comparison): torch._grouped_mm,
+# one torch.mm per group, and one dense torch.mm of the same FLOPs.
+GPU_ONLY = ("grouped_mm", "mm_loop", "dense")
+
+
+def label(method: str, comm_turn: int | None = None) -> str:
+    return f"fused@{comm_turn}" if method == "fused" else method
+
+
+def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[str, Callable]:
+    """{label: callable} on this rank's inputs for `case`, moved to `device`."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs = _to(make_inputs(case, rank, world), device)
+    kw = call_kwargs(case, inputs)
+    x, w = inputs["x"], inputs["weight"]
+    calls: dict[str, Callable] = {}
+    for method in methods:
+        if method == "fused":
+            for t in comm_turns:
+                calls[label(method, t)] = (
+                    lambda t=t: grouped_mat_mul_all_reduce(x, w, **{**kw, "comm_turn": t}))
+        elif method == "unfused":
+            calls[method] = lambda: unfused(x, w, **{k: v for k, v in kw.items() if k != "comm_turn"})
+        elif method == "compute":
+            calls[method] = lambda: grouped_mat_mul(
+                x, w, bias=kw["bias"], group_list=kw["group_list"], split_item=case.split_item,
+                group_list_type=case.group_list_type, world_size=world)
+        elif method == "comm":
+            numel = sum(m * n for m, n in zip(case.m, case.n))
+            flat = torch.zeros(numel, dtype=case.dtype, device=device)
+            calls[method] = lambda flat=flat: dist.all_reduce(flat)
+        elif method in GPU_ONLY:
+            baseline = _gpu_baseline(method, case, x, w, kw)
+            if baseline is not None:
+                calls[method] = baseline
+        else:
+            raise ValueError(f"--methods: unknown method {method!r}")
+    if any(label("fused", t) in calls for t in comm_turns):
+        check(case, [y.cpu() for y in calls[label("fused", comm_turns[0])]()], world)
+    return calls
+
+
+def _to(inputs: dict, device: torch.device) -> dict:
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            return [t.to(device) for t in v]
+        return v
+
+    return {k: move(v) for k, v in inputs.items()}
+
+
+def _gpu_baseline(method: str, case: Case, x, w, kw) -> Callable | None:
+    """The library baselines, or None where one does not apply to the scenario's shapes."""
+    xs, _ = group_operands(x, w, kw["group_list"], case.split_item, case.group_list_type)
+    if method == "mm_loop":
+        return lambda: [torch.mm(xi, wi) for xi, wi in zip(xs, w)]
+    if method == "dense":
+        rows, k = sum(case.m), max(case.k)
+        n = max(1, round(sum(m * ki * ni for m, ki, ni in zip(case.m, case.k, case.n)) / (rows * k)))
+        a = torch.randn(rows, k, dtype=case.dtype, device=x[0].device)
+        b = torch.randn(k, n, dtype=case.dtype, device=x[0].device)
+        return lambda: torch.mm(a, b)
+    # grouped_mm: one stacked weight [G, K, N] and int32 cumulative row offsets; shared K and N.
+    if case.split_item not in (1, 3) or len(set(case.n)) != 1 or not hasattr(torch, "_grouped_mm"):
+        return None
+    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)
+    offs = torch.tensor(case.m, device=x[0].device).cumsum(0).to(torch.int32)
+    return lambda: torch._grouped_mm(x[0], stacked, offs=offs)
