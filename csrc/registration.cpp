@@ -3,16 +3,24 @@
 #include <Python.h>
 #include <torch/library.h>
 
+// No argument has a default: the Python front passes them all, and the autograd glue relies on
+// the op's inputs arriving whole (the dispatcher drops trailing arguments equal to defaults).
 TORCH_LIBRARY(gmm_allreduce, m) {
   m.def(
       "grouped_mat_mul_all_reduce(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op=\"sum\", "
-      "int comm_turn=0, int group_list_type=0, bool check_ranks=False) -> Tensor[]");
+      "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op, int comm_turn, "
+      "int group_list_type, bool check_ranks) -> Tensor[]");
   // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
   m.def(
       "grouped_mat_mul(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, int group_list_type=0, int world_size=1) -> "
       "Tensor[]");
+  // Gradients of x, weight and bias (output_mask picks which), with no collective: the
+  // row-parallel convention, see backward.cpp. bias is passed for its dtypes only.
+  m.def(
+      "grouped_mat_mul_all_reduce_backward(Tensor[] grad, Tensor[] x, Tensor[] weight, "
+      "Tensor[]? bias, int[]? group_list, Tensor? group_list_tensor, int split_item, "
+      "int group_list_type, bool[3] output_mask) -> (Tensor[], Tensor[], Tensor[])");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -1,5 +1,6 @@
 """Grouped matrix multiply fused with an all-reduce over a torch.distributed process group."""
 
+from . import autograd  # noqa: F401  (registers the op's backward)
 from .ops import grouped_mat_mul, grouped_mat_mul_all_reduce, npu_grouped_mat_mul_all_reduce
 
 __all__ = ["grouped_mat_mul", "grouped_mat_mul_all_reduce", "npu_grouped_mat_mul_all_reduce"]
