@@ -13,7 +13,7 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
   m.def(
       "grouped_mat_mul(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, int group_list_type=0, int world_size=1) -> "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size) -> "
       "Tensor[]");
   // Gradients of x, weight and bias (output_mask picks which), with no collective: the
   // row-parallel convention, see backward.cpp. bias is passed for its dtypes only.

@@ -17,9 +17,18 @@ _BACKWARD = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce_backward
 
 
 def _setup_context(ctx, inputs, output):
+    _save(ctx, inputs, group_list_type=inputs[9], bias_scale=1)
+
+
+def _setup_context_compute(ctx, inputs, output):
+    """grouped_mat_mul adds bias / world_size: its bias gradient is scaled alike."""
+    _save(ctx, inputs, group_list_type=inputs[6], bias_scale=1 / inputs[7])
+
+
+def _save(ctx, inputs, group_list_type, bias_scale):
     x, weight, bias, group_list, group_list_tensor, split_item = inputs[:6]
-    group_list_type = inputs[9]
     ctx.n_inputs = len(inputs)
+    ctx.bias_scale = bias_scale
 
     bias = list(bias) if bias is not None else []
     ctx.counts = (len(x), len(weight), len(bias))
@@ -44,6 +53,8 @@ def _backward(ctx, grads):
     grad_x, grad_w, grad_b = _BACKWARD(
         list(grads), list(x), list(weight), list(bias) if nb else None, ctx.group_list,
         group_list_tensor, ctx.split_item, ctx.group_list_type, list(ctx.needs))
+    if ctx.bias_scale != 1:
+        grad_b = [g * ctx.bias_scale for g in grad_b]
     # One entry per input, shaped like it (autograd matches the structure, lists included).
     none = [None] * nx, [None] * nw, [None] * nb
     return (grad_x if ctx.needs[0] else none[0], grad_w if ctx.needs[1] else none[1],
@@ -53,6 +64,8 @@ def _backward(ctx, grads):
 
 torch.library.register_autograd("gmm_allreduce::grouped_mat_mul_all_reduce", _backward,
                                 setup_context=_setup_context)
+torch.library.register_autograd("gmm_allreduce::grouped_mat_mul", _backward,
+                                setup_context=_setup_context_compute)
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce_backward")

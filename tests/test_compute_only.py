@@ -46,3 +46,20 @@ def test_no_collective(world1):
     with profile() as prof:
         gmm_allreduce.grouped_mat_mul([torch.ones(4, 3)], [torch.ones(3, 2)])
     assert not [e.name for e in prof.events() if e.name.startswith("c10d::")]
+
+
+@pytest.mark.parametrize("split_item", [0, 1, 2, 3], ids=lambda s: f"split{s}")
+def test_gradcheck(split_item):
+    """Differentiable like the op; its bias gradient carries the 1 / world_size of its forward."""
+    shape = SHAPES[split_item][0]
+    case = Case(split_item=split_item, dtype=torch.float64, bias_dtype=torch.float64, **shape)
+    inputs = make_inputs(case, 0, 1)
+    nx, nw = len(inputs["x"]), len(inputs["weight"])
+    leaves = [t.requires_grad_() for t in [*inputs["x"], *inputs["weight"], *inputs["bias"]]]
+    kw = {k: v for k, v in call_kwargs(case, inputs).items() if k not in ("bias", "comm_turn")}
+
+    def f(*flat):
+        return tuple(gmm_allreduce.grouped_mat_mul(list(flat[:nx]), list(flat[nx:nx + nw]),
+                                                   bias=list(flat[nx + nw:]), world_size=3, **kw))
+
+    assert torch.autograd.gradcheck(f, leaves)

@@ -1,0 +1,70 @@
+"""GroupedRowParallelLinear: the op as a row-parallel grouped linear layer (e.g. the down-projection
+of tensor-parallel MoE experts)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .ops import grouped_mat_mul_all_reduce
+
+
+class GroupedRowParallelLinear(torch.nn.Module):
+    """G linear maps, each with its input features split over the ranks of `group`.
+
+    Rank r holds rows [r * K_local, (r + 1) * K_local) of every group's full [K, N] weight, as one
+    parameter `weight` of shape [G, K_local, N], and the full bias [G, N], replicated. forward(x,
+    group_list) takes this rank's [M, K_local] activations, rows sorted by group, and returns the
+    [M, N] sum over ranks (split_item 3), identical on every rank.
+
+    Initialisation: the full weight [G, K, N] (K = K_local * world size) and bias [G, N] are drawn
+    as in a single-process model (uniform in +-1/sqrt(K), like torch.nn.Linear, from the default
+    generator), then sliced; with the same seed on every rank, rank r's slice is exactly the slice
+    of the single-process model's weight. This draws the full weight once on each rank.
+    """
+
+    def __init__(self, num_groups: int, in_features_per_rank: int, out_features: int,
+                 bias: bool = True, group: dist.ProcessGroup | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        if num_groups < 1 or in_features_per_rank < 0 or out_features < 0:
+            raise ValueError("num_groups must be >= 1 and the feature counts >= 0, got "
+                             f"{num_groups}, {in_features_per_rank}, {out_features}")
+        self.group = group
+        # The group's name, fixed here so that forward traces under torch.compile.
+        self.hcomm = (group or dist.group.WORLD).group_name if dist.is_initialized() else None
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.num_groups, self.out_features = num_groups, out_features
+        self.in_features_per_rank, self.in_features = in_features_per_rank, in_features_per_rank * world
+        factory = {"dtype": dtype, "device": device}
+        self.weight = torch.nn.Parameter(
+            torch.empty(num_groups, in_features_per_rank, out_features, **factory))
+        self.bias = (torch.nn.Parameter(torch.empty(num_groups, out_features, **factory))
+                     if bias else None)
+        self.reset_parameters(rank)
+
+    @torch.no_grad()
+    def reset_parameters(self, rank: int = 0) -> None:
+        bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
+        full = torch.empty(self.num_groups, self.in_features, self.out_features, dtype=torch.float32)
+        full.uniform_(-bound, bound)
+        k = self.in_features_per_rank
+        self.weight.copy_(full[:, rank * k:(rank + 1) * k])
+        if self.bias is not None:
+            self.bias.copy_(torch.empty(self.num_groups, self.out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, group_list, group_list_type: int = 0) -> torch.Tensor:
+        """x: [M, K_local], rows sorted by group; group_list: rows per group as cumulative end
+        offsets (group_list_type 0) or counts (1), a list or an int tensor."""
+        bias = list(self.bias.unbind(0)) if self.bias is not None else None
+        return grouped_mat_mul_all_reduce([x], list(self.weight.unbind(0)), self.hcomm, bias=bias,
+                                          group_list=group_list, split_item=3,
+                                          group_list_type=group_list_type)[0]
+
+    def extra_repr(self) -> str:
+        return (f"num_groups={self.num_groups}, in_features={self.in_features} "
+                f"({self.in_features_per_rank} per rank), out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
