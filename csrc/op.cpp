@@ -6,13 +6,16 @@
 namespace gmm_allreduce {
 namespace {
 
-// The returned tensors: views of the flat buffer, one per output of the split mode.
-std::vector<at::Tensor> output_views(const Plan& plan, const at::Tensor& flat) {
-  if (plan.split_item == 2 || plan.split_item == 3) return {flat.view(plan.out_shapes[0])};
+// The returned tensors. One output (split_item 2, 3, or a single group): the flat buffer itself.
+// Several outputs: each group's block copied out of the buffer into its own tensor, since PyTorch's
+// custom-op contract forbids outputs that alias each other (an error under torch.compile in CI,
+// and in future PyTorch); the single collective over the buffer stays.
+std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
+  if (plan.out_shapes.size() == 1) return {flat.view(plan.out_shapes[0])};
   std::vector<at::Tensor> outputs;
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
-    outputs.push_back(flat.narrow(0, g.out_offset, g.m * g.n).view(plan.out_shapes[i]));
+    outputs.push_back(flat.narrow(0, g.out_offset, g.m * g.n).view(plan.out_shapes[i]).clone());
   }
   return outputs;
 }
@@ -56,7 +59,7 @@ std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList w
     }
   }
   for (const WorkPtr& work : pending) work->wait();
-  return output_views(plan, flat);
+  return outputs_of(plan, flat);
 }
 
 std::vector<at::Tensor> run_compute(Engine engine, at::TensorList x, at::TensorList weight,
@@ -71,7 +74,7 @@ std::vector<at::Tensor> run_compute(Engine engine, at::TensorList x, at::TensorL
   const Plan plan = make_plan(args);
   at::Tensor flat = empty_flat(plan);
   engine(plan, args, world_size, flat, plan.chunks.front());
-  return output_views(plan, flat);
+  return outputs_of(plan, flat);
 }
 
 }  // namespace gmm_allreduce
