@@ -1,6 +1,6 @@
 // The op's driver, shared by every device: validate and plan, allocate one flat output buffer,
 // let a device engine compute the groups into it chunk by chunk, all-reduce each chunk as soon as
-// it is computed (one collective for comm_turn = 0), return views of the buffer.
+// it is computed (one collective for comm_turn = 0), return the outputs (see op.cpp).
 #pragma once
 
 #include <string_view>

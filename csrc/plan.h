@@ -43,7 +43,7 @@ struct Chunk {
 };
 
 // Every group's output is a contiguous [m_i, n_i] block of one flat buffer, in group order, so
-// that a single all-reduce covers all of them; the outputs are views of that buffer.
+// that a single all-reduce covers all of them.
 struct Plan {
   int64_t split_item = 0;
   int64_t comm_turn = 0;
