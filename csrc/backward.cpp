@@ -73,12 +73,7 @@ grouped_mat_mul_all_reduce_backward(at::TensorList grad, at::TensorList x, at::T
   }
   if (output_mask[1]) {
     std::vector<at::Tensor> xt;
-    for (const auto i : c10::irange(plan.groups.size())) {
-      const GroupPlan& g = plan.groups[i];
-      const at::Tensor xi = (split_item == 1 || split_item == 3) ? x[0].narrow(0, g.x_row, g.m)
-                                                                 : x[i].reshape({g.m, g.k});
-      xt.push_back(xi.t());
-    }
+    for (const auto i : c10::irange(plan.groups.size())) xt.push_back(group_x(plan, x, i).t());
     grad_weight = grouped_mat_mul(xt, dy, std::nullopt, 0, 0);
   }
   if (output_mask[2] && bias) {

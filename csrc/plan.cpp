@@ -234,6 +234,12 @@ Plan make_plan(const OpArgs& a) {
   return plan;
 }
 
+at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i) {
+  const GroupPlan& g = plan.groups[i];
+  if (single_x(plan.split_item)) return x[0].narrow(0, g.x_row, g.m);
+  return x[i].reshape({g.m, g.k});
+}
+
 std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns) {
   const int64_t k = std::max<int64_t>(turns, 1);
   // Element c * numel / k, rounded up, without overflowing numel * c.

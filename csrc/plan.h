@@ -66,6 +66,10 @@ struct Plan {
 // is 0). Chunks cover every element once, in order; none is empty unless numel is 0.
 std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns);
 
+// x_i as a 2-D [m_i, k_i] operand: a row slice of x[0] (split_item 1, 3) or x[i] with its
+// leading dims flattened (split_item 0, 2).
+at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i);
+
 // Checks every rule of SPEC §4 that needs no process group and returns the plan. Raises
 // c10::ValueError / c10::TypeError naming the argument and index; reads group_list to the host.
 Plan make_plan(const OpArgs& args);

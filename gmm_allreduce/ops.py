@@ -59,13 +59,8 @@ def grouped_mat_mul_all_reduce(
     Returns:
         A list of tensors in x's dtype: G of them for split_item 0 and 1, one for 2 and 3.
     """
-    group_list_ints, group_list_tensor = _group_list(group_list)
     return _OP(
-        _tensors("x", x),
-        _tensors("weight", weight),
-        _tensors("bias", bias) if bias is not None and len(bias) > 0 else None,
-        group_list_ints,
-        group_list_tensor,
+        *_operands(x, weight, bias, group_list),
         _int("split_item", split_item),
         _group_name(hcomm),
         _str("reduce_op", reduce_op),
@@ -93,17 +88,20 @@ def grouped_mat_mul(
 
     Same arguments, checks and outputs as grouped_mat_mul_all_reduce (same C++ plan and engine).
     """
-    group_list_ints, group_list_tensor = _group_list(group_list)
     return _COMPUTE(
-        _tensors("x", x),
-        _tensors("weight", weight),
-        _tensors("bias", bias) if bias is not None and len(bias) > 0 else None,
-        group_list_ints,
-        group_list_tensor,
+        *_operands(x, weight, bias, group_list),
         _int("split_item", split_item),
         _int("group_list_type", group_list_type),
         _int("world_size", world_size),
     )
+
+
+def _operands(x, weight, bias, group_list) -> tuple:
+    """The schema's first five arguments: x, weight, bias (None for none), group_list as ints or
+    as a tensor."""
+    x, weight = _tensors("x", x), _tensors("weight", weight)
+    bias = _tensors("bias", bias) if bias is not None and len(bias) > 0 else None
+    return (x, weight, bias, *_group_list(group_list))
 
 
 def _tensors(arg: str, value) -> list[torch.Tensor]:

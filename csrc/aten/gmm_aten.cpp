@@ -12,14 +12,6 @@
 namespace gmm_allreduce {
 namespace {
 
-// x_i as a 2-D [m_i, k_i] operand: a row slice of x[0] (split_item 1, 3) or x[i] with its
-// leading dims flattened (split_item 0, 2).
-at::Tensor group_x(const Plan& plan, const OpArgs& args, size_t i) {
-  const GroupPlan& g = plan.groups[i];
-  if (plan.split_item == 1 || plan.split_item == 3) return args.x[0].narrow(0, g.x_row, g.m);
-  return args.x[i].reshape({g.m, g.k});
-}
-
 void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
                   const Chunk& chunk) {
   // Accumulation type: fp32 for the 16-bit dtypes, the dtype itself for fp32 and fp64.
@@ -35,7 +27,7 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
     const int64_t r1 = std::min(chunk.row_end, g.out_row + g.m) - g.out_row;
     if (r1 <= r0 || g.n == 0) continue;
     at::Tensor y = flat.narrow(0, g.out_offset + r0 * g.n, (r1 - r0) * g.n).view({r1 - r0, g.n});
-    const at::Tensor x = group_x(plan, args, i).narrow(0, r0, r1 - r0);
+    const at::Tensor x = group_x(plan, args.x, i).narrow(0, r0, r1 - r0);
     const at::Tensor& w = args.weight[i];
     // bias_i / world_size, divided in the accumulation type: Σ_r bias_i / n then gives bias_i.
     const at::Tensor bias = plan.has_bias ? (*args.bias)[i].to(acc).div(world_size) : at::Tensor();

@@ -34,9 +34,10 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
         if method == "fused":
             for t in comm_turns:
                 calls[label(method, t)] = (
-                    lambda t=t: grouped_mat_mul_all_reduce(x, w, **{**kw, "comm_turn": t}))
+                    lambda kw_t={**kw, "comm_turn": t}: grouped_mat_mul_all_reduce(x, w, **kw_t))
         elif method == "unfused":
-            calls[method] = lambda: unfused(x, w, **{k: v for k, v in kw.items() if k != "comm_turn"})
+            unfused_kw = {k: v for k, v in kw.items() if k != "comm_turn"}
+            calls[method] = lambda unfused_kw=unfused_kw: unfused(x, w, **unfused_kw)
         elif method == "compute":
             calls[method] = lambda: grouped_mat_mul(
                 x, w, bias=kw["bias"], group_list=kw["group_list"], split_item=case.split_item,
