@@ -37,14 +37,19 @@ int64_t grad_x_split(int64_t split_item) {
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-grouped_mat_mul_all_reduce_backward(at::TensorList grad, at::TensorList x, at::TensorList weight,
-                                    std::optional<at::TensorList> bias,
+grouped_mat_mul_all_reduce_backward(at::TensorList grad_list, at::TensorList x,
+                                    at::TensorList weight, std::optional<at::TensorList> bias,
                                     at::OptionalIntArrayRef group_list,
                                     const std::optional<at::Tensor>& group_list_tensor,
                                     int64_t split_item, int64_t group_list_type,
                                     std::array<bool, 3> output_mask) {
   const OpArgs args{x,     weight, std::nullopt,   group_list, group_list_tensor, split_item,
                     "sum", 0,      group_list_type};
+  // Autograd may hand in expanded gradients (stride 0, e.g. from y.sum()); the products below
+  // need them materialised, and that copy is the backward's own.
+  std::vector<at::Tensor> grad_in;
+  for (const at::Tensor& g : grad_list) grad_in.push_back(g.contiguous());
+  const at::TensorList grad(grad_in);
   const Plan plan = make_plan(args);
   const bool single_y = split_item == 2 || split_item == 3;
   TORCH_CHECK_VALUE(grad.size() == (single_y ? 1 : plan.groups.size()), "grad: expected ",

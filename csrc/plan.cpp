@@ -1,6 +1,8 @@
 #include "plan.h"
 
+#include <ATen/TensorUtils.h>
 #include <c10/util/irange.h>
+#include <c10/util/safe_numerics.h>
 
 #include <algorithm>
 #include <sstream>
@@ -15,6 +17,47 @@ std::string name(const char* arg, size_t i) {
 bool single_x(int64_t split_item) { return split_item == 1 || split_item == 3; }
 
 bool single_y(int64_t split_item) { return split_item == 2 || split_item == 3; }
+
+// Largest operand ATen's matmul may be left to copy behind the caller's back; past it the caller is
+// asked to make the copy explicit.
+constexpr int64_t kMaxHiddenCopyBytes = int64_t{64} << 20;
+
+int64_t checked_mul(int64_t a, int64_t b, const std::string& what) {
+  int64_t out = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(a, b, &out), what, ": ", a, " * ", b,
+                    " overflows int64: the call is too large");
+  return out;
+}
+
+int64_t checked_add(int64_t a, int64_t b, const std::string& what) {
+  int64_t out = 0;
+  TORCH_CHECK_VALUE(!c10::add_overflows(a, b, &out), what, ": ", a, " + ", b,
+                    " overflows int64: the call is too large");
+  return out;
+}
+
+// Whether ATen's matmul takes the 2-D operand t as it is: one unit stride, the other spanning a
+// row (the test of ATen's CPU addmm); otherwise it copies t first.
+bool matmul_ready(at::IntArrayRef sizes, at::IntArrayRef strides) {
+  auto spans = [](int64_t stride, int64_t size) { return stride >= std::max<int64_t>(1, size); };
+  return (strides[1] == 1 && (sizes[0] == 1 || spans(strides[0], sizes[1]))) ||
+         (strides[0] == 1 && (sizes[1] == 1 || spans(strides[1], sizes[0])));
+}
+
+// Accepts any strided operand that a matmul can read as [rows, cols], copying small ones; rejects
+// one whose copy would be hidden and large.
+void check_operand_layout(const std::string& arg, const at::Tensor& t, int64_t rows, int64_t cols) {
+  if (t.numel() == 0) return;
+  const std::vector<int64_t> shape{rows, cols};
+  const std::optional<std::vector<int64_t>> strides =
+      at::detail::computeStride(t.sizes(), t.strides(), at::IntArrayRef(shape));
+  if (strides && matmul_ready(shape, *strides)) return;
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  TORCH_CHECK_VALUE(bytes <= kMaxHiddenCopyBytes, arg, ": its strides ", t.strides(), " (sizes ",
+                    t.sizes(), ") let no matmul read it as [", rows, ", ", cols,
+                    "] without copying it (", bytes >> 20, " MiB); pass ", arg,
+                    ".contiguous() to make that copy explicit");
+}
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
@@ -35,6 +78,8 @@ void check_tensor_list(const char* arg, at::TensorList list) {
   TORCH_CHECK_VALUE(!list.empty(), arg, ": expected at least one tensor, got an empty list");
   for (const auto i : c10::irange(list.size())) {
     TORCH_CHECK_VALUE(list[i].defined(), name(arg, i), ": expected a tensor, got None");
+    TORCH_CHECK_TYPE(list[i].layout() == at::kStrided, name(arg, i),
+                     ": expected a dense (strided) tensor, got layout ", list[i].layout());
   }
 }
 
@@ -92,6 +137,9 @@ std::vector<int64_t> group_list_values(const OpArgs& a) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
                    "group_list: expected an int64 or int32 tensor, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1, "group_list: expected a 1-D tensor, got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == a.x[0].device(),
+                    "group_list: expected a tensor on cpu or on ", a.x[0].device(),
+                    " like x[0], got one on ", t.device());
   at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = host.const_data_ptr<int64_t>();
   return std::vector<int64_t>(p, p + host.numel());
@@ -114,7 +162,7 @@ std::vector<int64_t> rows_from_group_list(const OpArgs& a, size_t groups, int64_
     } else {
       rows[i] = v[i];
     }
-    sum += rows[i];
+    sum = checked_add(sum, rows[i], "group_list: the sum of the counts");
   }
   if (a.group_list_type == 0) {
     TORCH_CHECK_VALUE(v.back() == total_rows,
@@ -133,6 +181,7 @@ void fill_mk(const OpArgs& a, std::vector<GroupPlan>& groups) {
     const at::Tensor& x = a.x[0];
     TORCH_CHECK_VALUE(x.dim() == 2, "x[0]: expected a 2-D tensor for split_item=", a.split_item,
                       ", got ", x.dim(), "-D");
+    check_operand_layout("x[0]", x, x.size(0), x.size(1));
     const std::vector<int64_t> rows = rows_from_group_list(a, groups.size(), x.size(0));
     int64_t row = 0;
     for (const auto i : c10::irange(groups.size())) {
@@ -155,9 +204,12 @@ void fill_mk(const OpArgs& a, std::vector<GroupPlan>& groups) {
                         ": expected a tensor of 2 to 5 dims for split_item=0, got ", x.dim(), "-D");
     }
     int64_t m = 1;
-    for (const auto d : c10::irange(x.dim() - 1)) m *= x.size(d);
+    for (const auto d : c10::irange(x.dim() - 1)) {
+      m = checked_mul(m, x.size(d), name("x", i) + ": the product of the leading dims");
+    }
     groups[i].m = m;
     groups[i].k = x.size(-1);
+    check_operand_layout(name("x", i), x, m, groups[i].k);
   }
 }
 
@@ -170,6 +222,7 @@ void fill_n_and_check_weights(const OpArgs& a, std::vector<GroupPlan>& groups) {
     TORCH_CHECK_VALUE(w.size(0) == groups[i].k, name("weight", i), ": expected ", groups[i].k,
                       " rows (K, the last dim of ", x_name, "), got ", w.size(0));
     groups[i].n = w.size(1);
+    check_operand_layout(name("weight", i), w, groups[i].k, groups[i].n);
     if (single_y(a.split_item)) {
       TORCH_CHECK_VALUE(groups[i].n == groups[0].n, name("weight", i),
                         ": expected N = ", groups[0].n,
@@ -193,8 +246,9 @@ void fill_layout(const OpArgs& a, Plan& plan) {
     GroupPlan& g = plan.groups[i];
     g.out_offset = offset;
     g.out_row = total_rows;
-    offset += g.m * g.n;
-    total_rows += g.m;
+    const std::string what = "output of group " + std::to_string(i);
+    offset = checked_add(offset, checked_mul(g.m, g.n, what), what);
+    total_rows = checked_add(total_rows, g.m, what);
     if (single_y(a.split_item)) continue;
     if (a.split_item == 0) {
       std::vector<int64_t> shape = a.x[i].sizes().vec();
@@ -241,7 +295,8 @@ at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i) {
 }
 
 std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns) {
-  const int64_t k = std::max<int64_t>(turns, 1);
+  // Never more chunks than rows: this also keeps the arithmetic below far from overflow.
+  const int64_t k = std::clamp<int64_t>(turns, 1, std::max<int64_t>(plan.rows, 1));
   // Element c * numel / k, rounded up, without overflowing numel * c.
   auto target = [&](int64_t c) {
     return (plan.numel / k) * c + ((plan.numel % k) * c + k - 1) / k;
@@ -276,6 +331,11 @@ std::string Plan::signature() const {
     << " outputs=[";
   for (const auto& shape : out_shapes) s << at::IntArrayRef(shape);
   s << "]";
+  if (single_y(split_item)) {  // one output: where the groups' rows fall in it is not in its shape
+    s << " rows=[";
+    for (size_t i = 0; i < groups.size(); ++i) s << (i ? ", " : "") << groups[i].m;
+    s << "]";
+  }
   return s.str();
 }
 

@@ -100,7 +100,8 @@ def _operands(x, weight, bias, group_list) -> tuple:
     """The schema's first five arguments: x, weight, bias (None for none), group_list as ints or
     as a tensor."""
     x, weight = _tensors("x", x), _tensors("weight", weight)
-    bias = _tensors("bias", bias) if bias is not None and len(bias) > 0 else None
+    bias = _tensors("bias", bias) if bias is not None else []
+    bias = bias or None
     return (x, weight, bias, *_group_list(group_list))
 
 
@@ -113,9 +114,14 @@ def _tensors(arg: str, value) -> list[torch.Tensor]:
     return list(value)
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _int(arg: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{arg}: expected a value that fits in int64, got {value}")
     return int(value)
 
 
@@ -153,16 +159,18 @@ def _group_name(hcomm) -> str:
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
 def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op="sum",
           comm_turn=0, group_list_type=0, check_ranks=False):
-    return _fake_outputs(x, weight, bias, group_list, split_item, group_list_type)
+    return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
+                         group_list_type)
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul")
 def _fake_compute(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type=0,
                   world_size=1):
-    return _fake_outputs(x, weight, bias, group_list, split_item, group_list_type)
+    return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
+                         group_list_type)
 
 
-def _fake_outputs(x, weight, bias, group_list, split_item, group_list_type):
+def _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type):
     """The outputs' shapes, as the C++ plan gives them; group_list None means a tensor one."""
     # A call mixing meta and real tensors dispatches here, not to the C++ kernel that checks this.
     for arg, tensors in (("x", x), ("weight", weight), ("bias", bias or [])):
@@ -170,6 +178,10 @@ def _fake_outputs(x, weight, bias, group_list, split_item, group_list_type):
             if t.device != x[0].device:
                 raise ValueError(f"{arg}[{i}]: expected a tensor on {x[0].device} like x[0], "
                                  f"got one on {t.device}")
+    if group_list_tensor is not None and group_list_tensor.device not in (x[0].device,
+                                                                          torch.device("cpu")):
+        raise ValueError(f"group_list: expected a tensor on cpu or on {x[0].device} like x[0], "
+                         f"got one on {group_list_tensor.device}")
     n = [w.shape[1] for w in weight]
     if split_item == 2:
         return [x[0].new_empty((sum(xi.shape[0] for xi in x), n[0]))]

@@ -63,8 +63,8 @@ def test_check_ranks_valid_call_passes(pools):
     ("invalid", "check_ranks: rank 1 rejected the call: group_list: the last cumulative offset "
                 "must equal x[0].shape[0] = 10, got 9"),
     ("other_shape", "check_ranks: ranks disagree on the call: rank 0 has split_item=3 comm_turn=0 "
-                    "dtype=Float outputs=[[10, 3]]; rank 1 has split_item=3 comm_turn=0 "
-                    "dtype=Float outputs=[[12, 3]]"),
+                    "dtype=Float outputs=[[10, 3]] rows=[2, 3, 5]; rank 1 has split_item=3 "
+                    "comm_turn=0 dtype=Float outputs=[[12, 3]] rows=[2, 3, 7]"),
 ])
 def test_check_ranks_every_rank_raises_the_same_error(pools, kind, message):
     results = pools(2).run(call_with_rank_specific_args, kind, timeout=30)
