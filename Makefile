@@ -8,13 +8,23 @@ DEPS := $(VENV)/.deps-$(TORCH_VERSION)
 BUILT := $(VENV)/.built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test fuzz soak bench lint clean
 
 demo: $(BUILT)
 	$(PY) -m gmm_allreduce.demo
 
 test: $(BUILT)
 	$(PY) -m pytest -q tests
+
+# The long runs behind TESTING.md (CI runs shorter ones): property-based calls from a random seed,
+# and a soak at world sizes 2 and 4.
+FUZZ_EXAMPLES ?= 5000
+SOAK_CALLS ?= 50000
+fuzz: $(BUILT)
+	GMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) GMM_FUZZ_RANDOM=1 $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
+
+soak: $(BUILT)
+	GMM_SOAK_CALLS=$(SOAK_CALLS) GMM_SOAK_WORLDS=2,4 $(PY) -m pytest -q -s tests/test_soak.py
 
 # The CPU scenarios over a comm_turn sweep, with the plot README shows.
 bench: $(BUILT)
@@ -31,7 +41,7 @@ $(VENV)/bin/python:
 # Exact pin: an open range would pull several GB of CUDA wheels.
 $(DEPS): $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy pytest ninja "setuptools>=64" wheel matplotlib
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy pytest hypothesis==6.170.15 ninja "setuptools>=64" wheel matplotlib
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)

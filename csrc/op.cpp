@@ -2,16 +2,18 @@
 
 #include "agree.h"
 #include "comm.h"
+#include "fingerprint.h"
 
 namespace gmm_allreduce {
 namespace {
 
-// The returned tensors. One output (split_item 2, 3, or a single group): the flat buffer itself.
+// The returned tensors. One output (split_item 2, 3, or a single group): a view of the flat buffer
+// (which may end with the fingerprint).
 // Several outputs: each group's block copied out of the buffer into its own tensor, since PyTorch's
 // custom-op contract forbids outputs that alias each other (an error under torch.compile in CI,
 // and in future PyTorch); the single collective over the buffer stays.
 std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
-  if (plan.out_shapes.size() == 1) return {flat.view(plan.out_shapes[0])};
+  if (plan.out_shapes.size() == 1) return {flat.narrow(0, 0, plan.numel).view(plan.out_shapes[0])};
   std::vector<at::Tensor> outputs;
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
@@ -20,8 +22,8 @@ std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
   return outputs;
 }
 
-at::Tensor empty_flat(const Plan& plan) {
-  return at::empty({plan.numel}, at::TensorOptions(plan.dtype).device(plan.device));
+at::Tensor empty_flat(const Plan& plan, int64_t extra = 0) {
+  return at::empty({plan.numel + extra}, at::TensorOptions(plan.dtype).device(plan.device));
 }
 
 }  // namespace
@@ -46,19 +48,26 @@ std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList w
   const GroupPtr group = resolve_group(std::string(group_name));
   const Plan plan = check_ranks ? make_plan_agreed(args, *group) : make_plan(args);
 
-  at::Tensor flat = empty_flat(plan);
+  const int64_t world_size = group->getSize();
+  // The plan's fingerprint follows the outputs in the buffer and travels with the last chunk.
+  const int64_t tail = fingerprint_size(plan, world_size);
+  at::Tensor flat = empty_flat(plan, tail);
+  at::Tensor fingerprint = flat.narrow(0, plan.numel, tail);
+  if (tail > 0) write_fingerprint(plan, fingerprint);
   // Chunk c's all-reduce runs (on the backend's threads or stream) while chunk c + 1 computes.
   // Valid calls of one group plan the same chunks, so the ranks issue matching collectives, and
   // all skip an empty buffer together.
   std::vector<WorkPtr> pending;
   for (const Chunk& chunk : plan.chunks) {
-    engine(plan, args, group->getSize(), flat, chunk);
-    if (chunk.elem_end > chunk.elem_begin) {
-      pending.push_back(start_all_reduce_sum(
-          *group, flat.narrow(0, chunk.elem_begin, chunk.elem_end - chunk.elem_begin)));
+    engine(plan, args, world_size, flat, chunk);
+    const int64_t end = chunk.elem_end == plan.numel ? plan.numel + tail : chunk.elem_end;
+    if (end > chunk.elem_begin) {
+      pending.push_back(
+          start_all_reduce_sum(*group, flat.narrow(0, chunk.elem_begin, end - chunk.elem_begin)));
     }
   }
   for (const WorkPtr& work : pending) work->wait();
+  if (tail > 0) check_fingerprint(plan, fingerprint, world_size);
   return outputs_of(plan, flat);
 }
 

@@ -43,6 +43,10 @@ class Case:
     lead: tuple[tuple[int, ...], ...] | None = None
     seed: int = 0
     comm_turn: int = 0
+    check_ranks: bool = False
+    # "contiguous", or "strided": x with a step of 2 along K and weight stored transposed (views
+    # of larger or other-order storage, as slices and .t() give them)
+    layout: str = "contiguous"
 
     @property
     def groups(self) -> int:
@@ -58,13 +62,23 @@ def make_inputs(case: Case, rank: int, world: int) -> dict:
             return torch.randint(-1, 2, shape, generator=gen).to(case.dtype)
         return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(case.dtype)
 
-    weight = [draw((k, n), 1 / math.sqrt(max(k, 1))) for k, n in zip(case.k, case.n)]
+    def draw_x(*shape):
+        if case.layout == "strided":
+            return draw((*shape[:-1], 2 * shape[-1]))[..., ::2]
+        return draw(shape)
+
+    def draw_w(k, n):
+        if case.layout == "strided":
+            return draw((n, k), 1 / math.sqrt(max(k, 1))).t()
+        return draw((k, n), 1 / math.sqrt(max(k, 1)))
+
+    weight = [draw_w(k, n) for k, n in zip(case.k, case.n)]
     if case.split_item in (1, 3):
-        x = [draw((sum(case.m), case.k[0]))]
+        x = [draw_x(sum(case.m), case.k[0])]
     elif case.lead is not None:
-        x = [draw((*lead, k)) for lead, k in zip(case.lead, case.k)]
+        x = [draw_x(*lead, k) for lead, k in zip(case.lead, case.k)]
     else:
-        x = [draw((m, k)) for m, k in zip(case.m, case.k)]
+        x = [draw_x(m, k) for m, k in zip(case.m, case.k)]
     bias = None
     if case.bias_dtype is not None:
         if case.integers:  # bias_i / world stays an integer: exact in every dtype
@@ -88,14 +102,18 @@ def group_list(case: Case):
     return values
 
 
-def call_kwargs(case: Case, inputs: dict) -> dict:
-    return {
+def call_kwargs(case: Case, inputs: dict, collective: bool = True) -> dict:
+    """The keyword arguments of the op's call; collective=False leaves out those that only the
+    collective op takes (for grouped_mat_mul and the unfused composition)."""
+    kw = {
         "bias": inputs["bias"],
         "group_list": inputs["group_list"],
         "split_item": case.split_item,
         "group_list_type": case.group_list_type,
-        "comm_turn": case.comm_turn,
     }
+    if collective:
+        kw.update(comm_turn=case.comm_turn, check_ranks=case.check_ranks)
+    return kw
 
 
 def expected(case: Case, world: int) -> list[torch.Tensor]:

@@ -16,8 +16,7 @@ def test_one_ranks_part(split_item, world_size):
         case = Case(split_item=split_item, dtype=torch.float32, bias_dtype=torch.float32,
                     integers=True, group_list_type=i % 2, seed=i, **shape)
         inputs = make_inputs(case, 0, world_size)
-        kw = call_kwargs(case, inputs)
-        del kw["comm_turn"]
+        kw = call_kwargs(case, inputs, collective=False)
         y = gmm_allreduce.grouped_mat_mul(inputs["x"], inputs["weight"], world_size=world_size, **kw)
         assert len(y) == len(expected := _one_rank(case, inputs, world_size))
         for a, b in zip(y, expected):
@@ -56,7 +55,7 @@ def test_gradcheck(split_item):
     inputs = make_inputs(case, 0, 1)
     nx, nw = len(inputs["x"]), len(inputs["weight"])
     leaves = [t.requires_grad_() for t in [*inputs["x"], *inputs["weight"], *inputs["bias"]]]
-    kw = {k: v for k, v in call_kwargs(case, inputs).items() if k not in ("bias", "comm_turn")}
+    kw = {k: v for k, v in call_kwargs(case, inputs, collective=False).items() if k != "bias"}
 
     def f(*flat):
         return tuple(gmm_allreduce.grouped_mat_mul(list(flat[:nx]), list(flat[nx:nx + nw]),

@@ -28,6 +28,7 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs = _to(make_inputs(case, rank, world), device)
     kw = call_kwargs(case, inputs)
+    local_kw = call_kwargs(case, inputs, collective=False)  # the same call without the collective
     x, w = inputs["x"], inputs["weight"]
     calls: dict[str, Callable] = {}
     for method in methods:
@@ -36,12 +37,9 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
                 calls[label(method, t)] = (
                     lambda kw_t={**kw, "comm_turn": t}: grouped_mat_mul_all_reduce(x, w, **kw_t))
         elif method == "unfused":
-            unfused_kw = {k: v for k, v in kw.items() if k != "comm_turn"}
-            calls[method] = lambda unfused_kw=unfused_kw: unfused(x, w, **unfused_kw)
+            calls[method] = lambda: unfused(x, w, **local_kw)
         elif method == "compute":
-            calls[method] = lambda: grouped_mat_mul(
-                x, w, bias=kw["bias"], group_list=kw["group_list"], split_item=case.split_item,
-                group_list_type=case.group_list_type, world_size=world)
+            calls[method] = lambda: grouped_mat_mul(x, w, world_size=world, **local_kw)
         elif method == "comm":
             numel = sum(m * n for m, n in zip(case.m, case.n))
             flat = torch.zeros(numel, dtype=case.dtype, device=device)
