@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from test_errors import _call as call
 from test_errors import edit, setitem, split0, split3
 
 import gmm_allreduce
@@ -176,11 +177,6 @@ CORPUS = [
                            weight=lambda kw: [torch.tensor([[math.inf] * 3, [-math.inf] * 3, [0.0] * 3,
                                                             [0.0] * 3])] * 3), OK),
 ]
-
-
-def call(kw):
-    kw = dict(kw)
-    return gmm_allreduce.grouped_mat_mul_all_reduce(kw.pop("x"), kw.pop("weight"), kw.pop("hcomm", None), **kw)
 
 
 def snapshot(value):
