@@ -13,12 +13,12 @@ namespace {
 // custom-op contract forbids outputs that alias each other (an error under torch.compile in CI,
 // and in future PyTorch); the single collective over the buffer stays.
 std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
-  if (plan.out_shapes.size() == 1) return {flat.narrow(0, 0, plan.numel).view(plan.out_shapes[0])};
-  std::vector<at::Tensor> outputs;
-  for (size_t i = 0; i < plan.groups.size(); ++i) {
-    const GroupPlan& g = plan.groups[i];
-    outputs.push_back(flat.narrow(0, g.out_offset, g.m * g.n).view(plan.out_shapes[i]).clone());
-  }
+  const at::Tensor used = flat.narrow(0, 0, plan.numel);
+  if (plan.out_shapes.size() == 1) return {used.view(plan.out_shapes[0])};
+  std::vector<int64_t> sizes;
+  for (const GroupPlan& g : plan.groups) sizes.push_back(g.m * g.n);
+  std::vector<at::Tensor> outputs = at::split_with_sizes_copy(used, sizes);  // one op for all
+  for (size_t i = 0; i < outputs.size(); ++i) outputs[i] = outputs[i].view(plan.out_shapes[i]);
   return outputs;
 }
 
@@ -35,15 +35,16 @@ std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList w
                                int64_t split_item, std::string_view group_name,
                                std::string_view reduce_op, int64_t comm_turn,
                                int64_t group_list_type, bool check_ranks) {
-  const OpArgs args{x,
-                    weight,
-                    bias,
-                    group_list,
-                    group_list_tensor,
-                    split_item,
-                    std::string(reduce_op),
-                    comm_turn,
-                    group_list_type};
+  OpArgs args{x,
+              weight,
+              bias,
+              group_list,
+              group_list_tensor,
+              split_item,
+              std::string(reduce_op),
+              comm_turn,
+              group_list_type};
+  args.device_rows = engine.device_rows != nullptr && engine.device_rows(args);
   // Everything that can reject the call happens here, before the first collective.
   const GroupPtr group = resolve_group(std::string(group_name));
   const Plan plan = check_ranks ? make_plan_agreed(args, *group) : make_plan(args);
@@ -60,7 +61,7 @@ std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList w
   // all skip an empty buffer together.
   std::vector<WorkPtr> pending;
   for (const Chunk& chunk : plan.chunks) {
-    engine(plan, args, world_size, flat, chunk);
+    engine.compute(plan, args, world_size, flat, chunk);
     const int64_t end = chunk.elem_end == plan.numel ? plan.numel + tail : chunk.elem_end;
     if (end > chunk.elem_begin) {
       pending.push_back(
@@ -79,11 +80,12 @@ std::vector<at::Tensor> run_compute(Engine engine, at::TensorList x, at::TensorL
                                     int64_t split_item, int64_t group_list_type,
                                     int64_t world_size) {
   TORCH_CHECK_VALUE(world_size >= 1, "world_size: expected an integer >= 1, got ", world_size);
-  const OpArgs args{x,          weight, bias, group_list,     group_list_tensor,
-                    split_item, "sum",  0,    group_list_type};
+  OpArgs args{x,          weight, bias, group_list,     group_list_tensor,
+              split_item, "sum",  0,    group_list_type};
+  args.device_rows = engine.device_rows != nullptr && engine.device_rows(args);
   const Plan plan = make_plan(args);
   at::Tensor flat = empty_flat(plan);
-  engine(plan, args, world_size, flat, plan.chunks.front());
+  engine.compute(plan, args, world_size, flat, plan.chunks.front());
   return outputs_of(plan, flat);
 }
 

@@ -9,11 +9,18 @@
 
 namespace gmm_allreduce {
 
-// A device engine: writes the output rows of `chunk` (of x_i @ weight_i + bias_i / world_size,
-// whichever groups they belong to) into their place in `flat` (group i's block starts at
-// Plan::groups[i].out_offset, m_i x n_i, row-major), accumulating in fp32 or better.
-using Engine = void (*)(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
-                        const Chunk& chunk);
+// A device engine.
+struct Engine {
+  // Writes the output rows of `chunk` (of x_i @ weight_i + bias_i / world_size, whichever groups
+  // they belong to) into their place in `flat` (group i's block starts at
+  // Plan::groups[i].out_offset, m_i x n_i, row-major), accumulating in fp32 or better.
+  void (*compute)(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
+                  const Chunk& chunk);
+  // Optional: whether `compute` takes this call's group rows from its group_list tensor on the
+  // device (split_item 3 only), so that planning need not read them (OpArgs::device_rows). Called
+  // before validation: it must accept any arguments.
+  bool (*device_rows)(const OpArgs& args) = nullptr;
+};
 
 std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList weight,
                                std::optional<at::TensorList> bias,

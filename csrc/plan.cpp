@@ -18,6 +18,12 @@ bool single_x(int64_t split_item) { return split_item == 1 || split_item == 3; }
 
 bool single_y(int64_t split_item) { return split_item == 2 || split_item == 3; }
 
+// Whether the plan leaves split_item 3's group rows on the device (see OpArgs::device_rows).
+bool device_rows(const OpArgs& a) {
+  return a.device_rows && a.split_item == 3 && a.group_list_tensor.has_value() &&
+         !a.group_list_tensor->device().is_cpu();
+}
+
 // Largest operand ATen's matmul may be left to copy behind the caller's back; past it the caller is
 // asked to make the copy explicit.
 constexpr int64_t kMaxHiddenCopyBytes = int64_t{64} << 20;
@@ -130,9 +136,8 @@ void check_list_counts(const OpArgs& a, size_t groups) {
   }
 }
 
-// group_list as host int64 values, whichever form it came in.
-std::vector<int64_t> group_list_values(const OpArgs& a) {
-  if (a.group_list) return a.group_list->vec();
+// What can be checked of a group_list tensor without reading its values.
+void check_group_list_tensor(const OpArgs& a) {
   const at::Tensor& t = *a.group_list_tensor;
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
                    "group_list: expected an int64 or int32 tensor, got ", t.scalar_type());
@@ -140,6 +145,13 @@ std::vector<int64_t> group_list_values(const OpArgs& a) {
   TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == a.x[0].device(),
                     "group_list: expected a tensor on cpu or on ", a.x[0].device(),
                     " like x[0], got one on ", t.device());
+}
+
+// group_list as host int64 values, whichever form it came in.
+std::vector<int64_t> group_list_values(const OpArgs& a) {
+  if (a.group_list) return a.group_list->vec();
+  check_group_list_tensor(a);
+  const at::Tensor& t = *a.group_list_tensor;
   at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = host.const_data_ptr<int64_t>();
   return std::vector<int64_t>(p, p + host.numel());
@@ -182,6 +194,14 @@ void fill_mk(const OpArgs& a, std::vector<GroupPlan>& groups) {
     TORCH_CHECK_VALUE(x.dim() == 2, "x[0]: expected a 2-D tensor for split_item=", a.split_item,
                       ", got ", x.dim(), "-D");
     check_operand_layout("x[0]", x, x.size(0), x.size(1));
+    if (device_rows(a)) {  // m and the row offsets stay on the device
+      check_group_list_tensor(a);
+      TORCH_CHECK_VALUE(a.group_list_tensor->numel() == static_cast<int64_t>(groups.size()),
+                        "group_list: expected ", groups.size(), " values (one per weight), got ",
+                        a.group_list_tensor->numel());
+      for (GroupPlan& g : groups) g.k = x.size(1);
+      return;
+    }
     const std::vector<int64_t> rows = rows_from_group_list(a, groups.size(), x.size(0));
     int64_t row = 0;
     for (const auto i : c10::irange(groups.size())) {
@@ -258,6 +278,10 @@ void fill_layout(const OpArgs& a, Plan& plan) {
       plan.out_shapes.push_back({g.m, g.n});
     }
   }
+  if (plan.device_rows) {  // one [M, N] block: the groups' places in it are on the device
+    total_rows = a.x[0].size(0);
+    offset = checked_mul(total_rows, plan.groups[0].n, "output");
+  }
   if (single_y(a.split_item)) plan.out_shapes.push_back({total_rows, plan.groups[0].n});
   plan.numel = offset;
   plan.rows = total_rows;
@@ -280,6 +304,7 @@ Plan make_plan(const OpArgs& a) {
   plan.dtype = a.x[0].scalar_type();
   plan.device = a.x[0].device();
   plan.has_bias = a.bias.has_value();
+  plan.device_rows = device_rows(a);
   plan.groups.resize(groups);
   fill_mk(a, plan.groups);
   fill_n_and_check_weights(a, plan.groups);
@@ -310,8 +335,11 @@ std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns) {
     chunks.push_back(cur);
     cur = Chunk{row, row, elem, elem};
   };
+  // With device_rows the output is one [rows, n] block, whose group rows the host does not know.
+  const std::vector<GroupPlan> whole{
+      GroupPlan{plan.rows, 0, plan.rows ? plan.numel / plan.rows : 0}};
   int64_t c = 1;
-  for (const GroupPlan& g : plan.groups) {
+  for (const GroupPlan& g : plan.device_rows ? whole : plan.groups) {
     if (g.m == 0 || g.n == 0) continue;
     const int64_t end = g.out_offset + g.m * g.n;
     for (; c < k && target(c) <= end; ++c) {
@@ -331,7 +359,9 @@ std::string Plan::signature() const {
     << " outputs=[";
   for (const auto& shape : out_shapes) s << at::IntArrayRef(shape);
   s << "]";
-  if (single_y(split_item)) {  // one output: where the groups' rows fall in it is not in its shape
+  if (device_rows) {  // the group rows are on the device: not compared
+    s << " rows=on " << device;
+  } else if (single_y(split_item)) {  // one output: where its groups' rows fall is not in its shape
     s << " rows=[";
     for (size_t i = 0; i < groups.size(); ++i) s << (i ? ", " : "") << groups[i].m;
     s << "]";

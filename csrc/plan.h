@@ -21,9 +21,14 @@ struct OpArgs {
   std::string reduce_op = "sum";
   int64_t comm_turn = 0;
   int64_t group_list_type = 0;  // 0: cumulative end offsets along M, 1: per-group counts
+  // Set by an engine that computes split_item 3 from group_list_tensor on x's device itself
+  // (Engine::device_rows): make_plan then leaves the tensor's values on the device, unread and
+  // unvalidated, since reading them would be a device-to-host sync.
+  bool device_rows = false;
 };
 
-// One group's matmul y_i[m, n] = x_i[m, k] @ weight_i[k, n], and where it lives.
+// One group's matmul y_i[m, n] = x_i[m, k] @ weight_i[k, n], and where it lives. In a plan with
+// device_rows, m, x_row, out_row and out_offset are unknown on the host (left 0).
 struct GroupPlan {
   int64_t m = 0;
   int64_t k = 0;
@@ -50,6 +55,9 @@ struct Plan {
   at::ScalarType dtype = at::kFloat;
   at::Device device = at::kCPU;
   bool has_bias = false;
+  // split_item 3 with group_list on the device, left there (OpArgs::device_rows): the output is
+  // [rows, n] whatever the groups' rows are, so chunks are cut by rows alone.
+  bool device_rows = false;
   std::vector<GroupPlan> groups;
   std::vector<std::vector<int64_t>> out_shapes;  // one per returned tensor
   int64_t numel = 0;                             // elements of the flat buffer

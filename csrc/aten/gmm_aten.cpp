@@ -67,7 +67,7 @@ std::vector<at::Tensor> grouped_mat_mul_all_reduce_aten(
     at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
     int64_t split_item, c10::string_view group_name, c10::string_view reduce_op, int64_t comm_turn,
     int64_t group_list_type, bool check_ranks) {
-  return run_op(&compute_aten, x, weight, bias, group_list, group_list_tensor, split_item,
+  return run_op(Engine{&compute_aten}, x, weight, bias, group_list, group_list_tensor, split_item,
                 group_name, reduce_op, comm_turn, group_list_type, check_ranks);
 }
 
@@ -77,8 +77,8 @@ std::vector<at::Tensor> grouped_mat_mul_aten(at::TensorList x, at::TensorList we
                                              const std::optional<at::Tensor>& group_list_tensor,
                                              int64_t split_item, int64_t group_list_type,
                                              int64_t world_size) {
-  return run_compute(&compute_aten, x, weight, bias, group_list, group_list_tensor, split_item,
-                     group_list_type, world_size);
+  return run_compute(Engine{&compute_aten}, x, weight, bias, group_list, group_list_tensor,
+                     split_item, group_list_type, world_size);
 }
 
 }  // namespace
