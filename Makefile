@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-$(TORCH_VERSION)
 BUILT := $(VENV)/.built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test fuzz soak bench lint clean
+.PHONY: demo test fuzz soak bench lint cuda-check clean
 
 demo: $(BUILT)
 	$(PY) -m gmm_allreduce.demo
@@ -30,10 +30,15 @@ soak: $(BUILT)
 bench: $(BUILT)
 	$(PY) -m gmm_allreduce.bench --comm-turns 0 1 2 4 8 --plot benchmarks/comm_turn_cpu.png --markdown
 
+# Compiles csrc/cuda/ (no link) for sm_80 and sm_90a with nvcc and the CPU wheel's headers: the
+# check a GPU-less host can make of the CUDA build.
+cuda-check: $(DEPS)
+	$(PY) tools/cuda_compile_check.py
+
 lint: $(DEPS)
 	$(PY) -m pip install -q ruff clang-format
-	$(VENV)/bin/ruff check gmm_allreduce tests
-	$(VENV)/bin/clang-format --dry-run --Werror $(shell find csrc -name '*.cpp' -o -name '*.h')
+	$(VENV)/bin/ruff check gmm_allreduce tests tools
+	$(VENV)/bin/clang-format --dry-run --Werror $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

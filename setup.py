@@ -22,6 +22,9 @@ cuda_sources = sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
 use_cuda = bool(cuda_sources) and (torch.version.cuda is not None or os.environ.get("FORCE_CUDA") == "1")
 
 if use_cuda:
+    # sm_80 and sm_90a unless the builder says otherwise (our kernels are generic; the grouped GEMM
+    # we call is torch's own).
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     ext = CUDAExtension(
         "gmm_allreduce._C",
         cpp_sources + cuda_sources,

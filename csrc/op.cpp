@@ -1,5 +1,7 @@
 #include "op.h"
 
+#include <ATen/DeviceGuard.h>
+
 #include "agree.h"
 #include "comm.h"
 #include "fingerprint.h"
@@ -28,13 +30,14 @@ at::Tensor empty_flat(const Plan& plan, int64_t extra = 0) {
 
 }  // namespace
 
-std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList weight,
+std::vector<at::Tensor> run_op(const Engine& engine, at::TensorList x, at::TensorList weight,
                                std::optional<at::TensorList> bias,
                                at::OptionalIntArrayRef group_list,
                                const std::optional<at::Tensor>& group_list_tensor,
                                int64_t split_item, std::string_view group_name,
                                std::string_view reduce_op, int64_t comm_turn,
                                int64_t group_list_type, bool check_ranks) {
+  const at::OptionalDeviceGuard guard(at::device_of(x));  // nothing for an empty x, rejected below
   OpArgs args{x,
               weight,
               bias,
@@ -73,13 +76,14 @@ std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList w
   return outputs_of(plan, flat);
 }
 
-std::vector<at::Tensor> run_compute(Engine engine, at::TensorList x, at::TensorList weight,
+std::vector<at::Tensor> run_compute(const Engine& engine, at::TensorList x, at::TensorList weight,
                                     std::optional<at::TensorList> bias,
                                     at::OptionalIntArrayRef group_list,
                                     const std::optional<at::Tensor>& group_list_tensor,
                                     int64_t split_item, int64_t group_list_type,
                                     int64_t world_size) {
   TORCH_CHECK_VALUE(world_size >= 1, "world_size: expected an integer >= 1, got ", world_size);
+  const at::OptionalDeviceGuard guard(at::device_of(x));
   OpArgs args{x,          weight, bias, group_list,     group_list_tensor,
               split_item, "sum",  0,    group_list_type};
   args.device_rows = engine.device_rows != nullptr && engine.device_rows(args);

@@ -3,6 +3,7 @@
 // it is computed (one collective for comm_turn = 0), return the outputs (see op.cpp).
 #pragma once
 
+#include <algorithm>
 #include <string_view>
 
 #include "plan.h"
@@ -22,7 +23,8 @@ struct Engine {
   bool (*device_rows)(const OpArgs& args) = nullptr;
 };
 
-std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList weight,
+// Both run on x[0]'s device (its device guard held).
+std::vector<at::Tensor> run_op(const Engine& engine, at::TensorList x, at::TensorList weight,
                                std::optional<at::TensorList> bias,
                                at::OptionalIntArrayRef group_list,
                                const std::optional<at::Tensor>& group_list_tensor,
@@ -33,11 +35,52 @@ std::vector<at::Tensor> run_op(Engine engine, at::TensorList x, at::TensorList w
 // The same groups, planned and computed alike, with no process group and no collective: each
 // bias divided by `world_size` (so that it equals one rank's part of the op). The backward pass
 // and the compute-only benchmark use it.
-std::vector<at::Tensor> run_compute(Engine engine, at::TensorList x, at::TensorList weight,
+std::vector<at::Tensor> run_compute(const Engine& engine, at::TensorList x, at::TensorList weight,
                                     std::optional<at::TensorList> bias,
                                     at::OptionalIntArrayRef group_list,
                                     const std::optional<at::Tensor>& group_list_tensor,
                                     int64_t split_item, int64_t group_list_type,
                                     int64_t world_size);
+
+// Calls fn(i, y, x) for each group i with output rows in `chunk`: y is that block of `flat`
+// ([rows, n_i], row-major), x the matching rows of x_i ([rows, k_i]). Host-planned rows only.
+template <typename Fn>
+void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& flat, const Chunk& chunk,
+                    Fn&& fn) {
+  for (size_t i = 0; i < plan.groups.size(); ++i) {
+    const GroupPlan& g = plan.groups[i];
+    const int64_t r0 = std::max(chunk.row_begin, g.out_row) - g.out_row;
+    const int64_t r1 = std::min(chunk.row_end, g.out_row + g.m) - g.out_row;
+    if (r1 <= r0 || g.n == 0) continue;
+    at::Tensor y = flat.narrow(0, g.out_offset + r0 * g.n, (r1 - r0) * g.n).view({r1 - r0, g.n});
+    fn(i, y, group_x(plan, args.x, i).narrow(0, r0, r1 - r0));
+  }
+}
+
+// The kernels a device registers for the op and for its comm-free twin, given its engine:
+//   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kEngine>);
+//   m.impl("grouped_mat_mul", &compute_kernel<&kEngine>);
+template <const Engine* E>
+std::vector<at::Tensor> op_kernel(at::TensorList x, at::TensorList weight,
+                                  std::optional<at::TensorList> bias,
+                                  at::OptionalIntArrayRef group_list,
+                                  const std::optional<at::Tensor>& group_list_tensor,
+                                  int64_t split_item, c10::string_view group_name,
+                                  c10::string_view reduce_op, int64_t comm_turn,
+                                  int64_t group_list_type, bool check_ranks) {
+  return run_op(*E, x, weight, bias, group_list, group_list_tensor, split_item, group_name,
+                reduce_op, comm_turn, group_list_type, check_ranks);
+}
+
+template <const Engine* E>
+std::vector<at::Tensor> compute_kernel(at::TensorList x, at::TensorList weight,
+                                       std::optional<at::TensorList> bias,
+                                       at::OptionalIntArrayRef group_list,
+                                       const std::optional<at::Tensor>& group_list_tensor,
+                                       int64_t split_item, int64_t group_list_type,
+                                       int64_t world_size) {
+  return run_compute(*E, x, weight, bias, group_list, group_list_tensor, split_item,
+                     group_list_type, world_size);
+}
 
 }  // namespace gmm_allreduce

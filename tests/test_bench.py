@@ -21,7 +21,7 @@ def test_bench_csv_rows(tmp_path):
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert [(r["method"], r["comm_turn"]) for r in rows] == [
         ("fused", "0"), ("fused", "2"), ("unfused", ""), ("compute", ""), ("comm", "")]
-    assert all(float(r["ms"]) > 0 for r in rows)
+    assert all(float(r["ms"]) > 0 and float(r["host_us"]) > 0 for r in rows)
     assert float(rows[0]["time_vs_turn0"]) == 1.0
     assert "| seed_example | fused | 2 |" in out.stdout
 
@@ -36,3 +36,16 @@ def test_bench_rejects_unknown_scenario():
     out = subprocess.run([sys.executable, "-m", "gmm_allreduce.bench", "--scenarios", "nope"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--scenarios: unknown ['nope']" in out.stderr
+
+
+def test_csv_of_other_columns_is_kept_aside(tmp_path):
+    from gmm_allreduce.bench import report
+
+    path = tmp_path / "r.csv"
+    path.write_text("a,b\n1,2\n")
+    row = {f: 1 for f in report.FIELDS}
+    report.write_csv(path, [row], {"date": "d"})
+    report.write_csv(path, [row], {"date": "d"})
+    assert (tmp_path / "r.1.csv").read_text() == "a,b\n1,2\n"
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == ["date", *report.FIELDS] and len(rows) == 2

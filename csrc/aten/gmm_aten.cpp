@@ -36,14 +36,7 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
   // GEMM on upcast operands is exact for fp16 inputs and gives the single rounding of the spec.
   const bool upcast = plan.device.is_cpu() && plan.dtype == at::kHalf;
 
-  for (size_t i = 0; i < plan.groups.size(); ++i) {
-    const GroupPlan& g = plan.groups[i];
-    // This group's rows [r0, r1) that fall in the chunk.
-    const int64_t r0 = std::max(chunk.row_begin, g.out_row) - g.out_row;
-    const int64_t r1 = std::min(chunk.row_end, g.out_row + g.m) - g.out_row;
-    if (r1 <= r0 || g.n == 0) continue;
-    at::Tensor y = flat.narrow(0, g.out_offset + r0 * g.n, (r1 - r0) * g.n).view({r1 - r0, g.n});
-    const at::Tensor x = group_x(plan, args.x, i).narrow(0, r0, r1 - r0);
+  for_each_block(plan, args, flat, chunk, [&](size_t i, at::Tensor& y, const at::Tensor& x) {
     const at::Tensor& w = args.weight[i];
     // bias_i / world_size, divided in the accumulation type: Σ_r bias_i / n then gives bias_i.
     const at::Tensor bias = plan.has_bias ? (*args.bias)[i].to(acc).div(world_size) : at::Tensor();
@@ -59,33 +52,16 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
       at::mm_out(y, x, w);
       if (bias.defined()) add_bias(y, bias);
     }
-  }
+  });
 }
 
-std::vector<at::Tensor> grouped_mat_mul_all_reduce_aten(
-    at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
-    at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
-    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op, int64_t comm_turn,
-    int64_t group_list_type, bool check_ranks) {
-  return run_op(Engine{&compute_aten}, x, weight, bias, group_list, group_list_tensor, split_item,
-                group_name, reduce_op, comm_turn, group_list_type, check_ranks);
-}
-
-std::vector<at::Tensor> grouped_mat_mul_aten(at::TensorList x, at::TensorList weight,
-                                             std::optional<at::TensorList> bias,
-                                             at::OptionalIntArrayRef group_list,
-                                             const std::optional<at::Tensor>& group_list_tensor,
-                                             int64_t split_item, int64_t group_list_type,
-                                             int64_t world_size) {
-  return run_compute(Engine{&compute_aten}, x, weight, bias, group_list, group_list_tensor,
-                     split_item, group_list_type, world_size);
-}
+constexpr Engine kAtenEngine{&compute_aten};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
-  m.impl("grouped_mat_mul_all_reduce", &grouped_mat_mul_all_reduce_aten);
-  m.impl("grouped_mat_mul", &grouped_mat_mul_aten);
+  m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kAtenEngine>);
+  m.impl("grouped_mat_mul", &compute_kernel<&kAtenEngine>);
 }
 
 }  // namespace gmm_allreduce

@@ -30,6 +30,11 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
     kw = call_kwargs(case, inputs)
     local_kw = call_kwargs(case, inputs, collective=False)  # the same call without the collective
     x, w = inputs["x"], inputs["weight"]
+    if device.type == "cuda" and len({tuple(t.shape) for t in w}) == 1:
+        # Equal-shape weights as a MoE layer holds them: slices of one [G, K, N] parameter, here
+        # column-major per group like the grouped_mm baseline's. Every method uses the same.
+        w = list(torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1).unbind(0))
+        inputs["weight"] = w
     calls: dict[str, Callable] = {}
     for method in methods:
         if method == "fused":
@@ -80,6 +85,6 @@ def _gpu_baseline(method: str, case: Case, x, w, kw) -> Callable | None:
     # grouped_mm: one stacked weight [G, K, N] and int32 cumulative row offsets; shared K and N.
     if case.split_item not in (1, 3) or len(set(case.n)) != 1 or not hasattr(torch, "_grouped_mm"):
         return None
-    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)
+    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)  # K-major
     offs = torch.tensor(case.m, device=x[0].device).cumsum(0).to(torch.int32)
     return lambda: torch._grouped_mm(x[0], stacked, offs=offs)

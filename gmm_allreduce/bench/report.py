@@ -22,8 +22,8 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
     """Rows for one scenario. A call's time is its slowest rank's. Ratios are paired: the median
     over iterations of the ratio of two calls of the same iteration, so shared-machine drift
     cancels. efficiency = max(compute, comm) / time: 1.0 is perfect overlap."""
-    labels = list(per_rank[0])
-    slowest = {name: [max(ts) for ts in zip(*(r[name] for r in per_rank))] for name in labels}
+    labels = [name for name in per_rank[0] if not name.startswith("host:")]
+    slowest = {name: [max(ts) for ts in zip(*(r[name] for r in per_rank))] for name in per_rank[0]}
     median = {name: statistics.median(v) for name, v in slowest.items()}
     bound = max((median[m] for m in ("compute", "comm") if m in median), default=None)
     rows = []
@@ -34,7 +34,9 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
                "groups": case.groups, "split_item": case.split_item,
                "dtype": str(case.dtype).split(".")[-1], "gflop": flops(case) / 1e9,
                "ms": med * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
-               "tflops": flops(case) / med / 1e12 if name != "comm" else ""}
+               "tflops": flops(case) / med / 1e12 if name != "comm" else "",
+               "host_us": statistics.median(slowest["host:" + name]) * 1e6
+               if "host:" + name in slowest else ""}
         if "unfused" in slowest and name.startswith(("fused@", *GPU_BASELINES)):
             row["speedup_vs_unfused"] = statistics.median(
                 u / t for u, t in zip(slowest["unfused"], slowest[name]))
@@ -48,7 +50,8 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
 
 
 FIELDS = ["scenario", "method", "comm_turn", "groups", "split_item", "dtype", "gflop", "ms",
-          "q1_ms", "q3_ms", "tflops", "speedup_vs_unfused", "time_vs_turn0", "efficiency"]
+          "q1_ms", "q3_ms", "tflops", "host_us", "speedup_vs_unfused", "time_vs_turn0",
+          "efficiency"]
 
 
 def _fmt(v, spec=".3f"):
@@ -57,19 +60,31 @@ def _fmt(v, spec=".3f"):
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'scenario':<16} {'method':<10} {'turn':>4} {'ms':>9} {'IQR ms':>15} {'TFLOP/s':>8} "
-          f"{'vs unfused':>10} {'vs turn0':>8} {'effic.':>6}")
+          f"{'host us':>8} {'vs unfused':>10} {'vs turn0':>8} {'effic.':>6}")
     for r in rows:
         print(f"{r['scenario']:<16} {r['method']:<10} {r['comm_turn']!s:>4} {r['ms']:>9.3f} "
               f"{r['q1_ms']:>7.3f}-{r['q3_ms']:<7.3f} {_fmt(r['tflops'], '.4f'):>8} "
+              f"{_fmt(r.get('host_us', ''), '.1f'):>8} "
               f"{_fmt(r.get('speedup_vs_unfused', ''), '.2f'):>10} "
               f"{_fmt(r.get('time_vs_turn0', ''), '.3f'):>8} "
               f"{_fmt(r.get('efficiency', ''), '.2f'):>6}", flush=True)
 
 
 def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
+    """Appends the rows. A file written with other columns is kept aside, renamed
+    <name>.<n>.csv, and a new one started."""
+    fields = [*meta, *FIELDS]
+    if path.exists():
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != fields:
+            n = 1
+            while (aside := path.with_suffix(f".{n}{path.suffix}")).exists():
+                n += 1
+            path.rename(aside)
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*meta, *FIELDS])
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         for row in rows:
@@ -78,14 +93,14 @@ def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [", ".join(f"{k}: {v}" for k, v in meta.items()), "",
-             "| scenario | method | comm_turn | ms, median (IQR) | TFLOP/s | vs unfused | "
+             "| scenario | method | comm_turn | ms, median (IQR) | TFLOP/s | host µs | vs unfused | "
              "time vs comm_turn=0 | efficiency |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['scenario']} | {r['method']} | {r['comm_turn']} | {r['ms']:.3f} "
             f"({r['q1_ms']:.3f}-{r['q3_ms']:.3f}) | {_fmt(r['tflops'], '.4f')} | "
-            f"{_fmt(r.get('speedup_vs_unfused', ''), '.2f')} | "
+            f"{_fmt(r.get('host_us', ''), '.1f')} | {_fmt(r.get('speedup_vs_unfused', ''), '.2f')} | "
             f"{_fmt(r.get('time_vs_turn0', ''), '.3f')} | {_fmt(r.get('efficiency', ''), '.2f')} |")
     return "\n".join(lines)
 

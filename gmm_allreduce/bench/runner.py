@@ -43,22 +43,36 @@ class Progress:
 
 
 def time_methods(calls: dict, runs: int, warmup: int, device: torch.device, tick) -> dict:
-    """{label: [seconds per timed call]} on this rank."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """{label: [seconds per timed call]} on this rank, and under "host:" + label the seconds until
+    each call returned (the host's part). Each call starts on an idle device after a barrier. On
+    CUDA a call's time is that of CUDA events recorded around it: the device's span from its
+    first queued work to its last, launch gaps included."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = {name: [] for name in calls}
+    host = {name: [] for name in calls}
     order = list(calls)
     for i in range(warmup + runs):
         for name in order if i % 2 == 0 else order[::-1]:
             call = calls[name]
             sync()
             dist.barrier()
+            if cuda:
+                begin.record()
             start = time.perf_counter()
             call()
+            returned = time.perf_counter()
+            if cuda:
+                end.record()
             sync()
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                elapsed = begin.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - start
+                times[name].append(elapsed)
+                host[name].append(returned - start)
         tick()
-    return times
+    return {**times, **{f"host:{name}": v for name, v in host.items()}}
 
 
 def _rank_main(rank, world, init_file, opts, cases, results):

@@ -1,0 +1,34 @@
+// The CUDA engine's own small kernels (kernels.cu): the row offsets of a grouped GEMM from a device
+// group_list, and the bias epilogue. Launchers take ATen tensors and run on the current stream, so
+// that the engine (engine.cpp) needs no CUDA headers.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "../plan.h"
+
+namespace gmm_allreduce::cuda {
+
+// Groups whose bias metadata one launch of add_bias carries as kernel parameters (more groups take
+// more launches; a device_rows plan must fit one).
+constexpr int64_t kMaxLaunchGroups = 256;
+
+// The int32 end row of every group within x's rows [row_begin, row_end), relative to row_begin:
+// the offsets of a grouped GEMM over those rows. Computed on the device from group_list (a 1-D
+// int32/int64 tensor on the current device; cumulative end rows for group_list_type 0, counts for
+// 1), with no host read. A device group_list is not validated (that would take a device-to-host
+// sync): its values are clamped to be non-decreasing within [0, rows] and the last one is rows, so
+// that whatever it holds no kernel touches memory outside x or the output.
+at::Tensor chunk_row_ends(const at::Tensor& group_list, int64_t group_list_type, int64_t rows,
+                          int64_t row_begin, int64_t row_end);
+
+// flat[e] += bias_g[col] / world_size for every element e of `chunk`, computed in fp32 (fp64 for
+// an fp64 output) and rounded once into flat's dtype. Group g and column col of e come from the
+// plan, or for a device_rows plan from row_ends (chunk_row_ends of this chunk). One launch per
+// kMaxLaunchGroups groups; the biases may have any floating dtypes.
+void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t world_size,
+              const Chunk& chunk, const std::optional<at::Tensor>& row_ends);
+
+}  // namespace gmm_allreduce::cuda
