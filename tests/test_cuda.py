@@ -59,6 +59,47 @@ def grouped_cases() -> list[Case]:
     return out
 
 
+# Calls the tiled kernel takes under the default rule: fp16 and bf16, more than 8 small groups,
+# ragged K and N (split_item 0), one y from G x's (2), strided operands, K = 0, empty groups.
+def tiled_cases() -> list[Case]:
+    g = 12
+    ragged = dict(m=tuple(17 * (i % 4) for i in range(g)), k=tuple(8 * i + 3 for i in range(g)))
+    out = []
+    for i, (split, dtype, bias, layout, n) in enumerate([
+            (0, torch.float16, torch.float16, "contiguous", tuple(5 + 11 * i for i in range(g))),
+            (0, torch.bfloat16, torch.float32, "strided", tuple(70 - 3 * i for i in range(g))),
+            (2, torch.float16, None, "contiguous", (33,) * g),
+            (2, torch.bfloat16, torch.float32, "strided", (65,) * g)]):
+        for integers in (True, False):
+            out.append(Case(name=f"tiled{i}-split{split}-{'int' if integers else 'rand'}",
+                            split_item=split, n=n, dtype=dtype, bias_dtype=bias, layout=layout,
+                            integers=integers, seed=i, **ragged))
+    k0 = Case(name="tiled-k0", split_item=0, m=(3,) * 10, k=(0,) * 10, n=(7,) * 10,
+              dtype=torch.float16, bias_dtype=torch.float16, integers=True)
+    return [*out, k0]
+
+
+# Every case under every forced strategy (those a strategy cannot take fall back to the loop).
+STRATEGY_CASES = [*((c, False) for c in tiled_cases()), *((c, True) for c in grouped_cases())]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "tiled", "grouped"])
+def test_every_strategy_matches_reference(strategy):
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "cuda_gemm_main.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, GMM_CUDA_GEMM=strategy))
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
+
+
+def test_tiled_kernel_matches_reference_nccl_world1(nccl1):
+    for case in tiled_cases():
+        check(case, call(case, 0, 1, nccl1), 1)
+
+
 @pytest.fixture(scope="module")
 def nccl1(world1):
     """A world-size-1 NCCL group beside the gloo default group of the test process."""
@@ -95,11 +136,11 @@ def test_matches_reference_gloo_on_one_gpu(pools, world):
         check(case, outputs, world)
     assert_all_ranks_identical(cases, per_rank)
 
-    cases = grouped_cases()
-    per_rank = pools(world).run(run_on_gpu, cases, True)
-    for case, outputs in zip(cases, per_rank[0]):
-        check(case, outputs, world)
-    assert_all_ranks_identical(cases, per_rank)
+    for cases, stacked in ((grouped_cases(), True), (tiled_cases(), False)):
+        per_rank = pools(world).run(run_on_gpu, cases, stacked)
+        for case, outputs in zip(cases, per_rank[0]):
+            check(case, outputs, world)
+        assert_all_ranks_identical(cases, per_rank)
 
 
 def test_wrong_device_is_a_clear_error(nccl1):
@@ -181,6 +222,16 @@ def count_kernels(fn) -> int:
 
 
 def test_launches_do_not_grow_with_groups(nccl1):
+    """The grouped GEMM (bf16, stacked weights) and the tiled kernel (fp16, separate weights)."""
+    fp16 = {}
+    for groups in (16, 64):
+        case = Case(name="launches", split_item=0, m=(8,) * groups, k=(40,) * groups,
+                    n=(24,) * groups, dtype=torch.float16, bias_dtype=torch.float32)
+        inputs = on_cuda(make_inputs(case, 0, 1))
+        fp16[groups] = count_kernels(lambda i=inputs, c=case: gmm_allreduce.grouped_mat_mul_all_reduce(
+            i["x"], i["weight"], nccl1, **call_kwargs(c, i)))
+    # the tiled kernel; the outputs' split off the buffer
+    assert fp16[16] == fp16[64] <= 3, fp16
     launches = {}
     for groups in (16, 64):
         x, weight, kwargs = moe_call(groups=groups, rows=2048)

@@ -6,9 +6,12 @@
 //   groups, group offsets read on the device. It serves bf16, one x (split_item 1, 3), one N, and
 //   weights that are equally spaced views of one storage (a [G, K, N] parameter's slices), with
 //   16-byte aligned rows. split_item 3 with a device group_list then costs no host sync.
+// - tiled: our own one-launch grouped GEMM (tiled_gemm.cu, bias fused) for fp16/bf16 calls of
+//   many small groups that the grouped one cannot take (fp16, split_item 0 and 2, separate
+//   weights, any strides).
 // - loop: one cuBLAS GEMM per group (at::mm_out into the group's block), for everything else.
 // The rule between them (choose_gemm) follows the H100 measurements of DEVELOPERS.md; the
-// environment variable GMM_CUDA_GEMM=loop|grouped overrides it, for the benchmark.
+// environment variable GMM_CUDA_GEMM=loop|grouped|tiled overrides it, for the benchmark.
 #include <ATen/ATen.h>
 #include <ATen/native/cuda/GroupMM.h>
 #include <c10/cuda/CUDAException.h>
@@ -26,12 +29,17 @@
 namespace gmm_allreduce::cuda {
 namespace {
 
-enum class Gemm { kAuto, kLoop, kGrouped };
+enum class Gemm { kAuto, kLoop, kGrouped, kTiled };
 
 // Up to this many groups the per-group loop is chosen over the grouped kernel. Measured on the
 // H100 (bf16 TFLOP/s, grouped / loop): 8 groups, moe8_big 683 / 706 and moe8_deep 563 / 600; 64
 // groups, moe64_ffn 426 / 213 and moe64_small 34 / 1.5.
 constexpr size_t kLoopMaxGroups = 8;
+
+// Past kLoopMaxGroups, where the grouped GEMM cannot serve, the tiled kernel is chosen while the
+// mean group is at most this many FLOPs (launch-bound groups; per-group cuBLAS beyond). A first
+// guess, not yet measured: calibrate it on the GPU with GMM_CUDA_GEMM=loop|tiled.
+constexpr double kTiledMaxGroupFlops = 1 << 28;
 
 Gemm forced_gemm() {
   static const Gemm forced = [] {
@@ -39,7 +47,9 @@ Gemm forced_gemm() {
     if (v == nullptr || std::strcmp(v, "auto") == 0 || *v == '\0') return Gemm::kAuto;
     if (std::strcmp(v, "loop") == 0) return Gemm::kLoop;
     if (std::strcmp(v, "grouped") == 0) return Gemm::kGrouped;
-    TORCH_CHECK_VALUE(false, "GMM_CUDA_GEMM: expected auto, loop or grouped, got \"", v, "\"");
+    if (std::strcmp(v, "tiled") == 0) return Gemm::kTiled;
+    TORCH_CHECK_VALUE(false, "GMM_CUDA_GEMM: expected auto, loop, grouped or tiled, got \"", v,
+                      "\"");
   }();
   return forced;
 }
@@ -117,11 +127,18 @@ bool device_rows(const OpArgs& a) {
 // The strategy for this call, and the [G, K, N] weight when it is the grouped one.
 Gemm choose_gemm(const Plan& plan, const OpArgs& a, std::optional<at::Tensor>& weight3) {
   const Gemm forced = forced_gemm();
-  const bool want_grouped = plan.device_rows || forced == Gemm::kGrouped ||
-                            (forced == Gemm::kAuto && plan.groups.size() > kLoopMaxGroups);
-  if (want_grouped) weight3 = grouped_weight(a);
+  const bool many = plan.groups.size() > kLoopMaxGroups;
+  if (plan.device_rows || forced == Gemm::kGrouped || (forced == Gemm::kAuto && many)) {
+    weight3 = grouped_weight(a);
+  }
   TORCH_INTERNAL_ASSERT(!plan.device_rows || weight3.has_value());
-  return weight3 ? Gemm::kGrouped : Gemm::kLoop;
+  if (weight3) return Gemm::kGrouped;
+  const bool half = plan.dtype == at::kHalf || plan.dtype == at::kBFloat16;
+  if (!half || forced == Gemm::kLoop) return Gemm::kLoop;
+  if (forced == Gemm::kTiled) return Gemm::kTiled;
+  double flops = 0;
+  for (const GroupPlan& g : plan.groups) flops += 2.0 * g.m * g.n * g.k;
+  return many && flops / plan.groups.size() <= kTiledMaxGroupFlops ? Gemm::kTiled : Gemm::kLoop;
 }
 
 void loop_gemm(const Plan& plan, const OpArgs& a, at::Tensor& flat, const Chunk& chunk) {
@@ -155,12 +172,27 @@ at::Tensor grouped_gemm(const Plan& plan, const OpArgs& a, const at::Tensor& wei
   return offs;
 }
 
+// The chunk's blocks for the tiled kernel, biases (contiguous) included.
+void tiled_gemm(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
+                const Chunk& chunk) {
+  std::vector<GemmBlock> blocks;
+  for_each_block(plan, a, flat, chunk, [&](size_t i, at::Tensor& y, const at::Tensor& x) {
+    blocks.push_back({y, x, a.weight[i], plan.has_bias ? (*a.bias)[i].contiguous() : at::Tensor()});
+  });
+  tiled_grouped_gemm(blocks, world_size);
+}
+
 void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
                   const Chunk& chunk) {
   if (chunk.elem_end == chunk.elem_begin) return;
   std::optional<at::Tensor> weight3;
   std::optional<at::Tensor> row_ends;
-  if (choose_gemm(plan, a, weight3) == Gemm::kGrouped) {
+  const Gemm gemm = choose_gemm(plan, a, weight3);
+  if (gemm == Gemm::kTiled) {  // the bias is fused
+    tiled_gemm(plan, a, world_size, flat, chunk);
+    return;
+  }
+  if (gemm == Gemm::kGrouped) {
     try {
       row_ends = grouped_gemm(plan, a, *weight3, flat, chunk);
     } catch (const c10::Error& e) {

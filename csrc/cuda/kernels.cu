@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "bias.cuh"
 #include "kernels.h"
 
 namespace gmm_allreduce::cuda {
@@ -36,8 +37,6 @@ __global__ void row_ends_kernel(const I* group_list, int64_t stride, int64_t gro
 
 // ---- Bias epilogue -------------------------------------------------------------------------
 
-enum BiasDtype : int8_t { kHalf, kBFloat16, kFloat, kDouble };
-
 // One launch's groups, passed by value (kernel parameters, so nothing to copy to the device and
 // nothing a CUDA graph would have to keep alive): about 6.4 KB, within the 32 KB that CUDA 12.1+
 // allows on sm_70 and newer.
@@ -55,20 +54,6 @@ struct BiasArgs {
   const void* bias[kMaxLaunchGroups];
   int8_t bias_dtype[kMaxLaunchGroups];
 };
-
-template <typename Acc>
-__device__ Acc load_bias(const void* p, int8_t dtype, int64_t col) {
-  switch (dtype) {
-    case kHalf:
-      return static_cast<Acc>(static_cast<float>(static_cast<const c10::Half*>(p)[col]));
-    case kBFloat16:
-      return static_cast<Acc>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[col]));
-    case kFloat:
-      return static_cast<Acc>(static_cast<const float*>(p)[col]);
-    default:
-      return static_cast<Acc>(static_cast<const double*>(p)[col]);
-  }
-}
 
 // First index i in [0, count) with v < a[i] (count if none).
 template <typename T>
@@ -105,21 +90,6 @@ __global__ void add_bias_kernel(T* flat, const __grid_constant__ BiasArgs a) {
     if (g >= a.groups) continue;
     const Acc b = load_bias<Acc>(a.bias[g], a.bias_dtype[g], col) / static_cast<Acc>(a.world_size);
     flat[e] = static_cast<T>(static_cast<Acc>(flat[e]) + b);
-  }
-}
-
-BiasDtype bias_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return kHalf;
-    case at::kBFloat16:
-      return kBFloat16;
-    case at::kFloat:
-      return kFloat;
-    case at::kDouble:
-      return kDouble;
-    default:
-      TORCH_CHECK_TYPE(false, "bias: unsupported dtype ", t);
   }
 }
 

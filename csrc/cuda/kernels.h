@@ -31,4 +31,20 @@ at::Tensor chunk_row_ends(const at::Tensor& group_list, int64_t group_list_type,
 void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t world_size,
               const Chunk& chunk, const std::optional<at::Tensor>& row_ends);
 
+// Blocks of one launch of tiled_grouped_gemm (more blocks take more launches).
+constexpr int64_t kMaxTileGroups = 128;
+
+// One group's part of a chunk: y = x @ w (+ bias / world_size), y [rows, n] a row-major block of
+// the flat buffer, x [rows, k] and w [k, n] of any strides, all fp16 or all bf16.
+struct GemmBlock {
+  at::Tensor y;
+  at::Tensor x;
+  at::Tensor w;
+  at::Tensor bias;  // 1-D, contiguous, any floating dtype; undefined for none
+};
+
+// Every block in one launch per kMaxTileGroups blocks (tiled_gemm.cu): tensor-core tiles of all
+// blocks in one grid, fp32 accumulation, the bias added before the single rounding into y.
+void tiled_grouped_gemm(const std::vector<GemmBlock>& blocks, int64_t world_size);
+
 }  // namespace gmm_allreduce::cuda
