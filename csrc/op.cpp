@@ -18,8 +18,13 @@ std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
   const at::Tensor used = flat.narrow(0, 0, plan.numel);
   if (plan.out_shapes.size() == 1) return {used.view(plan.out_shapes[0])};
   std::vector<int64_t> sizes;
-  for (const GroupPlan& g : plan.groups) sizes.push_back(g.m * g.n);
-  std::vector<at::Tensor> outputs = at::split_with_sizes_copy(used, sizes);  // one op for all
+  std::vector<at::Tensor> outputs;
+  for (const GroupPlan& g : plan.groups) {
+    sizes.push_back(g.m * g.n);
+    outputs.push_back(at::empty({g.m * g.n}, flat.options()));
+  }
+  // One op for all (on CUDA one kernel: ATen's fast path for contiguous splits).
+  at::split_with_sizes_copy_out(outputs, used, sizes);
   for (size_t i = 0; i < outputs.size(); ++i) outputs[i] = outputs[i].view(plan.out_shapes[i]);
   return outputs;
 }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <string_view>
+#include <utility>
 
 #include "plan.h"
 
@@ -42,6 +43,12 @@ std::vector<at::Tensor> run_compute(const Engine& engine, at::TensorList x, at::
                                     int64_t split_item, int64_t group_list_type,
                                     int64_t world_size);
 
+// The rows [r0, r1) of group g, counted from its first row, that fall in `chunk` (none: r1 <= r0).
+inline std::pair<int64_t, int64_t> rows_in_chunk(const GroupPlan& g, const Chunk& chunk) {
+  return {std::max(chunk.row_begin, g.out_row) - g.out_row,
+          std::min(chunk.row_end, g.out_row + g.m) - g.out_row};
+}
+
 // Calls fn(i, y, x) for each group i with output rows in `chunk`: y is that block of `flat`
 // ([rows, n_i], row-major), x the matching rows of x_i ([rows, k_i]). Host-planned rows only.
 template <typename Fn>
@@ -49,8 +56,7 @@ void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& flat, cons
                     Fn&& fn) {
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
-    const int64_t r0 = std::max(chunk.row_begin, g.out_row) - g.out_row;
-    const int64_t r1 = std::min(chunk.row_end, g.out_row + g.m) - g.out_row;
+    const auto [r0, r1] = rows_in_chunk(g, chunk);
     if (r1 <= r0 || g.n == 0) continue;
     at::Tensor y = flat.narrow(0, g.out_offset + r0 * g.n, (r1 - r0) * g.n).view({r1 - r0, g.n});
     fn(i, y, group_x(plan, args.x, i).narrow(0, r0, r1 - r0));

@@ -108,10 +108,11 @@ def _operands(x, weight, bias, group_list) -> tuple:
 def _tensors(arg: str, value) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
         raise TypeError(f"{arg}: expected a list of tensors, got {type(value).__name__}")
-    for i, t in enumerate(value):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{arg}[{i}]: expected a tensor, got {type(t).__name__}")
-    return list(value)
+    value = list(value)
+    if not all(isinstance(t, torch.Tensor) for t in value):
+        i, t = next((i, t) for i, t in enumerate(value) if not isinstance(t, torch.Tensor))
+        raise TypeError(f"{arg}[{i}]: expected a tensor, got {type(t).__name__}")
+    return value
 
 
 _INT64 = (-(2**63), 2**63 - 1)
@@ -137,6 +138,10 @@ def _group_list(value) -> tuple[list[int] | None, torch.Tensor | None]:
     if isinstance(value, torch.Tensor):
         return None, value
     if isinstance(value, Sequence):
+        value = list(value)
+        # Plain ints within int64 (the usual list) pass at once; anything else is checked one by one.
+        if all(type(v) is int for v in value) and (not value or _INT64[0] <= min(value) and max(value) <= _INT64[1]):
+            return value, None
         return [_int(f"group_list[{i}]", v) for i, v in enumerate(value)], None
     raise TypeError(f"group_list: expected a list of ints or a tensor, got {type(value).__name__}")
 

@@ -34,17 +34,22 @@ void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t w
 // Blocks of one launch of tiled_grouped_gemm (more blocks take more launches).
 constexpr int64_t kMaxTileGroups = 128;
 
-// One group's part of a chunk: y = x @ w (+ bias / world_size), y [rows, n] a row-major block of
-// the flat buffer, x [rows, k] and w [k, n] of any strides, all fp16 or all bf16.
+// One group's part of a chunk as raw operands (no tensor per group, which would cost host time per
+// group): y[m, n] = x[m, k] @ w[k, n] (+ bias / world_size), y row-major with row stride n, x and
+// w read through their strides (in elements). x, w and y all fp16 or all bf16.
 struct GemmBlock {
-  at::Tensor y;
-  at::Tensor x;
-  at::Tensor w;
-  at::Tensor bias;  // 1-D, contiguous, any floating dtype; undefined for none
+  void* y;
+  const void* x;
+  const void* w;
+  const void* bias;  // n contiguous elements of bias_dtype; nullptr for none
+  at::ScalarType bias_dtype;
+  int64_t m, n, k;
+  int64_t x_rs, x_cs, w_rs, w_cs;
 };
 
 // Every block in one launch per kMaxTileGroups blocks (tiled_gemm.cu): tensor-core tiles of all
 // blocks in one grid, fp32 accumulation, the bias added before the single rounding into y.
-void tiled_grouped_gemm(const std::vector<GemmBlock>& blocks, int64_t world_size);
+void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<GemmBlock>& blocks,
+                        int64_t world_size);
 
 }  // namespace gmm_allreduce::cuda

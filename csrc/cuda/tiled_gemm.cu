@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void tiled_grouped_gemm(const std::vector<GemmBlock>& blocks, int64_t world_size) {
+void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<GemmBlock>& blocks,
+                        int64_t world_size) {
   if (blocks.empty()) return;
-  const at::ScalarType dtype = blocks.front().y.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
               "tiled_grouped_gemm: float16 or bfloat16 only, got ", dtype);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -157,18 +157,18 @@ void tiled_grouped_gemm(const std::vector<GemmBlock>& blocks, int64_t world_size
     for (size_t i = b0; i < b1; ++i) {
       const GemmBlock& g = blocks[i];
       Block& b = args.block[args.blocks++];
-      b.x = static_cast<const uint16_t*>(g.x.const_data_ptr());
-      b.w = static_cast<const uint16_t*>(g.w.const_data_ptr());
-      b.y = static_cast<uint16_t*>(g.y.data_ptr());
-      b.m = g.y.size(0);
-      b.n = g.y.size(1);
-      b.k = g.x.size(1);
-      b.x_rs = g.x.stride(0);
-      b.x_cs = g.x.stride(1);
-      b.w_rs = g.w.stride(0);
-      b.w_cs = g.w.stride(1);
-      b.bias = g.bias.defined() ? g.bias.const_data_ptr() : nullptr;
-      b.bias_dtype = g.bias.defined() ? bias_dtype(g.bias.scalar_type()) : kFloat;
+      b.x = static_cast<const uint16_t*>(g.x);
+      b.w = static_cast<const uint16_t*>(g.w);
+      b.y = static_cast<uint16_t*>(g.y);
+      b.m = g.m;
+      b.n = g.n;
+      b.k = g.k;
+      b.x_rs = g.x_rs;
+      b.x_cs = g.x_cs;
+      b.w_rs = g.w_rs;
+      b.w_cs = g.w_cs;
+      b.bias = g.bias;
+      b.bias_dtype = g.bias != nullptr ? bias_dtype(g.bias_dtype) : kFloat;
       b.first_tile = tiles;
       tiles += ((b.m + kTileM - 1) / kTileM) * ((b.n + kTileN - 1) / kTileN);
     }
