@@ -56,9 +56,8 @@ Gemm forced_gemm() {
   return forced;
 }
 
-// Whether the device is an sm_90 or sm_100 (the archs CUTLASS's grouped GEMM is built for),
-// asked of the runtime once per device.
-bool has_grouped_gemm(c10::DeviceIndex device) {
+// The device's compute capability major (9: sm_90), asked of the runtime once per process.
+int capability_major(c10::DeviceIndex device) {
   static std::once_flag once;
   static std::vector<int> major;
   std::call_once(once, [] {
@@ -68,8 +67,13 @@ bool has_grouped_gemm(c10::DeviceIndex device) {
                                             static_cast<int>(d)));
     }
   });
-  return device >= 0 && static_cast<size_t>(device) < major.size() &&
-         (major[device] == 9 || major[device] == 10);
+  return device >= 0 && static_cast<size_t>(device) < major.size() ? major[device] : 0;
+}
+
+// sm_90 and sm_100: the archs torch builds CUTLASS's grouped GEMM for.
+bool has_grouped_gemm(c10::DeviceIndex device) {
+  const int major = capability_major(device);
+  return major == 9 || major == 10;
 }
 
 bool aligned16(const at::Tensor& t) {
@@ -135,8 +139,11 @@ Gemm choose_gemm(const Plan& plan, const OpArgs& a, std::optional<at::Tensor>& w
   }
   TORCH_INTERNAL_ASSERT(!plan.device_rows || weight3.has_value());
   if (weight3) return Gemm::kGrouped;
+  // The tiled kernel: 16-bit tensor-core MMA, bf16 from sm_80 on.
   const bool half = plan.dtype == at::kHalf || plan.dtype == at::kBFloat16;
-  if (!half || forced == Gemm::kLoop) return Gemm::kLoop;
+  if (!half || forced == Gemm::kLoop || capability_major(plan.device.index()) < 8) {
+    return Gemm::kLoop;
+  }
   if (forced == Gemm::kTiled) return Gemm::kTiled;
   double flops = 0;
   for (const GroupPlan& g : plan.groups) flops += 2.0 * g.m * g.n * g.k;

@@ -29,9 +29,10 @@ namespace {
 
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
-constexpr int kTileK = 32;
+[[maybe_unused]] constexpr int kTileK = 32;
 constexpr int kThreads = 128;  // 4 warps, 2 x 2 over the tile
-constexpr int kPad = 8;        // keeps WMMA's leading dimensions multiples of 8 and banks apart
+[[maybe_unused]] constexpr int kPad =
+    8;  // keeps WMMA's leading dimensions multiples of 8 and banks apart
 
 struct Block {
   const uint16_t* x;  // 16-bit elements, read through the strides below
@@ -64,6 +65,9 @@ __device__ uint16_t round_to_bits(float v) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     tiled_gemm_kernel(const __grid_constant__ TiledArgs args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // never launched there: the engine picks this kernel on sm_80 and newer only
+#else
   using namespace nvcuda;
   __shared__ __align__(32) uint16_t xs[kTileM][kTileK + kPad];
   __shared__ __align__(32) uint16_t ws[kTileK][kTileN + kPad];
@@ -139,6 +143,7 @@ __global__ void __launch_bounds__(kThreads)
     if (b.bias != nullptr) v += load_bias<float>(b.bias, b.bias_dtype, gc) / world;
     b.y[gr * b.n + gc] = round_to_bits<T>(v);
   }
+#endif
 }
 
 }  // namespace
