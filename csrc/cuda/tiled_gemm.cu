@@ -31,8 +31,8 @@ constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 [[maybe_unused]] constexpr int kTileK = 32;
 constexpr int kThreads = 128;  // 4 warps, 2 x 2 over the tile
-[[maybe_unused]] constexpr int kPad =
-    8;  // keeps WMMA's leading dimensions multiples of 8 and banks apart
+// Keeps WMMA's leading dimensions multiples of 8 and the rows' banks apart.
+[[maybe_unused]] constexpr int kPad = 8;
 
 struct Block {
   const uint16_t* x;  // 16-bit elements, read through the strides below
