@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the CUDA engine still has to show, in one run on a lent GPU (the device tool gives ten
-# minutes a command; this takes about six on an H100 with the build). Run from the repository root:
+# minutes a command; this was written without a GPU and has never run: it logs each step's start
+# time in steps.log, to size it). Run from the repository root:
 #
 #     bash tools/gpu_session.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu_out
 #
