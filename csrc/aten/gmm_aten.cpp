@@ -12,6 +12,11 @@
 namespace gmm_allreduce {
 namespace {
 
+// Rows of a block whose rows hold `per_row` elements each, about `budget` elements in all.
+int64_t block_rows(int64_t per_row, int64_t budget) {
+  return std::max<int64_t>(1, budget / std::max<int64_t>(per_row, 1));
+}
+
 // y += bias, added in bias's (accumulation) dtype and rounded once more into y. On the CPU a block
 // of rows at a time: TensorIterator's mixed-dtype in-place add is 8x slower there on large outputs
 // (4 ns per element) and, past 2^31 elements, allocates several times y; a cache-sized block costs
@@ -21,10 +26,23 @@ void add_bias(at::Tensor& y, const at::Tensor& bias) {
     y.add_(bias);
     return;
   }
-  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(y.size(1), 1));
+  const int64_t rows = block_rows(y.size(1), int64_t{1} << 16);
   for (int64_t r = 0; r < y.size(0); r += rows) {
     at::Tensor block = y.narrow(0, r, std::min(rows, y.size(0) - r));
     block.copy_(block.to(bias.scalar_type()).add_(bias));
+  }
+}
+
+// y = x @ w (+ bias) for fp16 on the CPU: an fp32 GEMM on upcast operands (exact for fp16 inputs),
+// rounded once into y, a block of rows at a time so that the fp32 copies of x and of the output
+// stay small (~4 MB) whatever m is; w is upcast once.
+void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  const at::Tensor w32 = w.to(at::kFloat);
+  const int64_t rows = block_rows(x.size(1) + y.size(1), int64_t{1} << 20);
+  for (int64_t r = 0; r < y.size(0); r += rows) {
+    const int64_t count = std::min(rows, y.size(0) - r);
+    const at::Tensor x32 = x.narrow(0, r, count).to(at::kFloat);
+    y.narrow(0, r, count).copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
   }
 }
 
@@ -44,8 +62,7 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
     if (acc == plan.dtype) {  // fp32, fp64: fused bias, one rounding
       bias.defined() ? at::addmm_out(y, bias, x, w) : at::mm_out(y, x, w);
     } else if (upcast) {  // fp16 on the CPU: fp32 GEMM, one rounding into y
-      const at::Tensor x32 = x.to(acc), w32 = w.to(acc);
-      y.copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
+      upcast_gemm(y, x, w, bias);
     } else {
       // 16-bit GEMM with fp32 accumulation, rounded once; ATen has no 16-bit GEMM with an fp32
       // output on every device, so a bias is added in fp32 after that rounding (a second one).
