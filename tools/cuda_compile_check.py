@@ -49,7 +49,7 @@ def main() -> int:
     defines = ["-DGMM_WITH_CUDA=1", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
                # The CPU wheel lacks c10's generated cuda_cmake_macros.h, whose one line this is.
                "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DC10_CUDA_BUILD_SHARED_LIBS"]
-    std = "-std=c++20"
+    std = "-std=" + os.environ.get("CXX_STD", "c++20")  # as torch 2.13 builds extensions
     archs = gencodes(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a"))
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
                      glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
