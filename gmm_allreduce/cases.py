@@ -89,6 +89,18 @@ def make_inputs(case: Case, rank: int, world: int) -> dict:
     return {"x": x, "weight": weight, "bias": bias, "group_list": group_list(case)}
 
 
+def to_device(inputs: dict, device) -> dict:
+    """make_inputs' tensors (a group_list tensor too) moved to `device`."""
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            return [t.to(device) for t in v]
+        return v
+
+    return {k: move(v) for k, v in inputs.items()}
+
+
 def group_list(case: Case):
     if case.split_item not in (1, 3):
         return None

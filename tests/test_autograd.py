@@ -9,7 +9,7 @@ import torch.distributed as dist
 from test_semantics import DTYPES, SHAPES
 
 import gmm_allreduce
-from gmm_allreduce.cases import TOLERANCE, Case, call_kwargs, make_inputs
+from gmm_allreduce.cases import TOLERANCE, Case, call_kwargs, make_inputs, to_device
 from gmm_allreduce.reference import assemble, group_operands
 
 GL_FORMS = [("list", 0), ("tensor", 1), ("tensor32", 0)]
@@ -88,27 +88,29 @@ def test_gradcheck_world2(pools):
     pools(2).run(gradcheck_cases, all_cases(torch.float64, torch.float64), True)
 
 
-def grads_against_reference(cases):
-    """On every rank: the op's gradients against autograd through the local reference, with the
-    same upstream gradient on all ranks and the bias added whole (one replicated parameter)."""
+def grads_against_reference(cases, device="cpu"):
+    """On every rank: the op's gradients (inputs on `device`) against autograd through the local
+    float64 CPU reference, with the same upstream gradient on all ranks and the bias added whole
+    (one replicated parameter)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     errors = []
     for case in cases:
-        inputs = make_inputs(case, rank, world)
+        inputs = to_device(make_inputs(case, rank, world), device)
         leaves = _leaves(inputs)
         outputs = _op_of_leaves(case, inputs, None)(*leaves)
         gen = torch.Generator().manual_seed(case.seed + 77)  # the same dy on every rank
-        dy = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outputs]
-        got = torch.autograd.grad(outputs, leaves, dy)
+        dy = [torch.randn(o.shape, generator=gen).to(o.dtype).to(o.device) for o in outputs]
+        got = [g.cpu() for g in torch.autograd.grad(outputs, leaves, dy)]
 
-        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
         nx, nw = len(inputs["x"]), len(inputs["weight"])
         x, w, b = ref_leaves[:nx], ref_leaves[nx:nx + nw], ref_leaves[nx + nw:]
-        xs, shapes = group_operands(x, w, inputs["group_list"], case.split_item,
-                                    case.group_list_type)
+        gl = inputs["group_list"]
+        xs, shapes = group_operands(x, w, gl.cpu() if isinstance(gl, torch.Tensor) else gl,
+                                    case.split_item, case.group_list_type)
         ys = [xi @ wi + (b[i] if b else 0) for i, (xi, wi) in enumerate(zip(xs, w))]
         want = torch.autograd.grad(assemble(ys, shapes, case.split_item), ref_leaves,
-                                   [d.double() for d in dy])
+                                   [d.cpu().double() for d in dy])
         atol, rtol = TOLERANCE[case.dtype]
         for i, (g, r) in enumerate(zip(got, want)):
             assert g.dtype == leaves[i].dtype and g.shape == leaves[i].shape, (case.name, i)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from test_semantics import DTYPES, SHAPES, assert_all_ranks_identical, cases_for
 
 import gmm_allreduce
-from gmm_allreduce.cases import Case, call_kwargs, check, make_inputs
+from gmm_allreduce.cases import Case, call_kwargs, check, make_inputs, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,17 +20,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def on_cuda(inputs: dict, stacked: bool = False) -> dict:
     """The inputs on cuda:0; group_list tensors too. stacked: the weights as slices of one
     [G, K, N] tensor (as a MoE parameter holds them), which the grouped GEMM requires."""
-    dev = torch.device("cuda", 0)
-    weight = [w.to(dev) for w in inputs["weight"]]
+    inputs = to_device(inputs, torch.device("cuda", 0))
     if stacked:
-        weight = list(torch.stack(weight).unbind(0))
-    gl = inputs["group_list"]
-    return {
-        "x": [t.to(dev) for t in inputs["x"]],
-        "weight": weight,
-        "bias": None if inputs["bias"] is None else [b.to(dev) for b in inputs["bias"]],
-        "group_list": gl.to(dev) if isinstance(gl, torch.Tensor) else gl,
-    }
+        inputs["weight"] = list(torch.stack(inputs["weight"]).unbind(0))
+    return inputs
 
 
 def call(case: Case, rank: int, world: int, group, stacked: bool = False):
@@ -141,6 +134,16 @@ def test_matches_reference_gloo_on_one_gpu(pools, world):
         for case, outputs in zip(cases, per_rank[0]):
             check(case, outputs, world)
         assert_all_ranks_identical(cases, per_rank)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+def test_grads_match_reference(world1, dtype_id):
+    """Backward on CUDA: the gradient products run on the CUDA engine (transposed operands)."""
+    from test_autograd import all_cases, grads_against_reference
+
+    dtype, bias_dtype = DTYPES[dtype_id]
+    cases = all_cases(dtype, bias_dtype)
+    assert grads_against_reference(cases, device="cuda") == [c.name for c in cases]
 
 
 def test_wrong_device_is_a_clear_error(nccl1):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..cases import Case, call_kwargs, check, make_inputs
+from ..cases import Case, call_kwargs, check, make_inputs, to_device
 from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce
 from ..reference import group_operands, unfused
 
@@ -26,7 +26,7 @@ def label(method: str, comm_turn: int | None = None) -> str:
 def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[str, Callable]:
     """{label: callable} on this rank's inputs for `case`, moved to `device`."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    inputs = _to(make_inputs(case, rank, world), device)
+    inputs = to_device(make_inputs(case, rank, world), device)
     kw = call_kwargs(case, inputs)
     local_kw = call_kwargs(case, inputs, collective=False)  # the same call without the collective
     x, w = inputs["x"], inputs["weight"]
@@ -58,17 +58,6 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
     if any(label("fused", t) in calls for t in comm_turns):
         check(case, [y.cpu() for y in calls[label("fused", comm_turns[0])]()], world)
     return calls
-
-
-def _to(inputs: dict, device: torch.device) -> dict:
-    def move(v):
-        if isinstance(v, torch.Tensor):
-            return v.to(device)
-        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
-            return [t.to(device) for t in v]
-        return v
-
-    return {k: move(v) for k, v in inputs.items()}
 
 
 def _gpu_baseline(method: str, case: Case, x, w, kw) -> Callable | None:
