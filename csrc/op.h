@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <string_view>
-#include <utility>
 
 #include "plan.h"
 
@@ -42,12 +41,6 @@ std::vector<at::Tensor> run_compute(const Engine& engine, at::TensorList x, at::
                                     const std::optional<at::Tensor>& group_list_tensor,
                                     int64_t split_item, int64_t group_list_type,
                                     int64_t world_size);
-
-// The rows [r0, r1) of group g, counted from its first row, that fall in `chunk` (none: r1 <= r0).
-inline std::pair<int64_t, int64_t> rows_in_chunk(const GroupPlan& g, const Chunk& chunk) {
-  return {std::max(chunk.row_begin, g.out_row) - g.out_row,
-          std::min(chunk.row_end, g.out_row + g.m) - g.out_row};
-}
 
 // Calls fn(i, y, x) for each group i with output rows in `chunk`: y is that block of `flat`
 // ([rows, n_i], row-major), x the matching rows of x_i ([rows, k_i]). Host-planned rows only.

@@ -4,8 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace gmm_allreduce {
@@ -69,6 +71,12 @@ struct Plan {
   // What every rank of the group must agree on for the all-reduce to be well formed.
   std::string signature() const;
 };
+
+// The rows [r0, r1) of group g, counted from its first row, that fall in `chunk` (none: r1 <= r0).
+inline std::pair<int64_t, int64_t> rows_in_chunk(const GroupPlan& g, const Chunk& chunk) {
+  return {std::max(chunk.row_begin, g.out_row) - g.out_row,
+          std::min(chunk.row_end, g.out_row + g.m) - g.out_row};
+}
 
 // Cuts the plan's output rows into at most `turns` chunks of about equal elements (one if turns
 // is 0). Chunks cover every element once, in order; none is empty unless numel is 0.

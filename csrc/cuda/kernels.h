@@ -7,6 +7,7 @@
 
 #include <optional>
 
+#include "../blocks.h"
 #include "../plan.h"
 
 namespace gmm_allreduce::cuda {
@@ -33,19 +34,6 @@ void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t w
 
 // Blocks of one launch of tiled_grouped_gemm (more blocks take more launches).
 constexpr int64_t kMaxTileGroups = 128;
-
-// One group's part of a chunk as raw operands (no tensor per group, which would cost host time per
-// group): y[m, n] = x[m, k] @ w[k, n] (+ bias / world_size), y row-major with row stride n, x and
-// w read through their strides (in elements). x, w and y all fp16 or all bf16.
-struct GemmBlock {
-  void* y;
-  const void* x;
-  const void* w;
-  const void* bias;  // n contiguous elements of bias_dtype; nullptr for none
-  at::ScalarType bias_dtype;
-  int64_t m, n, k;
-  int64_t x_rs, x_cs, w_rs, w_cs;
-};
 
 // Every block in one launch per kMaxTileGroups blocks (tiled_gemm.cu): tensor-core tiles of all
 // blocks in one grid, fp32 accumulation, the bias added before the single rounding into y.
