@@ -7,7 +7,10 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_cuda import tiled_cases
+from test_fuzz import EXAMPLES, RANDOM_SEED, cases
 from test_semantics import DTYPES, SHAPES, cases_for
 
 import gmm_allreduce  # noqa: F401  (registers the ops)
@@ -57,3 +60,16 @@ def test_blocks_compute_the_reference(world):
             atol, rtol = TOLERANCE[case.dtype]
             torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol,
                                        msg=lambda m, c=case: f"{c.name}: {m}")
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM_SEED, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(), world=st.integers(1, 4))
+def test_random_blocks_compute_the_reference(case, world):
+    """The property-based calls of test_fuzz (lead dims, strided layouts, chunks, empty groups,
+    K = 0, every dtype and group_list spelling), through the blocks."""
+    got = blocks_flat(case, world)
+    assert not got.isnan().any(), "an element no block wrote"
+    want = expected_flat(case, world)
+    atol, rtol = (0, 0) if case.integers else TOLERANCE[case.dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
