@@ -21,12 +21,18 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "grouped_mat_mul_all_reduce_backward(Tensor[] grad, Tensor[] x, Tensor[] weight, "
       "Tensor[]? bias, int[]? group_list, Tensor? group_list_tensor, int split_item, "
       "int group_list_type, bool[3] output_mask) -> (Tensor[], Tensor[], Tensor[])");
-  // Test-only (CPU): the flat output buffer computed from the CUDA tiled kernel's blocks by its
-  // formula, chunk by chunk (blocks_reference.cpp).
+  // Test-only CPU twins of the CUDA engine's logic (kernel_twins.cpp).
   m.def(
       "_gemm_blocks_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
       "int comm_turn) -> Tensor");
+  m.def(
+      "_row_ends_reference(Tensor group_list, int group_list_type, int rows, int row_begin, "
+      "int row_end) -> Tensor");
+  m.def(
+      "_bias_reference(Tensor[] x, Tensor[] weight, Tensor[] bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
+      "int comm_turn, bool rows_layout) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

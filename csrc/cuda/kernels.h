@@ -8,13 +8,10 @@
 #include <optional>
 
 #include "../blocks.h"
+#include "../epilogue.h"
 #include "../plan.h"
 
 namespace gmm_allreduce::cuda {
-
-// Groups whose bias metadata one launch of add_bias carries as kernel parameters (more groups take
-// more launches; a device_rows plan must fit one).
-constexpr int64_t kMaxLaunchGroups = 256;
 
 // The int32 end row of every group within x's rows [row_begin, row_end), relative to row_begin:
 // the offsets of a grouped GEMM over those rows. Computed on the device from group_list (a 1-D

@@ -21,7 +21,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "bias.cuh"
+#include "../epilogue.h"
 #include "kernels.h"
 
 namespace gmm_allreduce::cuda {
@@ -173,7 +173,7 @@ void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<GemmBlock>& bloc
       b.w_rs = g.w_rs;
       b.w_cs = g.w_cs;
       b.bias = g.bias;
-      b.bias_dtype = g.bias != nullptr ? bias_dtype(g.bias_dtype) : kFloat;
+      b.bias_dtype = g.bias != nullptr ? bias_dtype(g.bias_dtype) : kBiasFloat;
       b.first_tile = tiles;
       tiles += ((b.m + kTileM - 1) / kTileM) * ((b.n + kTileN - 1) / kTileN);
     }
