@@ -27,6 +27,10 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
       "int comm_turn) -> Tensor");
   m.def(
+      "_tiled_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
+      "int comm_turn) -> Tensor");
+  m.def(
       "_row_ends_reference(Tensor group_list, int group_list_type, int rows, int row_begin, "
       "int row_end) -> Tensor");
   m.def(

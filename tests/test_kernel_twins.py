@@ -2,11 +2,14 @@
 which run the same source as the kernels or feed them:
 - the raw GEMM blocks the tiled kernel reads (csrc/blocks.cpp): the flat buffer computed from them
   by the kernel's formula, chunk by chunk, equals the float64 reference, every element written;
+- the tiled kernel's schedule, tile staging and epilogue (csrc/tiles.h) around a scalar MMA in
+  place of its WMMA fragments: the reference again, for fp16 and bf16;
 - the row offsets of a device group_list (write_row_ends, csrc/epilogue.h): exact for valid lists,
   in bounds, non-decreasing and ending at the chunk's rows for any list;
 - the bias epilogue (bias_launches, add_bias_at): bias_i / world on exactly group i's elements, in
   the plan's layout and in the rows layout of split_item 3.
-What stays unverified without a GPU is the device code around them: launches, WMMA, CUTLASS."""
+What stays unverified without a GPU is the device code around them: launches, WMMA fragments,
+shared-memory synchronisation, the CUTLASS call."""
 
 import dataclasses
 
@@ -25,11 +28,11 @@ from gmm_allreduce.reference import reference
 _REF = torch.ops.gmm_allreduce._gemm_blocks_reference
 
 
-def blocks_flat(case: Case, world: int = 1) -> torch.Tensor:
+def blocks_flat(case: Case, world: int = 1, op=_REF) -> torch.Tensor:
     inputs = make_inputs(case, 0, world)
     kw = call_kwargs(case, inputs, collective=False)
     gl = kw["group_list"]
-    return _REF(inputs["x"], inputs["weight"], kw["bias"],
+    return op(inputs["x"], inputs["weight"], kw["bias"],
                 gl if isinstance(gl, list) else None, gl if isinstance(gl, torch.Tensor) else None,
                 case.split_item, case.group_list_type, world, case.comm_turn)
 
@@ -167,3 +170,33 @@ def _check_bias(case, got, world):
     atol, rtol = (0, 0) if case.integers else TOLERANCE[case.dtype]
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol,
                                msg=lambda m: f"{case.name}: {m}")
+
+
+_TILED = torch.ops.gmm_allreduce._tiled_reference
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_tiled(case, world):
+    got = blocks_flat(case, world, op=_TILED)
+    assert not got.isnan().any(), f"{case.name}: an element no tile wrote"
+    want = expected_flat(case, world)
+    atol, rtol = (0, 0) if case.integers else TOLERANCE[case.dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{case.name}: {m}")
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_tiles_compute_the_reference(world):
+    big = Case(name="tiles-edges", split_item=0, m=(130, 64, 1), k=(70, 32, 33), n=(65, 128, 3),
+               dtype=torch.bfloat16, bias_dtype=torch.float32)
+    for case in [c for c in all_cases() if c.dtype in HALF] + [big, dataclasses.replace(
+            big, integers=True, dtype=torch.float16, name="tiles-edges-int", comm_turn=3)]:
+        _check_tiled(case, world)
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=not RANDOM_SEED, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(), world=st.integers(1, 4))
+def test_random_tiles_compute_the_reference(case, world):
+    if case.dtype in HALF:
+        _check_tiled(case, world)

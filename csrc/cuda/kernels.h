@@ -29,9 +29,6 @@ at::Tensor chunk_row_ends(const at::Tensor& group_list, int64_t group_list_type,
 void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t world_size,
               const Chunk& chunk, const std::optional<at::Tensor>& row_ends);
 
-// Blocks of one launch of tiled_grouped_gemm (more blocks take more launches).
-constexpr int64_t kMaxTileGroups = 128;
-
 // Every block in one launch per kMaxTileGroups blocks (tiled_gemm.cu): tensor-core tiles of all
 // blocks in one grid, fp32 accumulation, the bias added before the single rounding into y.
 void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<GemmBlock>& blocks,

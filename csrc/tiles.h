@@ -1,0 +1,96 @@
+// The tiled grouped GEMM's schedule and data movement (cuda/tiled_gemm.cu), as host-and-device
+// code: its launch arguments, which block and output tile a CTA computes, the staging of x and w
+// tiles (zeros past the edges), and the epilogue. The kernel calls these on the GPU around its
+// tensor-core MMA; the CPU twin (_tiled_reference, kernel_twins.cpp) calls them around a scalar
+// MMA, so tests check everything but the WMMA fragments without a GPU.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "blocks.h"
+#include "epilogue.h"
+
+namespace gmm_allreduce {
+
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kTileK = 32;
+constexpr int64_t kMaxTileGroups = 128;  // blocks per launch
+
+struct TileBlock {
+  const uint16_t* x;  // 16-bit elements, read through the strides below
+  const uint16_t* w;
+  uint16_t* y;  // row-major, row stride n
+  const void* bias;
+  int64_t m, n, k;
+  int64_t x_rs, x_cs, w_rs, w_cs;
+  int64_t first_tile;  // this block's first tile in the grid
+  int8_t bias_dtype;
+};
+
+// One launch, by value as kernel parameters (13 KB, within CUDA 12.1+'s 32 KB on sm_70+).
+struct TiledArgs {
+  int32_t blocks;
+  int64_t world_size;
+  int64_t tiles;  // the grid: every block's 64 x 64 output tiles, in block order
+  TileBlock block[kMaxTileGroups];
+};
+
+// The launches for `blocks` (kMaxTileGroups blocks each; launches without tiles left out).
+std::vector<TiledArgs> tiled_launches(const std::vector<GemmBlock>& blocks, int64_t world_size);
+
+// The block that grid tile `tile` belongs to: the last one whose first tile is <= tile.
+C10_HOST_DEVICE inline int32_t tile_block(const TiledArgs& a, int64_t tile) {
+  int32_t lo = 0, hi = a.blocks - 1;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (a.block[mid].first_tile <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// The first output row and column of grid tile `tile` within its block b.
+C10_HOST_DEVICE inline void tile_origin(const TileBlock& b, int64_t tile, int64_t& row0,
+                                        int64_t& col0) {
+  const int64_t tiles_n = (b.n + kTileN - 1) / kTileN;
+  row0 = (tile - b.first_tile) / tiles_n * kTileM;
+  col0 = (tile - b.first_tile) % tiles_n * kTileN;
+}
+
+// Element [r, c] of the x tile at (row0, k0) and of the w tile at (k0, col0); zero past the edges.
+C10_HOST_DEVICE inline uint16_t x_tile_at(const TileBlock& b, int64_t row0, int64_t k0, int r,
+                                          int c) {
+  const int64_t gr = row0 + r, gc = k0 + c;
+  return (gr < b.m && gc < b.k) ? b.x[gr * b.x_rs + gc * b.x_cs] : uint16_t{0};
+}
+
+C10_HOST_DEVICE inline uint16_t w_tile_at(const TileBlock& b, int64_t k0, int64_t col0, int r,
+                                          int c) {
+  const int64_t gr = k0 + r, gc = col0 + c;
+  return (gr < b.k && gc < b.n) ? b.w[gr * b.w_rs + gc * b.w_cs] : uint16_t{0};
+}
+
+// The epilogue of element [r, c] of the tile at (row0, col0): y = round(acc + bias / world), one
+// rounding into T (c10::Half or c10::BFloat16: round to nearest even, as the CUDA intrinsics).
+template <typename T>
+C10_HOST_DEVICE inline void store_tile_at(const TileBlock& b, int64_t world_size, int64_t row0,
+                                          int64_t col0, int r, int c, float acc) {
+  const int64_t gr = row0 + r, gc = col0 + c;
+  if (gr >= b.m || gc >= b.n) return;
+  if (b.bias != nullptr) {
+    acc += load_bias<float>(b.bias, b.bias_dtype, gc) / static_cast<float>(world_size);
+  }
+  b.y[gr * b.n + gc] = T(acc).x;
+}
+
+}  // namespace gmm_allreduce
