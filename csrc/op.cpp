@@ -29,30 +29,22 @@ std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
   return outputs;
 }
 
+// Asks the engine whether it takes the group rows from the device (before validation).
+void ask_device_rows(const Engine& engine, OpArgs& args) {
+  args.device_rows = engine.device_rows != nullptr && engine.device_rows(args);
+}
+
 at::Tensor empty_flat(const Plan& plan, int64_t extra = 0) {
   return at::empty({plan.numel + extra}, at::TensorOptions(plan.dtype).device(plan.device));
 }
 
 }  // namespace
 
-std::vector<at::Tensor> run_op(const Engine& engine, at::TensorList x, at::TensorList weight,
-                               std::optional<at::TensorList> bias,
-                               at::OptionalIntArrayRef group_list,
-                               const std::optional<at::Tensor>& group_list_tensor,
-                               int64_t split_item, std::string_view group_name,
-                               std::string_view reduce_op, int64_t comm_turn,
-                               int64_t group_list_type, bool check_ranks) {
-  const at::OptionalDeviceGuard guard(at::device_of(x));  // nothing for an empty x, rejected below
-  OpArgs args{x,
-              weight,
-              bias,
-              group_list,
-              group_list_tensor,
-              split_item,
-              std::string(reduce_op),
-              comm_turn,
-              group_list_type};
-  args.device_rows = engine.device_rows != nullptr && engine.device_rows(args);
+std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_view group_name,
+                               bool check_ranks) {
+  // Nothing for an empty x, rejected below.
+  const at::OptionalDeviceGuard guard(at::device_of(args.x));
+  ask_device_rows(engine, args);
   // Everything that can reject the call happens here, before the first collective.
   const GroupPtr group = resolve_group(std::string(group_name));
   const Plan plan = check_ranks ? make_plan_agreed(args, *group) : make_plan(args);
@@ -81,17 +73,10 @@ std::vector<at::Tensor> run_op(const Engine& engine, at::TensorList x, at::Tenso
   return outputs_of(plan, flat);
 }
 
-std::vector<at::Tensor> run_compute(const Engine& engine, at::TensorList x, at::TensorList weight,
-                                    std::optional<at::TensorList> bias,
-                                    at::OptionalIntArrayRef group_list,
-                                    const std::optional<at::Tensor>& group_list_tensor,
-                                    int64_t split_item, int64_t group_list_type,
-                                    int64_t world_size) {
+std::vector<at::Tensor> run_compute(const Engine& engine, OpArgs args, int64_t world_size) {
   TORCH_CHECK_VALUE(world_size >= 1, "world_size: expected an integer >= 1, got ", world_size);
-  const at::OptionalDeviceGuard guard(at::device_of(x));
-  OpArgs args{x,          weight, bias, group_list,     group_list_tensor,
-              split_item, "sum",  0,    group_list_type};
-  args.device_rows = engine.device_rows != nullptr && engine.device_rows(args);
+  const at::OptionalDeviceGuard guard(at::device_of(args.x));
+  ask_device_rows(engine, args);
   const Plan plan = make_plan(args);
   at::Tensor flat = empty_flat(plan);
   engine.compute(plan, args, world_size, flat, plan.chunks.front());

@@ -23,24 +23,15 @@ struct Engine {
   bool (*device_rows)(const OpArgs& args) = nullptr;
 };
 
-// Both run on x[0]'s device (its device guard held).
-std::vector<at::Tensor> run_op(const Engine& engine, at::TensorList x, at::TensorList weight,
-                               std::optional<at::TensorList> bias,
-                               at::OptionalIntArrayRef group_list,
-                               const std::optional<at::Tensor>& group_list_tensor,
-                               int64_t split_item, std::string_view group_name,
-                               std::string_view reduce_op, int64_t comm_turn,
-                               int64_t group_list_type, bool check_ranks);
+// The op on `args` through the process group named `group_name`. Both run on x[0]'s device (its
+// device guard held) and let the engine's device_rows hook set args.device_rows.
+std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_view group_name,
+                               bool check_ranks);
 
 // The same groups, planned and computed alike, with no process group and no collective: each
 // bias divided by `world_size` (so that it equals one rank's part of the op). The backward pass
 // and the compute-only benchmark use it.
-std::vector<at::Tensor> run_compute(const Engine& engine, at::TensorList x, at::TensorList weight,
-                                    std::optional<at::TensorList> bias,
-                                    at::OptionalIntArrayRef group_list,
-                                    const std::optional<at::Tensor>& group_list_tensor,
-                                    int64_t split_item, int64_t group_list_type,
-                                    int64_t world_size);
+std::vector<at::Tensor> run_compute(const Engine& engine, OpArgs args, int64_t world_size);
 
 // Calls fn(i, y, x) for each group i with output rows in `chunk`: y is that block of `flat`
 // ([rows, n_i], row-major), x the matching rows of x_i ([rows, k_i]). Host-planned rows only.
@@ -67,8 +58,10 @@ std::vector<at::Tensor> op_kernel(at::TensorList x, at::TensorList weight,
                                   int64_t split_item, c10::string_view group_name,
                                   c10::string_view reduce_op, int64_t comm_turn,
                                   int64_t group_list_type, bool check_ranks) {
-  return run_op(*E, x, weight, bias, group_list, group_list_tensor, split_item, group_name,
-                reduce_op, comm_turn, group_list_type, check_ranks);
+  return run_op(*E,
+                OpArgs{x, weight, bias, group_list, group_list_tensor, split_item,
+                       std::string(reduce_op), comm_turn, group_list_type},
+                group_name, check_ranks);
 }
 
 template <const Engine* E>
@@ -78,8 +71,10 @@ std::vector<at::Tensor> compute_kernel(at::TensorList x, at::TensorList weight,
                                        const std::optional<at::Tensor>& group_list_tensor,
                                        int64_t split_item, int64_t group_list_type,
                                        int64_t world_size) {
-  return run_compute(*E, x, weight, bias, group_list, group_list_tensor, split_item,
-                     group_list_type, world_size);
+  return run_compute(
+      *E,
+      OpArgs{x, weight, bias, group_list, group_list_tensor, split_item, "sum", 0, group_list_type},
+      world_size);
 }
 
 }  // namespace gmm_allreduce
