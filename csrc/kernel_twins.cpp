@@ -47,6 +47,20 @@ void compute_block(const GemmBlock& b, int64_t world_size) {
   }
 }
 
+// The flat buffer after fn(plan, blocks) for every chunk's blocks, in order; it starts as NaN, so
+// an element nothing writes shows.
+template <typename Fn>
+at::Tensor flat_from_blocks(const OpArgs& args, Fn&& fn) {
+  const Plan plan = make_plan(args);
+  at::Tensor flat = at::full({plan.numel}, std::numeric_limits<double>::quiet_NaN(),
+                             at::TensorOptions(plan.dtype));
+  for (const Chunk& chunk : plan.chunks) {
+    std::vector<at::Tensor> keep;
+    fn(plan, gemm_blocks(plan, args, flat, chunk, keep));
+  }
+  return flat;
+}
+
 at::Tensor gemm_blocks_reference(at::TensorList x, at::TensorList weight,
                                  std::optional<at::TensorList> bias,
                                  at::OptionalIntArrayRef group_list,
@@ -55,17 +69,12 @@ at::Tensor gemm_blocks_reference(at::TensorList x, at::TensorList weight,
                                  int64_t comm_turn) {
   const OpArgs args{x,          weight, bias,      group_list,     group_list_tensor,
                     split_item, "sum",  comm_turn, group_list_type};
-  const Plan plan = make_plan(args);
-  at::Tensor flat = at::full({plan.numel}, std::numeric_limits<double>::quiet_NaN(),
-                             at::TensorOptions(plan.dtype));
-  for (const Chunk& chunk : plan.chunks) {
-    std::vector<at::Tensor> keep;
-    for (const GemmBlock& b : gemm_blocks(plan, args, flat, chunk, keep)) {
+  return flat_from_blocks(args, [&](const Plan& plan, const std::vector<GemmBlock>& blocks) {
+    for (const GemmBlock& b : blocks) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype, "gemm_blocks",
                                       [&] { compute_block<scalar_t>(b, world_size); });
     }
-  }
-  return flat;
+  });
 }
 
 // The tiles of one launch, as the kernel's CTAs compute them, with a scalar MMA.
@@ -108,19 +117,13 @@ at::Tensor tiled_reference(at::TensorList x, at::TensorList weight,
                            int64_t group_list_type, int64_t world_size, int64_t comm_turn) {
   const OpArgs args{x,          weight, bias,      group_list,     group_list_tensor,
                     split_item, "sum",  comm_turn, group_list_type};
-  const Plan plan = make_plan(args);
-  TORCH_CHECK(plan.dtype == at::kHalf || plan.dtype == at::kBFloat16,
-              "_tiled_reference: float16 or bfloat16 only");
-  at::Tensor flat = at::full({plan.numel}, std::numeric_limits<double>::quiet_NaN(),
-                             at::TensorOptions(plan.dtype));
-  for (const Chunk& chunk : plan.chunks) {
-    std::vector<at::Tensor> keep;
-    for (const TiledArgs& a :
-         tiled_launches(gemm_blocks(plan, args, flat, chunk, keep), world_size)) {
+  return flat_from_blocks(args, [&](const Plan& plan, const std::vector<GemmBlock>& blocks) {
+    TORCH_CHECK(plan.dtype == at::kHalf || plan.dtype == at::kBFloat16,
+                "_tiled_reference: float16 or bfloat16 only");
+    for (const TiledArgs& a : tiled_launches(blocks, world_size)) {
       plan.dtype == at::kHalf ? run_tiles<c10::Half>(a) : run_tiles<c10::BFloat16>(a);
     }
-  }
-  return flat;
+  });
 }
 
 at::Tensor row_ends_reference(const at::Tensor& group_list, int64_t group_list_type, int64_t rows,
