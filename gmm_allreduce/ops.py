@@ -13,7 +13,10 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from . import _C  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
+from . import (
+    _C,  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
+    inductor,
+)
 
 _OP = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce
 _COMPUTE = torch.ops.gmm_allreduce.grouped_mat_mul
@@ -164,6 +167,7 @@ def _group_name(hcomm) -> str:
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
 def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op="sum",
           comm_turn=0, group_list_type=0, check_ranks=False):
+    inductor.register_lowering()  # a graph with the op is being traced: Inductor may lower it
     return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
                          group_list_type)
 
