@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-$(TORCH_VERSION)
 BUILT := $(VENV)/.built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test fuzz soak bench lint cuda-check clean
+.PHONY: demo test fuzz soak bench lint sanitize cuda-check clean
 
 demo: $(BUILT)
 	$(PY) -m gmm_allreduce.demo
@@ -30,10 +30,41 @@ soak: $(BUILT)
 bench: $(BUILT)
 	$(PY) -m gmm_allreduce.bench --comm-turns 0 1 2 4 8 --plot benchmarks/comm_turn_cpu.png --markdown
 
-# Compiles csrc/cuda/ (no link) for sm_80 and sm_90a with nvcc and the CPU wheel's headers: the
-# check a GPU-less host can make of the CUDA build.
-cuda-check: $(DEPS)
-	$(PY) tools/cuda_compile_check.py
+# The C++ built with libstdc++ assertions and sanitizers (GCC's ASan and UBSan, any error fatal),
+# and the suite run on it. Built in a copy of the tree (build/sanitize), so that .venv's extension
+# stays. ASan's runtime is preloaded into Python, and libstdc++ with it (loaded later, by torch, it
+# escapes ASan's exception interceptor). Left out: Inductor's compile test (it runs the compiler
+# under the preloaded runtime) and the soak's memory bound (ASan holds freed memory in quarantine).
+SANITIZE ?= address,undefined
+SAN_DIR := build/sanitize
+SAN_TESTS ?= tests --deselect tests/test_compile_order.py --deselect tests/test_soak.py
+sanitize: $(DEPS)
+	bash tools/stage_tree.sh $(SAN_DIR)
+	cd $(SAN_DIR) && GMM_SANITIZE=$(SANITIZE) $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(SAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1 $(abspath $(PY)) -m pytest -q --capture=sys -p no:cacheprovider $(SAN_TESTS)
+
+# The CUDA build, on a host with or without a GPU: the CUDA build of torch 2.14.1 in .venv-cuda
+# (its CUDA wheels pinned to the versions on disk), the extension built against it as a user's
+# `pip install` builds it (CUDA_HOME and the archs found by setup.py), imported, and the CPU suite
+# and the demo run on that build. In a copy of the tree (build/cuda-check), so that .venv's
+# extension stays.
+CUDA_VENV := .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_DIR := build/cuda-check
+cuda-check: $(CUDA_VENV)/.deps
+	bash tools/stage_tree.sh $(CUDA_DIR)
+	cd $(CUDA_DIR) && $(abspath $(CUDA_PY)) -m pip install -q --no-build-isolation --no-deps -e .
+	cd $(CUDA_DIR) && $(abspath $(CUDA_PY)) -m pytest -q -p no:cacheprovider tests
+	cd $(CUDA_DIR) && $(abspath $(CUDA_PY)) -m gmm_allreduce.demo
+
+$(CUDA_VENV)/.deps: tools/cuda-constraints.txt
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q --upgrade pip
+	$(CUDA_PY) -m pip install -q -c tools/cuda-constraints.txt torch==2.14.1 numpy pytest \
+	  hypothesis==6.170.15 ninja "setuptools>=64" wheel matplotlib
+	touch $@
 
 lint: $(DEPS)
 	$(PY) -m pip install -q ruff clang-format
@@ -54,4 +85,4 @@ $(BUILT): $(DEPS) $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info gmm_allreduce/*.so
+	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info gmm_allreduce/*.so

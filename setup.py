@@ -1,37 +1,82 @@
-"""Builds gmm_allreduce._C: the C++ op (csrc/), plus csrc/cuda/ when torch has CUDA or FORCE_CUDA=1."""
+"""Builds gmm_allreduce._C: the C++ op (csrc/), plus csrc/cuda/ when torch has CUDA or FORCE_CUDA=1.
+
+Environment:
+  CUDA_HOME              the CUDA toolkit (found from nvcc when unset; see cuda_home below)
+  TORCH_CUDA_ARCH_LIST   the GPU archs (the visible GPUs' when unset, else DEFAULT_ARCHS)
+  FORCE_CUDA=1           build csrc/cuda/ even where torch reports no CUDA
+  GMM_SANITIZE=LIST      a checked build: -fsanitize=LIST (e.g. undefined, or address,undefined),
+                         -fno-sanitize-recover=all and libstdc++ assertions (make sanitize)
+"""
 
 import glob
 import os
+import shutil
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# The archs built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible: every arch CUDA 12/13
+# and our kernels support (the tiled kernel runs on sm_80+), and PTX of the newest, which the driver
+# compiles for GPUs newer still. Generic code only: an "a" arch would run on that one GPU family.
+DEFAULT_ARCHS = "7.5;8.0;9.0;10.0;12.0+PTX"
 
-def sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+def sources(*patterns):
+    return sorted(os.path.relpath(p, ROOT) for pat in patterns for p in glob.glob(os.path.join(ROOT, pat)))
 
 
-cxx_flags = ["-O3"]
-cpp_sources = sources("csrc/*.cpp") + sources("csrc/aten/*.cpp")
-cuda_sources = sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
+def cuda_home():
+    """The CUDA toolkit: the first of CUDA_HOME / CUDA_PATH, the toolkit of the nvcc on PATH, and
+    /usr/local/cuda(-*) that holds both bin/nvcc and include/cuda_runtime.h. torch guesses
+    dirname(dirname(nvcc)) alone, which is wrong where the nvcc on PATH is a wrapper or a link
+    outside its toolkit (then it fails on cuda_runtime.h)."""
+    given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if given:
+        return given
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(p)) for p in (nvcc, nvcc and os.path.realpath(nvcc)) if p]
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if all(os.path.exists(os.path.join(home, f)) for f in ("bin/nvcc", "include/cuda_runtime.h")):
+            return home
+    return None
+
+
+cuda_sources = sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
 # Decided from how torch was built, never by querying a GPU: a GPU-less host builds the CUDA
-# extension with FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST.
+# extension (FORCE_CUDA=1 where its torch has no CUDA).
 use_cuda = bool(cuda_sources) and (torch.version.cuda is not None or os.environ.get("FORCE_CUDA") == "1")
-
 if use_cuda:
-    # sm_80 and sm_90a unless the builder says otherwise (our kernels are generic; the grouped GEMM
-    # we call is torch's own).
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    home = cuda_home()
+    if home is None:
+        raise RuntimeError("gmm_allreduce: building the CUDA engine needs the CUDA toolkit (nvcc and its "
+                           "headers): set CUDA_HOME to it, or install a torch without CUDA")
+    os.environ["CUDA_HOME"] = home  # read when torch.utils.cpp_extension is imported
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+cxx_flags, link_flags = ["-O3"], []
+sanitize = os.environ.get("GMM_SANITIZE")
+if sanitize:
+    checked = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    cxx_flags = ["-O1", "-g", "-D_GLIBCXX_ASSERTIONS", *checked]
+    link_flags = checked
+
+cpp_sources = sources("csrc/*.cpp", "csrc/aten/*.cpp", "csrc/kernels/*.cpp")
+if use_cuda:
     ext = CUDAExtension(
         "gmm_allreduce._C",
         cpp_sources + cuda_sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_link_args=link_flags,
         define_macros=[("GMM_WITH_CUDA", "1")],
     )
 else:
-    ext = CppExtension("gmm_allreduce._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("gmm_allreduce._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=link_flags)
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

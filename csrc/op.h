@@ -33,16 +33,18 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
 // and the compute-only benchmark use it.
 std::vector<at::Tensor> run_compute(const Engine& engine, OpArgs args, int64_t world_size);
 
-// Calls fn(i, y, x) for each group i with output rows in `chunk`: y is that block of `flat`
-// ([rows, n_i], row-major), x the matching rows of x_i ([rows, k_i]). Host-planned rows only.
+// Calls fn(i, y, x) for each group i with output rows in `chunk`: y is that block of the flat
+// buffer ([rows, n_i], row-major) in `out`, whose element 0 is the buffer's element `out_begin`;
+// x the matching rows of x_i ([rows, k_i]). Host-planned rows only.
 template <typename Fn>
-void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& flat, const Chunk& chunk,
-                    Fn&& fn) {
+void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& out, int64_t out_begin,
+                    const Chunk& chunk, Fn&& fn) {
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
     const auto [r0, r1] = rows_in_chunk(g, chunk);
     if (r1 <= r0 || g.n == 0) continue;
-    at::Tensor y = flat.narrow(0, g.out_offset + r0 * g.n, (r1 - r0) * g.n).view({r1 - r0, g.n});
+    at::Tensor y =
+        out.narrow(0, g.out_offset + r0 * g.n - out_begin, (r1 - r0) * g.n).view({r1 - r0, g.n});
     fn(i, y, group_x(plan, args.x, i).narrow(0, r0, r1 - r0));
   }
 }

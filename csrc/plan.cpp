@@ -18,10 +18,9 @@ bool single_x(int64_t split_item) { return split_item == 1 || split_item == 3; }
 
 bool single_y(int64_t split_item) { return split_item == 2 || split_item == 3; }
 
-// Whether the plan leaves split_item 3's group rows on the device (see OpArgs::device_rows).
+// Whether the plan leaves split_item 3's group rows unread (see OpArgs::device_rows).
 bool device_rows(const OpArgs& a) {
-  return a.device_rows && a.split_item == 3 && a.group_list_tensor.has_value() &&
-         !a.group_list_tensor->device().is_cpu();
+  return a.device_rows && a.split_item == 3 && a.group_list_tensor.has_value();
 }
 
 // Largest operand ATen's matmul may be left to copy behind the caller's back; past it the caller is
@@ -359,8 +358,8 @@ std::string Plan::signature() const {
     << " outputs=[";
   for (const auto& shape : out_shapes) s << at::IntArrayRef(shape);
   s << "]";
-  if (device_rows) {  // the group rows are on the device: not compared
-    s << " rows=on " << device;
+  if (device_rows) {  // the group rows are on the device: not compared (nor the device's index,
+    s << " rows=on device";           // which differs between the ranks of a multi-GPU job)
   } else if (single_y(split_item)) {  // one output: where its groups' rows fall is not in its shape
     s << " rows=[";
     for (size_t i = 0; i < groups.size(); ++i) s << (i ? ", " : "") << groups[i].m;

@@ -24,8 +24,8 @@ struct OpArgs {
   int64_t comm_turn = 0;
   int64_t group_list_type = 0;  // 0: cumulative end offsets along M, 1: per-group counts
   // Set by an engine that computes split_item 3 from group_list_tensor on x's device itself
-  // (Engine::device_rows): make_plan then leaves the tensor's values on the device, unread and
-  // unvalidated, since reading them would be a device-to-host sync.
+  // (Engine::device_rows, which checks that the tensor is on the device): make_plan then leaves
+  // the tensor's values unread and unvalidated, since reading them would be a device-to-host sync.
   bool device_rows = false;
 };
 

@@ -29,14 +29,22 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   m.def(
       "_tiled_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
-      "int comm_turn) -> Tensor");
+      "int comm_turn, bool rows_layout) -> Tensor");
   m.def(
       "_row_ends_reference(Tensor group_list, int group_list_type, int rows, int row_begin, "
       "int row_end) -> Tensor");
   m.def(
       "_bias_reference(Tensor[] x, Tensor[] weight, Tensor[] bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
-      "int comm_turn, bool rows_layout) -> Tensor");
+      "int comm_turn, bool rows_layout, bool from_fp32) -> Tensor");
+  m.def(
+      "_gemm_choice(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int capability_major, "
+      "str forced) -> str");
+  m.def(
+      "_plan_signature(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int comm_turn, "
+      "bool device_rows) -> str");
 }
 
 extern "C" PyObject* PyInit__C(void) {

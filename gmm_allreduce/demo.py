@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import grouped_mat_mul_all_reduce
+from ._rank import exit_with_parent
 from .cases import Case, call_kwargs, check, make_inputs
 
 SCENARIOS = [
@@ -119,6 +120,7 @@ def main_rank(device_name: str) -> bool:
 
 
 def _spawned(rank: int, world: int, init_file: str, backend: str, device: str):
+    exit_with_parent()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=120))

@@ -2,9 +2,9 @@
 functions without being restarted: starting ranks costs seconds on a small machine.
 
 `pool.run(fn, *args)` runs fn(*args) on every rank (fn must be importable: a module-level function)
-and returns the per-rank results in rank order. A rank that raises, or a call that outlasts its
-timeout, fails the call and retires the pool (its ranks may be stuck in a collective); the next
-`get_pool` starts a fresh one.
+and returns the per-rank results in rank order. A rank that raises or dies, or a call that
+outlasts its timeout, fails the call and retires the pool (its ranks may be stuck in a
+collective); the next `get_pool` starts a fresh one. Ranks die with the test process.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import multiprocessing as mp
 import os
 import queue
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 
 PG_TIMEOUT_S = 60
 CALL_TIMEOUT_S = 180
+FAILURE_GRACE_S = 15  # after a rank raised, how long the others may take to report
 
 
 class RankError(AssertionError):
@@ -28,6 +30,9 @@ def _worker(rank, world, init_file, backend, tasks, results):
     import torch
     import torch.distributed as dist
 
+    from gmm_allreduce._rank import exit_with_parent
+
+    exit_with_parent()  # a test process that dies takes its ranks with it
     torch.set_num_threads(1)  # W ranks share the machine's few cores
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
@@ -62,16 +67,27 @@ class DistPool:
         for q in self._tasks:
             q.put((fn, args))
         results, failures = [None] * self.world, []
-        try:
-            for _ in range(self.world):
-                rank, ok, value = self._results.get(timeout=timeout)
-                if ok:
-                    results[rank] = value
-                else:
-                    failures.append(f"rank {rank}:\n{value}")
-        except queue.Empty:
-            self.close()
-            raise RankError(f"{fn.__name__} did not finish on every rank within {timeout} s") from None
+        deadline = time.monotonic() + timeout
+        received, first_failure = 0, 0.0
+        while received < self.world:
+            try:
+                rank, ok, value = self._results.get(timeout=1)
+            except queue.Empty:
+                dead = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self._procs)
+                        if not p.is_alive()]
+                if failures:  # the others may wait for it in a collective: a short grace
+                    deadline = min(deadline, first_failure + FAILURE_GRACE_S)
+                if dead or time.monotonic() > deadline:
+                    self.close()
+                    why = f"{', '.join(dead)} died" if dead else "did not finish on every rank"
+                    raise RankError("\n".join([f"{fn.__name__}: {why}", *failures])) from None
+                continue
+            received += 1
+            if ok:
+                results[rank] = value
+            else:
+                first_failure = first_failure or time.monotonic()
+                failures.append(f"rank {rank}:\n{value}")
         if failures:
             self.close()
             raise RankError(f"{fn.__name__} failed\n" + "\n".join(failures))

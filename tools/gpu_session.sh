@@ -5,10 +5,11 @@
 #
 #     bash tools/gpu_session.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu_out
 #
-# It builds the extension against the machine's CUDA torch, runs tests/test_cuda.py, runs
-# compute-sanitizer memcheck on the three GEMM strategies, and benchmarks the GPU scenarios at world
+# It builds the extension against the machine's CUDA torch (for its GPU's arch), runs
+# tests/test_cuda.py, runs compute-sanitizer (memcheck on the three GEMM strategies, initcheck and
+# racecheck on the tiled kernel), and benchmarks the GPU scenarios at world
 # size 1 over NCCL (the op next to torch._grouped_mm, the per-group loop and a dense mm; then the
-# op under each forced strategy, to calibrate the rule in csrc/cuda/engine.cpp) and at world sizes
+# op under each forced strategy, to calibrate the rule in csrc/kernels/choice.h) and at world sizes
 # 2 and 4 over gloo with a comm_turn sweep. Logs, CSVs and Markdown tables land in OUT_DIR.
 set -uo pipefail
 out="${1:-${OUT:-gpu_out}}"
@@ -27,12 +28,13 @@ MAX_JOBS=16 "$py" -m pip install -q --no-build-isolation --no-deps -e . >"$out/b
 step "tests/test_cuda.py"
 "$py" -m pytest -q tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" | tail -30
 
-step "compute-sanitizer memcheck, every strategy"
+step "compute-sanitizer: memcheck on every strategy, initcheck and racecheck on the tiled kernel"
 if command -v compute-sanitizer >/dev/null; then
-  for s in loop tiled grouped; do
-    GMM_CUDA_GEMM=$s compute-sanitizer --tool memcheck --error-exitcode 9 \
-      "$py" tests/cuda_gemm_main.py >"$out/memcheck_$s.log" 2>&1
-    echo "memcheck $s: exit $?" | tee -a "$out/steps.log"
+  for run in memcheck:loop memcheck:tiled memcheck:grouped initcheck:tiled racecheck:tiled; do
+    tool=${run%%:*} s=${run##*:}
+    GMM_CUDA_GEMM=$s compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$py" tests/cuda_gemm_main.py >"$out/${tool}_$s.log" 2>&1
+    echo "$tool $s: exit $?" | tee -a "$out/steps.log"
   done
 else
   echo "no compute-sanitizer on PATH" | tee -a "$out/steps.log"

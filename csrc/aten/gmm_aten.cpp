@@ -54,7 +54,7 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
   // GEMM on upcast operands is exact for fp16 inputs and gives the single rounding of the spec.
   const bool upcast = plan.device.is_cpu() && plan.dtype == at::kHalf;
 
-  for_each_block(plan, args, flat, chunk, [&](size_t i, at::Tensor& y, const at::Tensor& x) {
+  for_each_block(plan, args, flat, 0, chunk, [&](size_t i, at::Tensor& y, const at::Tensor& x) {
     const at::Tensor& w = args.weight[i];
     // bias_i / world_size, divided in the accumulation type: Σ_r bias_i / n then gives bias_i.
     const at::Tensor bias = plan.has_bias ? (*args.bias)[i].to(acc).div(world_size) : at::Tensor();

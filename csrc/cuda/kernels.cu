@@ -4,7 +4,8 @@
 
 #include <algorithm>
 
-#include "../epilogue.h"
+#include "../kernels/choice.h"
+#include "../kernels/epilogue.h"
 #include "kernels.h"
 
 namespace gmm_allreduce::cuda {
@@ -16,6 +17,16 @@ template <typename I>
 __global__ void row_ends_kernel(const I* group_list, int64_t stride, int64_t groups, bool counts,
                                 int64_t rows, int64_t row_begin, int64_t row_end, int32_t* out) {
   write_row_ends(group_list, stride, groups, counts, rows, row_begin, row_end, out);
+}
+
+// Host-known end rows, passed by value (4 KB of kernel parameters).
+struct RowEnds {
+  int32_t groups;
+  int32_t ends[kMaxGroupedGroups];
+};
+
+__global__ void copy_row_ends_kernel(const __grid_constant__ RowEnds a, int32_t* out) {
+  for (int32_t i = threadIdx.x; i < a.groups; i += blockDim.x) out[i] = a.ends[i];
 }
 
 template <typename T>
@@ -57,13 +68,33 @@ at::Tensor chunk_row_ends(const at::Tensor& group_list, int64_t group_list_type,
   return out;
 }
 
+at::Tensor device_row_ends(const std::vector<int32_t>& ends, c10::Device device) {
+  TORCH_CHECK(static_cast<int64_t>(ends.size()) <= kMaxGroupedGroups, "device_row_ends: at most ",
+              kMaxGroupedGroups, " groups, got ", ends.size());
+  at::Tensor out =
+      at::empty({static_cast<int64_t>(ends.size())}, at::TensorOptions(at::kInt).device(device));
+  if (ends.empty()) return out;
+  RowEnds args{};
+  args.groups = static_cast<int32_t>(ends.size());
+  std::copy(ends.begin(), ends.end(), args.ends);
+  copy_row_ends_kernel<<<1, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      args, out.mutable_data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t world_size,
-              const Chunk& chunk, const std::optional<at::Tensor>& row_ends) {
+              const Chunk& chunk, const std::optional<at::Tensor>& row_ends,
+              const std::optional<at::Tensor>& src) {
   TORCH_CHECK(!plan.device_rows || row_ends.has_value(),
               "add_bias: a device_rows plan needs its row ends");
+  TORCH_CHECK(!src || (src->scalar_type() == at::kFloat && src->is_contiguous() &&
+                       src->numel() == chunk.elem_end - chunk.elem_begin),
+              "add_bias: src must hold the chunk's elements in fp32");
   std::vector<at::Tensor> keep;  // contiguous biases, alive until their launches are queued
   const int32_t* ends = plan.device_rows ? row_ends->const_data_ptr<int32_t>() : nullptr;
-  for (const BiasArgs& a : bias_launches(plan, bias, world_size, chunk, ends, keep)) {
+  const float* from = src ? src->const_data_ptr<float>() : nullptr;
+  for (const BiasArgs& a : bias_launches(plan, bias, world_size, chunk, ends, from, keep)) {
     launch_add_bias(flat, a);
   }
 }

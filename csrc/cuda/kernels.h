@@ -1,14 +1,15 @@
-// The CUDA engine's own small kernels (kernels.cu): the row offsets of a grouped GEMM from a device
-// group_list, and the bias epilogue. Launchers take ATen tensors and run on the current stream, so
-// that the engine (engine.cpp) needs no CUDA headers.
+// The CUDA engine's own kernels (kernels.cu, tiled_gemm.cu): the row offsets of a grouped GEMM, the
+// bias epilogue and the tiled grouped GEMM. Launchers take ATen tensors or host-built launch
+// arguments and run on the current stream, so that the engine (engine.cpp) needs no CUDA headers.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
-#include "../blocks.h"
-#include "../epilogue.h"
+#include "../kernels/epilogue.h"
+#include "../kernels/tiles.h"
 #include "../plan.h"
 
 namespace gmm_allreduce::cuda {
@@ -22,16 +23,22 @@ namespace gmm_allreduce::cuda {
 at::Tensor chunk_row_ends(const at::Tensor& group_list, int64_t group_list_type, int64_t rows,
                           int64_t row_begin, int64_t row_end);
 
-// flat[e] += bias_g[col] / world_size for every element e of `chunk`, computed in fp32 (fp64 for
-// an fp64 output) and rounded once into flat's dtype. Group g and column col of e come from the
-// plan, or for a device_rows plan from row_ends (chunk_row_ends of this chunk). One launch per
-// kMaxLaunchGroups groups; the biases may have any floating dtypes.
-void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t world_size,
-              const Chunk& chunk, const std::optional<at::Tensor>& row_ends);
+// The same from host-known end rows (at most kMaxGroupedGroups), written on the device by a kernel
+// that takes them as parameters: no copy from pageable memory, capturable in a CUDA graph.
+at::Tensor device_row_ends(const std::vector<int32_t>& ends, c10::Device device);
 
-// Every block in one launch per kMaxTileGroups blocks (tiled_gemm.cu): tensor-core tiles of all
-// blocks in one grid, fp32 accumulation, the bias added before the single rounding into y.
-void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<GemmBlock>& blocks,
-                        int64_t world_size);
+// flat[e] = round(v + bias_g[col] / world_size) for every element e of `chunk`, v being flat[e] or,
+// given `src` (the chunk's elements in fp32), src's; computed in fp32 (fp64 for an fp64 output) and
+// rounded once into flat's dtype. Group g and column col of e come from the plan, or for a
+// device_rows plan from row_ends (chunk_row_ends of this chunk). One launch per kMaxLaunchGroups
+// groups; the biases may have any floating dtypes.
+void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t world_size,
+              const Chunk& chunk, const std::optional<at::Tensor>& row_ends,
+              const std::optional<at::Tensor>& src);
+
+// The tiled grouped GEMM's launches (tiled_gemm.cu): tensor-core tiles of all blocks or groups in
+// one grid each, fp32 accumulation, the bias added before the single rounding into y.
+void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<TiledArgs>& launches);
+void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<RowsTiledArgs>& launches);
 
 }  // namespace gmm_allreduce::cuda

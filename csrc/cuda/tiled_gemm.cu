@@ -5,14 +5,15 @@
 // Layout: each block of the launch is one group's part of a chunk, y[m, n] = x[m, k] @ w[k, n],
 // y a row-major block of the flat output buffer; x and w are read through their strides.
 // Tiling: the grid is the 64x64 output tiles of all blocks, in block order (a tile finds its block
-// by binary search over the blocks' first tiles). A CTA of 4 warps stages 64x32 of x and 32x64 of w
-// in shared memory per step of K, and each warp accumulates a 32x32 quarter of the tile with
-// tensor-core WMMA 16x16x16 fragments in fp32.
-// Epilogue: fp32 tile to shared memory, then y = round(acc + bias / world_size): one rounding.
-// Schedule, staging and epilogue are host-and-device code in ../tiles.h, checked on the CPU by its
-// twin; this file adds the WMMA. It is the simple, general kernel (the scheduling and TMA/WGMMA
-// pipeline of a Hopper kernel are issue 7's); it serves where launches, not FLOPs, dominate: many
-// small groups.
+// by binary search over the blocks' first tiles). For split_item 3 with its group rows on the
+// device (RowsTiledArgs), the grid is an upper bound of the groups' tiles, and each CTA finds its
+// group and tile from the device row ends; those past the last tile return. A CTA of 4 warps stages
+// 64x32 of x and 32x64 of w in shared memory per step of K, and each warp accumulates a 32x32
+// quarter of the tile with tensor-core WMMA 16x16x16 fragments in fp32. Epilogue: fp32 tile to
+// shared memory, then y = round(acc + bias / world_size): one rounding. Schedule, staging and
+// epilogue are host-and-device code in ../kernels/tiles.h, checked on the CPU by its twin; this
+// file adds the WMMA. It is the simple, general kernel (the scheduling and TMA/WGMMA pipeline of a
+// Hopper kernel are issue 7's); it serves where launches, not FLOPs, dominate: many small groups.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -20,8 +21,9 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
-#include "../tiles.h"
+#include "../kernels/tiles.h"
 #include "kernels.h"
 
 namespace gmm_allreduce::cuda {
@@ -31,10 +33,10 @@ constexpr int kThreads = 128;  // 4 warps, 2 x 2 over the tile
 // Keeps WMMA's leading dimensions multiples of 8 and the rows' banks apart.
 [[maybe_unused]] constexpr int kPad = 8;
 
-// T: the WMMA element type (__half, __nv_bfloat16); C: its c10 twin, for the epilogue's rounding.
+// One output tile of block b at (row0, col0), by the CTA's 4 warps. T: the WMMA element type
+// (__half, __nv_bfloat16); C: its c10 twin, for the epilogue's rounding.
 template <typename T, typename C>
-__global__ void __launch_bounds__(kThreads)
-    tiled_gemm_kernel(const __grid_constant__ TiledArgs args) {
+__device__ void compute_tile(const TileBlock& b, int64_t world_size, int64_t row0, int64_t col0) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // never launched there: the engine picks this kernel on sm_80 and newer only
 #else
@@ -42,11 +44,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(32) uint16_t xs[kTileM][kTileK + kPad];
   __shared__ __align__(32) uint16_t ws[kTileK][kTileN + kPad];
   __shared__ __align__(32) float acc_s[kTileM][kTileN + kPad];
-
-  const int64_t tile = blockIdx.x;
-  const TileBlock& b = args.block[tile_block(args, tile)];
-  int64_t row0, col0;
-  tile_origin(b, tile, row0, col0);
 
   const int warp = threadIdx.x / 32;
   const int wm = (warp / 2) * 32;  // this warp's quarter of the tile
@@ -90,27 +87,69 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   for (int i = threadIdx.x; i < kTileM * kTileN; i += kThreads) {
     const int r = i / kTileN, c = i % kTileN;
-    store_tile_at<C>(b, args.world_size, row0, col0, r, c, acc_s[r][c]);
+    store_tile_at<C>(b, world_size, row0, col0, r, c, acc_s[r][c]);
   }
 #endif
 }
 
-}  // namespace
+// Host-planned blocks: CTA i computes grid tile i of its block.
+template <typename T, typename C>
+__global__ void __launch_bounds__(kThreads)
+    tiled_gemm_kernel(const __grid_constant__ TiledArgs args) {
+  const int64_t tile = blockIdx.x;
+  const TileBlock& b = args.block[tile_block(args, tile)];
+  int64_t row0, col0;
+  tile_origin(b, tile, row0, col0);
+  compute_tile<T, C>(b, args.world_size, row0, col0);
+}
 
-void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<GemmBlock>& blocks,
-                        int64_t world_size) {
+// Group rows on the device: one thread finds the CTA's group and tile from the row ends (a scan
+// over at most kMaxTileGroups groups), the others wait for it; CTAs past the last tile return.
+template <typename T, typename C>
+__global__ void __launch_bounds__(kThreads)
+    rows_tiled_gemm_kernel(const __grid_constant__ RowsTiledArgs args) {
+  __shared__ TileBlock b;
+  __shared__ int64_t row0, col0;
+  __shared__ bool found;
+  if (threadIdx.x == 0) found = rows_tile(args, blockIdx.x, b, row0, col0);
+  __syncthreads();
+  if (!found) return;  // the whole CTA: `found` is shared
+  compute_tile<T, C>(b, args.world_size, row0, col0);
+}
+
+template <typename Args>
+void launch_all(at::ScalarType dtype, const std::vector<Args>& launches) {
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
               "tiled_grouped_gemm: float16 or bfloat16 only, got ", dtype);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const TiledArgs& args : tiled_launches(blocks, world_size)) {
+  for (const Args& args : launches) {
     const auto grid = static_cast<unsigned>(args.tiles);
-    if (dtype == at::kHalf) {
-      tiled_gemm_kernel<__half, c10::Half><<<grid, kThreads, 0, stream>>>(args);
+    if (grid == 0) continue;
+    if constexpr (std::is_same_v<Args, TiledArgs>) {
+      if (dtype == at::kHalf) {
+        tiled_gemm_kernel<__half, c10::Half><<<grid, kThreads, 0, stream>>>(args);
+      } else {
+        tiled_gemm_kernel<__nv_bfloat16, c10::BFloat16><<<grid, kThreads, 0, stream>>>(args);
+      }
     } else {
-      tiled_gemm_kernel<__nv_bfloat16, c10::BFloat16><<<grid, kThreads, 0, stream>>>(args);
+      if (dtype == at::kHalf) {
+        rows_tiled_gemm_kernel<__half, c10::Half><<<grid, kThreads, 0, stream>>>(args);
+      } else {
+        rows_tiled_gemm_kernel<__nv_bfloat16, c10::BFloat16><<<grid, kThreads, 0, stream>>>(args);
+      }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+}  // namespace
+
+void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<TiledArgs>& launches) {
+  launch_all(dtype, launches);
+}
+
+void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<RowsTiledArgs>& launches) {
+  launch_all(dtype, launches);
 }
 
 }  // namespace gmm_allreduce::cuda

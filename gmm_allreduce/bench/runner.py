@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .._rank import exit_with_parent
 from .methods import make_methods
 
 
@@ -76,6 +77,7 @@ def time_methods(calls: dict, runs: int, warmup: int, device: torch.device, tick
 
 
 def _rank_main(rank, world, init_file, opts, cases, results):
+    exit_with_parent()
     torch.set_num_threads(opts["threads"])
     device = torch.device(opts["device"])
     if device.type == "cuda":

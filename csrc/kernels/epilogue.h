@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "plan.h"
+#include "../plan.h"
 
 namespace gmm_allreduce {
 
@@ -31,6 +31,10 @@ struct BiasArgs {
   int64_t elem_begin;  // elements [elem_begin, elem_end) of flat
   int64_t elem_end;
   int64_t world_size;
+  // The products to round into flat: src[e - src_begin] in fp32 (the loop GEMM's output), or
+  // nullptr for flat's own elements.
+  const float* src;
+  int64_t src_begin;
   int32_t groups;
   // Host layout (row_ends == nullptr): group g covers elements [first[g], first[g + 1]) of flat,
   // rows of n[g] columns. Rows layout: every row has n[0] columns; group g covers the rows
@@ -44,9 +48,11 @@ struct BiasArgs {
 
 // The launches that add bias_g / world_size to the chunk's elements: in the plan's layout, or in
 // the rows layout when row_ends (the chunk's end rows, as write_row_ends gives them) is given.
-// Biases that are not contiguous are copied into `keep`, which must outlive the launches.
+// With src (the chunk's elements in fp32, plan layout only), each element is src's plus the bias,
+// rounded once into flat. Biases that are not contiguous are copied into `keep`, which must
+// outlive the launches.
 std::vector<BiasArgs> bias_launches(const Plan& plan, at::TensorList bias, int64_t world_size,
-                                    const Chunk& chunk, const int32_t* row_ends,
+                                    const Chunk& chunk, const int32_t* row_ends, const float* src,
                                     std::vector<at::Tensor>& keep);
 
 // First index i in [0, count) with v < a[i] (count if none).
@@ -78,7 +84,8 @@ C10_HOST_DEVICE inline Acc load_bias(const void* p, int8_t dtype, int64_t col) {
   }
 }
 
-// flat[e] += bias_g[col] / world_size, in fp32 (fp64 for fp64), rounded once into T.
+// flat[e] = round(v + bias_g[col] / world_size) with v = flat[e] or src's element, in fp32 (fp64
+// for fp64), rounded once into T.
 template <typename T>
 C10_HOST_DEVICE inline void add_bias_at(T* flat, const BiasArgs& a, int64_t e) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -94,7 +101,9 @@ C10_HOST_DEVICE inline void add_bias_at(T* flat, const BiasArgs& a, int64_t e) {
   }
   if (g >= a.groups) return;
   const Acc b = load_bias<Acc>(a.bias[g], a.bias_dtype[g], col) / static_cast<Acc>(a.world_size);
-  flat[e] = static_cast<T>(static_cast<Acc>(flat[e]) + b);
+  const Acc v =
+      a.src != nullptr ? static_cast<Acc>(a.src[e - a.src_begin]) : static_cast<Acc>(flat[e]);
+  flat[e] = static_cast<T>(v + b);
 }
 
 // out[i] (int32): the end row of group i within x's rows [row_begin, row_end), relative to

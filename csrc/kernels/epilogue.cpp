@@ -20,7 +20,7 @@ BiasDtype bias_dtype(at::ScalarType t) {
 }
 
 std::vector<BiasArgs> bias_launches(const Plan& plan, at::TensorList bias, int64_t world_size,
-                                    const Chunk& chunk, const int32_t* row_ends,
+                                    const Chunk& chunk, const int32_t* row_ends, const float* src,
                                     std::vector<at::Tensor>& keep) {
   const auto groups = static_cast<int64_t>(plan.groups.size());
   auto set_bias = [&](BiasArgs& a, int64_t slot, int64_t g) {
@@ -36,6 +36,7 @@ std::vector<BiasArgs> bias_launches(const Plan& plan, at::TensorList bias, int64
   if (row_ends != nullptr) {  // rows layout: one launch over the chunk
     TORCH_CHECK(groups <= kMaxLaunchGroups, "bias epilogue: the rows layout takes at most ",
                 kMaxLaunchGroups, " groups, got ", groups);
+    TORCH_CHECK(src == nullptr, "bias epilogue: the rows layout reads no fp32 source");
     BiasArgs& a = launches.emplace_back();
     a.elem_begin = chunk.elem_begin;
     a.elem_end = chunk.elem_end;
@@ -51,6 +52,8 @@ std::vector<BiasArgs> bias_launches(const Plan& plan, at::TensorList bias, int64
     const int64_t g1 = std::min(groups, g0 + kMaxLaunchGroups);
     BiasArgs a{};
     a.world_size = world_size;
+    a.src = src;
+    a.src_begin = chunk.elem_begin;
     a.groups = static_cast<int32_t>(g1 - g0);
     for (int64_t g = g0; g < g1; ++g) {
       const GroupPlan& p = plan.groups[g];

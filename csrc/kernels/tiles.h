@@ -45,6 +45,69 @@ struct TiledArgs {
 // The launches for `blocks` (kMaxTileGroups blocks each; launches without tiles left out).
 std::vector<TiledArgs> tiled_launches(const std::vector<GemmBlock>& blocks, int64_t world_size);
 
+// One launch for a chunk of split_item 3 whose group rows live on the device (a device_rows plan):
+// the chunk's rows of x times each group's weight, into the chunk's [rows, n] block of the output.
+// Group g (of this launch: group_begin + i) covers the chunk's rows [row_ends[g - 1], row_ends[g])
+// (0 for the first), as write_row_ends gives them; the host knows only their sum. The grid is an
+// upper bound of the tiles: the groups' row tiles sum to at most ceil(rows / kTileM) + groups (a
+// group of m rows has ceil(m / kTileM) <= m / kTileM + 1), times the column tiles; the CTAs past
+// the last tile do nothing. By value as kernel parameters (4.3 KB).
+struct RowsTiledArgs {
+  const uint16_t* x;  // the chunk's first row of x
+  uint16_t* y;        // the chunk's first output element
+  int64_t rows, n, k, x_rs, x_cs;
+  const int32_t* row_ends;  // every group's end row, within the chunk (device memory)
+  int32_t group_begin, groups;
+  int64_t world_size;
+  int64_t tiles;
+  const uint16_t* w[kMaxTileGroups];
+  int64_t w_rs[kMaxTileGroups], w_cs[kMaxTileGroups];
+  const void* bias[kMaxTileGroups];  // nullptr: none
+  int8_t bias_dtype[kMaxTileGroups];
+};
+
+// The launches for a device_rows chunk (kMaxTileGroups groups each). row_ends: the chunk's end rows
+// (write_row_ends); biases that are not contiguous are copied into `keep`, which must outlive them.
+std::vector<RowsTiledArgs> rows_tiled_launches(const Plan& plan, const OpArgs& args,
+                                               at::Tensor& flat, const Chunk& chunk,
+                                               const int32_t* row_ends, int64_t world_size,
+                                               std::vector<at::Tensor>& keep);
+
+// Grid tile `tile` of a rows launch: its group's block b (x, y and m from the group's rows) and
+// the tile's first row and column in it. False for a tile past the last one. Tiles are numbered
+// group by group, row tile by row tile, and column tile fastest, like the blocks' launches.
+C10_HOST_DEVICE inline bool rows_tile(const RowsTiledArgs& a, int64_t tile, TileBlock& b,
+                                      int64_t& row0, int64_t& col0) {
+  const int64_t tiles_n = (a.n + kTileN - 1) / kTileN;
+  int64_t t = tile / tiles_n;  // the row tile among this launch's groups
+  col0 = tile % tiles_n * kTileN;
+  for (int32_t i = 0; i < a.groups; ++i) {
+    const int32_t g = a.group_begin + i;
+    const int64_t r0 = g == 0 ? 0 : a.row_ends[g - 1];
+    const int64_t m = a.row_ends[g] - r0;  // >= 0: write_row_ends never decreases
+    const int64_t tiles_m = (m + kTileM - 1) / kTileM;
+    if (t < tiles_m) {
+      b = TileBlock{};
+      b.x = a.x + r0 * a.x_rs;
+      b.w = a.w[i];
+      b.y = a.y + r0 * a.n;
+      b.bias = a.bias[i];
+      b.m = m;
+      b.n = a.n;
+      b.k = a.k;
+      b.x_rs = a.x_rs;
+      b.x_cs = a.x_cs;
+      b.w_rs = a.w_rs[i];
+      b.w_cs = a.w_cs[i];
+      b.bias_dtype = a.bias_dtype[i];
+      row0 = t * kTileM;
+      return true;
+    }
+    t -= tiles_m;
+  }
+  return false;
+}
+
 // The block that grid tile `tile` belongs to: the last one whose first tile is <= tile.
 C10_HOST_DEVICE inline int32_t tile_block(const TiledArgs& a, int64_t tile) {
   int32_t lo = 0, hi = a.blocks - 1;
