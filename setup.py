@@ -66,7 +66,7 @@ if sanitize:
     cxx_flags = ["-O1", "-g", "-D_GLIBCXX_ASSERTIONS", *checked]
     link_flags = checked
 
-cpp_sources = sources("csrc/*.cpp", "csrc/aten/*.cpp", "csrc/kernels/*.cpp")
+cpp_sources = sources("csrc/*.cpp", "csrc/aten/*.cpp", "csrc/comm/*.cpp", "csrc/kernels/*.cpp")
 if use_cuda:
     ext = CUDAExtension(
         "gmm_allreduce._C",

@@ -2,9 +2,9 @@
 
 #include <ATen/DeviceGuard.h>
 
-#include "agree.h"
-#include "comm.h"
-#include "fingerprint.h"
+#include "comm/agree.h"
+#include "comm/all_reduce.h"
+#include "comm/fingerprint.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -47,7 +47,7 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
   ask_device_rows(engine, args);
   // Everything that can reject the call happens here, before the first collective.
   const GroupPtr group = resolve_group(std::string(group_name));
-  const Plan plan = check_ranks ? make_plan_agreed(args, *group) : make_plan(args);
+  const Plan plan = check_ranks ? make_plan_agreed(args, group) : make_plan(args);
 
   const int64_t world_size = group->getSize();
   // The plan's fingerprint follows the outputs in the buffer and travels with the last chunk;
@@ -59,16 +59,13 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
   // Chunk c's all-reduce runs (on the backend's threads or stream) while chunk c + 1 computes.
   // Valid calls of one group plan the same chunks, so the ranks issue matching collectives, and
   // all skip an empty buffer together.
-  std::vector<WorkPtr> pending;
+  AllReduce all_reduce(group, flat);
   for (const Chunk& chunk : plan.chunks) {
     engine.compute(plan, args, world_size, flat, chunk);
     const int64_t end = chunk.elem_end == plan.numel ? plan.numel + tail : chunk.elem_end;
-    if (end > chunk.elem_begin) {
-      pending.push_back(
-          start_all_reduce_sum(*group, flat.narrow(0, chunk.elem_begin, end - chunk.elem_begin)));
-    }
+    all_reduce.start(flat.narrow(0, chunk.elem_begin, end - chunk.elem_begin));
   }
-  for (const WorkPtr& work : pending) work->wait();
+  all_reduce.wait();
   if (tail > 0) check_fingerprint(plan, fingerprint, world_size);
   return outputs_of(plan, flat);
 }

@@ -21,6 +21,11 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "grouped_mat_mul_all_reduce_backward(Tensor[] grad, Tensor[] x, Tensor[] weight, "
       "Tensor[]? bias, int[]? group_list, Tensor? group_list_tensor, int split_item, "
       "int group_list_type, bool[3] output_mask) -> (Tensor[], Tensor[], Tensor[])");
+  // The op's all-reduce alone (comm/ops.cpp): the in-place sum of the contiguous `t` over the
+  // group, the way the op sums its buffer; and whether the group's CPU sums go through shared
+  // memory. For the tests and the benchmark's comm-only line.
+  m.def("_all_reduce_(Tensor(a!) t, str group_name) -> ()");
+  m.def("_shared_memory(str group_name) -> bool");
   // Test-only CPU twins of the CUDA engine's logic (kernel_twins.cpp).
   m.def(
       "_gemm_blocks_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "

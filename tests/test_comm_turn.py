@@ -53,14 +53,6 @@ def test_comm_turn_matches_reference_and_turn0(pools, world, split_item):
     assert_all_ranks_identical(cases, per_rank)
 
 
-def _count_allreduces(fn):
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fn()
-    return sum(e.name == "c10d::allreduce_" for e in prof.events())
-
-
 # (m per group, n per group, comm_turn) -> collectives: at most comm_turn, never an empty chunk.
 CHUNKS = [
     ((10, 6), (4, 4), 0, 1),
@@ -74,13 +66,23 @@ CHUNKS = [
 ]
 
 
-@pytest.mark.parametrize("m,n,turn,expected", CHUNKS)
-def test_one_collective_per_nonempty_chunk(world1, m, n, turn, expected):
-    x = [torch.ones(mi, 3) for mi in m]
-    w = [torch.ones(3, ni) for ni in n]
-    calls = _count_allreduces(
-        lambda: gmm_allreduce.grouped_mat_mul_all_reduce(x, w, world1, comm_turn=turn))
-    assert calls == expected
+def count_chunk_collectives(chunks):
+    """On every rank: the collectives of each call of CHUNKS (through shared memory or gloo)."""
+    from test_collectives import _count_collectives
+
+    out = []
+    for m, n, turn, _ in chunks:
+        x = [torch.ones(mi, 3) for mi in m]
+        w = [torch.ones(3, ni) for ni in n]
+        out.append(_count_collectives(
+            lambda x=x, w=w, turn=turn: gmm_allreduce.grouped_mat_mul_all_reduce(x, w, comm_turn=turn)))
+    return out
+
+
+def test_one_collective_per_nonempty_chunk(pools):
+    """At world size 2 (one rank sums nothing: no collective at all)."""
+    expected = [c[3] for c in CHUNKS]
+    assert pools(2).run(count_chunk_collectives, CHUNKS) == [expected, expected]
 
 
 def test_chunks_balance_elements_not_rows(world1):

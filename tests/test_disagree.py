@@ -6,8 +6,9 @@ comm_turn or dtype, or an invalid call. Never a silently wrong result and never 
   every rank raise the same clear error.
 - check_ranks=False, one rank invalid: it raises at once; the others' wait ends with the group's
   timeout (3 s here).
-- check_ranks=False, buffers of different sizes: a mismatched collective, which the backend
-  handles (see test_size_mismatch_without_check_ranks).
+- check_ranks=False, buffers of different sizes: through shared memory, every rank raises; through
+  the process group, a mismatched collective, which the backend handles (see
+  test_size_mismatch_without_check_ranks).
 """
 
 import json
@@ -100,6 +101,10 @@ def test_invalid_call_ends_in_the_groups_timeout(pools):
     assert t1 < 1
     assert out0 == "raised" and "Timed out" in msg0, msg0
     assert GROUP_TIMEOUT_S - 0.5 < t0 < GROUP_TIMEOUT_S + 10
+    # rank 0 ended in its first call's shared-memory setup: its segment went all the same
+    from shm_main import segments
+
+    assert segments() == []
 
 
 def test_fingerprint_costs_no_collective(pools):
@@ -110,23 +115,31 @@ def test_fingerprint_costs_no_collective(pools):
         assert fused == 1
 
 
-# A size mismatch is a mismatched collective for the backend. Run in fresh processes: gloo's
-# answer may be to abort the process (it did, as of torch 2.13: "Received data size doesn't match
-# expected size"), which must not take the test's rank pool with it.
+# A size mismatch, through the process group (GMM_ALLREDUCE_SHM=0), is a mismatched collective for
+# the backend. Run in fresh processes: gloo's answer may be to abort the process (it did, as of
+# torch 2.13: "Received data size doesn't match expected size"), which must not take the test's
+# rank pool with it.
 SIZE_MISMATCH_SCRIPT = os.path.join(os.path.dirname(__file__), "size_mismatch_main.py")
 
 
 @pytest.mark.parametrize("debug", ["DETAIL", "OFF"])
-def test_size_mismatch_without_check_ranks(debug):
-    """Different buffer sizes, no check_ranks. With TORCH_DISTRIBUTED_DEBUG=DETAIL PyTorch checks
+@pytest.mark.parametrize("shm", ["1", "0"], ids=["shm", "gloo"])
+def test_size_mismatch_without_check_ranks(debug, shm):
+    """Different buffer sizes, no check_ranks. Through shared memory (the default on one host)
+    both ranks raise a clear error. Through gloo, with TORCH_DISTRIBUTED_DEBUG=DETAIL PyTorch checks
     every collective and each rank raises a clear mismatch error; without it, gloo aborts a rank
     or raises. Either way: no hang, and no rank returns a result."""
-    env = dict(os.environ, TORCH_DISTRIBUTED_DEBUG=debug)
+    env = dict(os.environ, TORCH_DISTRIBUTED_DEBUG=debug, GMM_ALLREDUCE_SHM=shm)
     proc = subprocess.run([sys.executable, SIZE_MISMATCH_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120)
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert not [r for r in reports if r["outcome"] == "returned"], proc.stdout
-    if debug == "DETAIL":
+    if shm == "1":
+        assert len(reports) == 2, proc.stdout + proc.stderr
+        for r in reports:
+            assert r["outcome"] == "raised", r
+            assert "shared-memory all-reduce: ranks disagree on the buffer" in r["message"], r
+    elif debug == "DETAIL":
         assert len(reports) == 2, proc.stdout + proc.stderr
         for r in reports:
             assert r["outcome"] == "raised" and "Detected mismatch between collectives" in r["message"]

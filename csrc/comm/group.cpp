@@ -1,4 +1,4 @@
-#include "comm.h"
+#include "group.h"
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
@@ -12,13 +12,6 @@ GroupPtr resolve_group(const std::string& group_name) {
                       "\" (pass ProcessGroup.group_name, a ProcessGroup, or None for the default "
                       "group, after torch.distributed.init_process_group)");
   }
-}
-
-WorkPtr start_all_reduce_sum(c10d::ProcessGroup& group, const at::Tensor& flat) {
-  std::vector<at::Tensor> tensors{flat};
-  c10d::AllreduceOptions opts;
-  opts.reduceOp = c10d::ReduceOp::SUM;
-  return group.allreduce(tensors, opts);
 }
 
 }  // namespace gmm_allreduce

@@ -7,7 +7,7 @@
 
 #include <ATen/ATen.h>
 
-#include "plan.h"
+#include "../plan.h"
 
 namespace gmm_allreduce {
 

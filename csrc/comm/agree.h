@@ -3,13 +3,13 @@
 // every rank instead of a hang or a silently mismatched sum.
 #pragma once
 
-#include "comm.h"
-#include "plan.h"
+#include "../plan.h"
+#include "group.h"
 
 namespace gmm_allreduce {
 
 // make_plan(args) on every rank, then one small all-reduce that exchanges each rank's verdict.
 // Raises on all ranks alike if any rank's call is invalid or the ranks' plans disagree.
-Plan make_plan_agreed(const OpArgs& args, c10d::ProcessGroup& group);
+Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group);
 
 }  // namespace gmm_allreduce

@@ -4,6 +4,8 @@
 
 #include <functional>
 
+#include "all_reduce.h"
+
 namespace gmm_allreduce {
 namespace {
 
@@ -66,7 +68,7 @@ at::Device exchange_device(const std::optional<Plan>& plan, const OpArgs& args) 
 
 }  // namespace
 
-Plan make_plan_agreed(const OpArgs& args, c10d::ProcessGroup& group) {
+Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group) {
   std::optional<Plan> plan;
   Record mine;
   try {
@@ -83,8 +85,10 @@ Plan make_plan_agreed(const OpArgs& args, c10d::ProcessGroup& group) {
     mine = {kOtherError, 0, e.what_without_backtrace()};
   }
 
-  at::Tensor all = encode(mine, group.getRank(), group.getSize(), exchange_device(plan, args));
-  start_all_reduce_sum(group, all)->wait();
+  at::Tensor all = encode(mine, group->getRank(), group->getSize(), exchange_device(plan, args));
+  AllReduce exchange(group, all);
+  exchange.start(all);
+  exchange.wait();
   const std::vector<Record> records = decode(all);
 
   for (const auto r : c10::irange(records.size())) {
