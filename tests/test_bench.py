@@ -19,10 +19,14 @@ def _bench(tmp_path, *extra):
 def test_bench_csv_rows(tmp_path):
     out = _bench(tmp_path, "--markdown")
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    # seed_example is split_item 0: no grouped_mm composition
     assert [(r["method"], r["comm_turn"]) for r in rows] == [
-        ("fused", "0"), ("fused", "2"), ("unfused", ""), ("compute", ""), ("comm", "")]
+        ("fused", "0"), ("fused", "2"), ("unfused", ""), ("flat_loop", ""), ("compute", ""),
+        ("comm", ""), ("comm_op", "")]
     assert all(float(r["ms"]) > 0 and float(r["host_us"]) > 0 for r in rows)
     assert float(rows[0]["time_vs_turn0"]) == 1.0
+    assert float(rows[0]["vs_best"]) > 0 and rows[2]["vs_best"] == ""
+    assert float(rows[-1]["vs_best"]) > 0  # comm_op against comm
     assert "| seed_example | fused | 2 |" in out.stdout
 
 

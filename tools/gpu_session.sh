@@ -43,7 +43,7 @@ fi
 bench() { "$py" -m gmm_allreduce.bench --device cuda --markdown --runs 50 --warmup 5 "$@"; }
 
 step "GPU scenarios, world size 1, NCCL: the op and the library baselines"
-bench --backend nccl --world-size 1 --methods fused grouped_mm mm_loop dense \
+bench --backend nccl --world-size 1 --methods fused flat_loop grouped_mm mm_loop dense \
   --csv "$out/gpu_w1.csv" >"$out/gpu_w1.md" 2>"$out/gpu_w1.err"
 tail -25 "$out/gpu_w1.md"
 

@@ -13,10 +13,20 @@ from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce
 from ..reference import group_operands, unfused
 
 # Methods every device runs; "fused" is timed once per comm_turn of the sweep.
-COMMON = ("fused", "unfused", "compute", "comm")
-# Library baselines of the GPU table (world size 1 in the issue's comparison): torch._grouped_mm,
-# one torch.mm per group, and one dense torch.mm of the same FLOPs.
-GPU_ONLY = ("grouped_mm", "mm_loop", "dense")
+# - unfused: the naive composition, a matmul and a dist.all_reduce per group;
+# - flat_loop, grouped_mm: the best compositions a careful user writes, one buffer and one
+#   dist.all_reduce (none at world size 1): per-group torch.mm into the buffer, or one
+#   torch._grouped_mm on the stacked weights (split_item 1 and 3 with one N); fp16 on the CPU
+#   computed in fp32 as the op does (ATen's CPU fp16 GEMM is a scalar fallback);
+# - compute: the op without its collective; comm: dist.all_reduce of the op's buffer alone;
+#   comm_op: the op's own all-reduce of that buffer alone (shared memory where it applies).
+COMMON = ("fused", "unfused", "flat_loop", "grouped_mm", "compute", "comm", "comm_op")
+# The best compositions, against which the op is reported (vs_best: paired, the op over the
+# fastest composition of each iteration; for comm_op, over comm).
+COMPOSITIONS = ("flat_loop", "grouped_mm")
+# Library baselines of the GPU table (world size 1): one torch.mm per group and one dense
+# torch.mm of the same FLOPs, without a collective.
+GPU_ONLY = ("mm_loop", "dense")
 
 
 def label(method: str, comm_turn: int | None = None) -> str:
@@ -45,10 +55,16 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
             calls[method] = lambda: unfused(x, w, **local_kw)
         elif method == "compute":
             calls[method] = lambda: grouped_mat_mul(x, w, world_size=world, **local_kw)
-        elif method == "comm":
+        elif method in ("comm", "comm_op"):
             numel = sum(m * n for m, n in zip(case.m, case.n))
             flat = torch.zeros(numel, dtype=case.dtype, device=device)
-            calls[method] = lambda flat=flat: dist.all_reduce(flat)
+            group = dist.group.WORLD.group_name
+            calls[method] = ((lambda flat=flat: dist.all_reduce(flat)) if method == "comm" else
+                             (lambda flat=flat, group=group: torch.ops.gmm_allreduce._all_reduce_(flat, group)))
+        elif method in COMPOSITIONS:
+            composed = _composition(method, case, x, w, kw, world)
+            if composed is not None:
+                calls[method] = composed
         elif method in GPU_ONLY:
             baseline = _gpu_baseline(method, case, x, w, kw)
             if baseline is not None:
@@ -60,20 +76,51 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
     return calls
 
 
-def _gpu_baseline(method: str, case: Case, x, w, kw) -> Callable | None:
-    """The library baselines, or None where one does not apply to the scenario's shapes."""
+def _composition(method: str, case: Case, x, w, kw, world: int) -> Callable | None:
+    """flat_loop or grouped_mm: the groups into one buffer, then one dist.all_reduce. None where
+    the method does not apply to the scenario's shapes."""
     xs, _ = group_operands(x, w, kw["group_list"], case.split_item, case.group_list_type)
-    if method == "mm_loop":
-        return lambda: [torch.mm(xi, wi) for xi, wi in zip(xs, w)]
-    if method == "dense":
-        rows, k = sum(case.m), max(case.k)
-        n = max(1, round(sum(m * ki * ni for m, ki, ni in zip(case.m, case.k, case.n)) / (rows * k)))
-        a = torch.randn(rows, k, dtype=case.dtype, device=x[0].device)
-        b = torch.randn(k, n, dtype=case.dtype, device=x[0].device)
-        return lambda: torch.mm(a, b)
-    # grouped_mm: one stacked weight [G, K, N] and int32 cumulative row offsets; shared K and N.
+    device = x[0].device
+    upcast = device.type == "cpu" and case.dtype == torch.float16
+
+    def all_reduce(flat):
+        if world > 1:
+            dist.all_reduce(flat)
+        return flat
+
+    if method == "flat_loop":
+        sizes = [xi.shape[0] * wi.shape[1] for xi, wi in zip(xs, w)]
+        w32 = [wi.float() for wi in w] if upcast else w  # fp32 copies made once, like parameters
+
+        def flat_loop():
+            flat = torch.empty(sum(sizes), dtype=case.dtype, device=device)
+            for y, xi, wi in zip(flat.split(sizes), xs, w32):
+                y = y.view(xi.shape[0], wi.shape[1])
+                if upcast:
+                    y.copy_(torch.mm(xi.float(), wi))
+                else:
+                    torch.mm(xi, wi, out=y)
+            return all_reduce(flat)
+
+        return flat_loop
     if case.split_item not in (1, 3) or len(set(case.n)) != 1 or not hasattr(torch, "_grouped_mm"):
         return None
     stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)  # K-major
-    offs = torch.tensor(case.m, device=x[0].device).cumsum(0).to(torch.int32)
-    return lambda: torch._grouped_mm(x[0], stacked, offs=offs)
+    if upcast:
+        stacked = stacked.float()
+    offs = torch.tensor(case.m, device=device).cumsum(0).to(torch.int32)
+    if upcast:
+        return lambda: all_reduce(torch._grouped_mm(x[0].float(), stacked, offs=offs).to(case.dtype))
+    return lambda: all_reduce(torch._grouped_mm(x[0], stacked, offs=offs))
+
+
+def _gpu_baseline(method: str, case: Case, x, w, kw) -> Callable | None:
+    """The library baselines (no collective)."""
+    xs, _ = group_operands(x, w, kw["group_list"], case.split_item, case.group_list_type)
+    if method == "mm_loop":
+        return lambda: [torch.mm(xi, wi) for xi, wi in zip(xs, w)]
+    rows, k = sum(case.m), max(case.k)
+    n = max(1, round(sum(m * ki * ni for m, ki, ni in zip(case.m, case.k, case.n)) / (rows * k)))
+    a = torch.randn(rows, k, dtype=case.dtype, device=x[0].device)
+    b = torch.randn(k, n, dtype=case.dtype, device=x[0].device)
+    return lambda: torch.mm(a, b)
