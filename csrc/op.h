@@ -43,9 +43,10 @@ void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& out, int64
     const GroupPlan& g = plan.groups[i];
     const auto [r0, r1] = rows_in_chunk(g, chunk);
     if (r1 <= r0 || g.n == 0) continue;
-    at::Tensor y =
-        out.narrow(0, g.out_offset + r0 * g.n - out_begin, (r1 - r0) * g.n).view({r1 - r0, g.n});
-    fn(i, y, group_x(plan, args.x, i).narrow(0, r0, r1 - r0));
+    // One as_strided per operand: narrow and view cost several dispatches each, per group.
+    at::Tensor y = out.as_strided({r1 - r0, g.n}, {g.n, 1},
+                                  out.storage_offset() + g.out_offset + r0 * g.n - out_begin);
+    fn(i, y, group_x(plan, args.x, i, r0, r1 - r0));
   }
 }
 

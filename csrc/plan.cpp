@@ -312,10 +312,16 @@ Plan make_plan(const OpArgs& a) {
   return plan;
 }
 
-at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i) {
+at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i, int64_t r0, int64_t rows) {
   const GroupPlan& g = plan.groups[i];
-  if (single_x(plan.split_item)) return x[0].narrow(0, g.x_row, g.m);
-  return x[i].reshape({g.m, g.k});
+  if (rows < 0) rows = g.m - r0;
+  const at::Tensor xi = single_x(plan.split_item) ? x[0]
+                        : x[i].dim() == 2         ? x[i]
+                                                  : x[i].reshape({g.m, g.k});
+  const int64_t first = (single_x(plan.split_item) ? g.x_row : 0) + r0;
+  if (first == 0 && rows == xi.size(0)) return xi;
+  // One as_strided: narrow costs several dispatches, per group and call.
+  return xi.as_strided({rows, g.k}, xi.strides(), xi.storage_offset() + first * xi.stride(0));
 }
 
 std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns) {

@@ -82,9 +82,9 @@ inline std::pair<int64_t, int64_t> rows_in_chunk(const GroupPlan& g, const Chunk
 // is 0). Chunks cover every element once, in order; none is empty unless numel is 0.
 std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns);
 
-// x_i as a 2-D [m_i, k_i] operand: a row slice of x[0] (split_item 1, 3) or x[i] with its
-// leading dims flattened (split_item 0, 2).
-at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i);
+// Rows [r0, r0 + rows) of x_i (all from r0 when rows < 0) as a 2-D [rows, k_i] operand: a row
+// slice of x[0] (split_item 1, 3) or of x[i] with its leading dims flattened (split_item 0, 2).
+at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i, int64_t r0 = 0, int64_t rows = -1);
 
 // Checks every rule of SPEC §4 that needs no process group and returns the plan. Raises
 // c10::ValueError / c10::TypeError naming the argument and index; reads group_list to the host.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from itertools import repeat
 
 import torch
 import torch.distributed as dist
@@ -109,10 +110,11 @@ def _operands(x, weight, bias, group_list) -> tuple:
 
 
 def _tensors(arg: str, value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
-        raise TypeError(f"{arg}: expected a list of tensors, got {type(value).__name__}")
-    value = list(value)
-    if not all(isinstance(t, torch.Tensor) for t in value):
+    if type(value) is not list:  # a list (the usual case) skips the slower ABC check
+        if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+            raise TypeError(f"{arg}: expected a list of tensors, got {type(value).__name__}")
+        value = list(value)
+    if not all(map(isinstance, value, repeat(torch.Tensor))):
         i, t = next((i, t) for i, t in enumerate(value) if not isinstance(t, torch.Tensor))
         raise TypeError(f"{arg}[{i}]: expected a tensor, got {type(t).__name__}")
     return value
@@ -122,6 +124,8 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 def _int(arg: str, value) -> int:
+    if type(value) is int and _INT64[0] <= value <= _INT64[1]:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
     if not _INT64[0] <= value <= _INT64[1]:
@@ -140,10 +144,10 @@ def _group_list(value) -> tuple[list[int] | None, torch.Tensor | None]:
         return None, None
     if isinstance(value, torch.Tensor):
         return None, value
-    if isinstance(value, Sequence):
+    if type(value) is list or isinstance(value, Sequence):
         value = list(value)
         # Plain ints within int64 (the usual list) pass at once; anything else is checked one by one.
-        if all(type(v) is int for v in value) and (not value or _INT64[0] <= min(value) and max(value) <= _INT64[1]):
+        if set(map(type, value)) <= {int} and (not value or _INT64[0] <= min(value) and max(value) <= _INT64[1]):
             return value, None
         return [_int(f"group_list[{i}]", v) for i, v in enumerate(value)], None
     raise TypeError(f"group_list: expected a list of ints or a tensor, got {type(value).__name__}")
