@@ -13,13 +13,18 @@ namespace {
 
 constexpr size_t kSmallCopyBytes = size_t{1} << 20;
 
+// Elements [begin, end) of the 1-D `flat`; flat itself, with no dispatch, when that is all of it.
+at::Tensor elements(const at::Tensor& flat, int64_t begin, int64_t end) {
+  return begin == 0 && end == flat.numel() ? flat : flat.narrow(0, begin, end - begin);
+}
+
 // The returned tensors. One output (split_item 2, 3, or a single group): a view of the flat buffer
 // (which may end with the fingerprint).
 // Several outputs: each group's block copied out of the buffer into its own tensor, since PyTorch's
 // custom-op contract forbids outputs that alias each other (an error under torch.compile in CI,
 // and in future PyTorch); the single collective over the buffer stays.
 std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
-  const at::Tensor used = flat.narrow(0, 0, plan.numel);
+  const at::Tensor used = elements(flat, 0, plan.numel);
   if (plan.out_shapes.size() == 1) return {used.view(plan.out_shapes[0])};
   std::vector<at::Tensor> outputs;
   outputs.reserve(plan.groups.size());
@@ -78,8 +83,11 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
   // with check_ranks the ranks have already agreed on the plan, so it would prove nothing more.
   const int64_t tail = check_ranks ? 0 : fingerprint_size(plan, world_size);
   at::Tensor flat = empty_flat(plan, tail);
-  at::Tensor fingerprint = flat.narrow(0, plan.numel, tail);
-  if (tail > 0) write_fingerprint(plan, fingerprint);
+  at::Tensor fingerprint;
+  if (tail > 0) {
+    fingerprint = elements(flat, plan.numel, plan.numel + tail);
+    write_fingerprint(plan, fingerprint);
+  }
   // Chunk c's all-reduce runs (on the backend's threads or stream) while chunk c + 1 computes.
   // Valid calls of one group plan the same chunks, so the ranks issue matching collectives, and
   // all skip an empty buffer together.
@@ -87,7 +95,7 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
   for (const Chunk& chunk : plan.chunks) {
     engine.compute(plan, args, world_size, flat, chunk);
     const int64_t end = chunk.elem_end == plan.numel ? plan.numel + tail : chunk.elem_end;
-    all_reduce.start(flat.narrow(0, chunk.elem_begin, end - chunk.elem_begin));
+    all_reduce.start(elements(flat, chunk.elem_begin, end));
   }
   all_reduce.wait();
   if (tail > 0) check_fingerprint(plan, fingerprint, world_size);

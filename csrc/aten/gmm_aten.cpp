@@ -41,8 +41,10 @@ void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const 
   const int64_t rows = block_rows(x.size(1) + y.size(1), int64_t{1} << 20);
   for (int64_t r = 0; r < y.size(0); r += rows) {
     const int64_t count = std::min(rows, y.size(0) - r);
-    const at::Tensor x32 = x.narrow(0, r, count).to(at::kFloat);
-    y.narrow(0, r, count).copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
+    const bool whole = count == y.size(0);  // one block (small groups): no narrow to dispatch
+    const at::Tensor x32 = (whole ? x : x.narrow(0, r, count)).to(at::kFloat);
+    (whole ? y : y.narrow(0, r, count))
+        .copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
   }
 }
 
