@@ -7,6 +7,7 @@
 #include "comm/agree.h"
 #include "comm/all_reduce.h"
 #include "comm/fingerprint.h"
+#include "comm/reduce_scatter.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -19,29 +20,30 @@ at::Tensor elements(const at::Tensor& flat, int64_t begin, int64_t end) {
 }
 
 // The returned tensors. One output (split_item 2, 3, or a single group): a view of the flat buffer
-// (which may end with the fingerprint).
+// (which may end with the fingerprint), or its rounding to x's dtype where the sum ran in fp32.
 // Several outputs: each group's block copied out of the buffer into its own tensor, since PyTorch's
 // custom-op contract forbids outputs that alias each other (an error under torch.compile in CI,
 // and in future PyTorch); the single collective over the buffer stays.
 std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
-  const at::Tensor used = elements(flat, 0, plan.numel);
+  // The outputs' one rounding, where the sum ran in reduce_dtype (no copy otherwise).
+  const at::Tensor used = elements(flat, 0, plan.numel).to(plan.dtype);
   if (plan.out_shapes.size() == 1) return {used.view(plan.out_shapes[0])};
   std::vector<at::Tensor> outputs;
   outputs.reserve(plan.groups.size());
   for (size_t i = 0; i < plan.groups.size(); ++i) {
-    outputs.push_back(at::empty(plan.out_shapes[i], flat.options()));
+    outputs.push_back(at::empty(plan.out_shapes[i], used.options()));
   }
-  if (flat.is_cpu()) {
+  if (used.is_cpu()) {
     // A memcpy per small group (ATen's copy costs ~1 us per call); ATen's (parallel) copy for
     // large ones.
-    const auto* src = static_cast<const char*>(flat.const_data_ptr());
+    const auto* src = static_cast<const char*>(used.const_data_ptr());
     int64_t begin = 0;
     for (at::Tensor& out : outputs) {
       const int64_t n = out.numel();
       if (n > 0 && out.nbytes() <= kSmallCopyBytes) {
-        std::memcpy(out.mutable_data_ptr(), src + begin * flat.element_size(), out.nbytes());
+        std::memcpy(out.mutable_data_ptr(), src + begin * used.element_size(), out.nbytes());
       } else if (n > 0) {
-        out.view({-1}).copy_(flat.narrow(0, begin, n));
+        out.view({-1}).copy_(used.narrow(0, begin, n));
       }
       begin += n;
     }
@@ -64,19 +66,47 @@ void ask_device_rows(const Engine& engine, OpArgs& args) {
 }
 
 at::Tensor empty_flat(const Plan& plan, int64_t extra = 0) {
-  return at::empty({plan.numel + extra}, at::TensorOptions(plan.dtype).device(plan.device));
+  return at::empty({plan.numel + extra}, at::TensorOptions(plan.reduce_dtype).device(plan.device));
+}
+
+// The reduce-scatter's rounds: round c computes the c-th run of rows of every rank's block (one
+// chunk each), then reduce-scatters them into this rank's rows of that run, while round c + 1
+// computes. Returns this rank's [M / n, N] rows.
+at::Tensor scatter_rows(const Engine& engine, const Plan& plan, const OpArgs& args,
+                        const GroupPtr& group) {
+  const int64_t ranks = plan.scatter;
+  at::Tensor flat = empty_flat(plan);
+  at::Tensor out = at::empty({plan.numel / ranks}, flat.options());
+  ReduceScatter reduce_scatter(group);
+  const bool one_round = static_cast<int64_t>(plan.chunks.size()) == ranks;
+  for (size_t c = 0; c < plan.chunks.size(); c += ranks) {
+    std::vector<at::Tensor> pieces;
+    for (int64_t r = 0; r < ranks; ++r) {
+      const Chunk& chunk = plan.chunks[c + r];
+      engine.compute(plan, args, ranks, flat, chunk);
+      pieces.push_back(elements(flat, chunk.elem_begin, chunk.elem_end));
+    }
+    // Rank 0's run: its place in a block is every rank's.
+    const Chunk& first = plan.chunks[c];
+    const at::Tensor mine = elements(out, first.elem_begin, first.elem_end);
+    one_round ? reduce_scatter.start(flat, mine) : reduce_scatter.start(pieces, mine);
+  }
+  reduce_scatter.wait();
+  return out.view({plan.rows / ranks, plan.out_shapes[0][1]}).to(plan.dtype);
 }
 
 }  // namespace
 
 std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_view group_name,
-                               bool check_ranks) {
+                               bool check_ranks, bool reduce_scatter) {
   // Nothing for an empty x, rejected below.
   const at::OptionalDeviceGuard guard(at::device_of(args.x));
   ask_device_rows(engine, args);
   // Everything that can reject the call happens here, before the first collective.
   const GroupPtr group = resolve_group(std::string(group_name));
+  if (reduce_scatter) args.scatter = group->getSize();
   const Plan plan = check_ranks ? make_plan_agreed(args, group) : make_plan(args);
+  if (reduce_scatter) return {scatter_rows(engine, plan, args, group)};
 
   const int64_t world_size = group->getSize();
   // The plan's fingerprint follows the outputs in the buffer and travels with the last chunk;

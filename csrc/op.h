@@ -25,8 +25,10 @@ struct Engine {
 
 // The op on `args` through the process group named `group_name`. Both run on x[0]'s device (its
 // device guard held) and let the engine's device_rows hook set args.device_rows.
+// With reduce_scatter, the summed output is scattered by rows over the group's n ranks instead
+// (OpArgs::scatter): this rank's [M / n, N] block is returned.
 std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_view group_name,
-                               bool check_ranks);
+                               bool check_ranks, bool reduce_scatter = false);
 
 // The same groups, planned and computed alike, with no process group and no collective: each
 // bias divided by `world_size` (so that it equals one rank's part of the op). The backward pass
@@ -52,19 +54,30 @@ void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& out, int64
 
 // The kernels a device registers for the op and for its comm-free twin, given its engine:
 //   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kEngine>);
+//   m.impl("grouped_mat_mul_reduce_scatter", &scatter_kernel<&kEngine>);
 //   m.impl("grouped_mat_mul", &compute_kernel<&kEngine>);
 template <const Engine* E>
-std::vector<at::Tensor> op_kernel(at::TensorList x, at::TensorList weight,
-                                  std::optional<at::TensorList> bias,
-                                  at::OptionalIntArrayRef group_list,
-                                  const std::optional<at::Tensor>& group_list_tensor,
-                                  int64_t split_item, c10::string_view group_name,
-                                  c10::string_view reduce_op, int64_t comm_turn,
-                                  int64_t group_list_type, bool check_ranks) {
+std::vector<at::Tensor> op_kernel(
+    at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
+    at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
+    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op, int64_t comm_turn,
+    int64_t group_list_type, bool check_ranks, std::optional<at::ScalarType> reduce_dtype) {
   return run_op(*E,
                 OpArgs{x, weight, bias, group_list, group_list_tensor, split_item,
-                       std::string(reduce_op), comm_turn, group_list_type},
+                       std::string(reduce_op), comm_turn, group_list_type, reduce_dtype},
                 group_name, check_ranks);
+}
+
+template <const Engine* E>
+std::vector<at::Tensor> scatter_kernel(
+    at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
+    at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
+    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op, int64_t comm_turn,
+    int64_t group_list_type, bool check_ranks, std::optional<at::ScalarType> reduce_dtype) {
+  return run_op(*E,
+                OpArgs{x, weight, bias, group_list, group_list_tensor, split_item,
+                       std::string(reduce_op), comm_turn, group_list_type, reduce_dtype},
+                group_name, check_ranks, /*reduce_scatter=*/true);
 }
 
 template <const Engine* E>

@@ -77,6 +77,8 @@ void check_scalars(const OpArgs& a) {
   TORCH_CHECK_VALUE(a.group_list_type == 0 || a.group_list_type == 1,
                     "group_list_type: expected 0 (cumulative offsets) or 1 (counts), got ",
                     a.group_list_type);
+  TORCH_CHECK_VALUE(!a.reduce_dtype || *a.reduce_dtype == at::kFloat,
+                    "reduce_dtype: expected None or torch.float32, got ", *a.reduce_dtype);
 }
 
 void check_tensor_list(const char* arg, at::TensorList list) {
@@ -301,6 +303,10 @@ Plan make_plan(const OpArgs& a) {
   plan.split_item = a.split_item;
   plan.comm_turn = a.comm_turn;
   plan.dtype = a.x[0].scalar_type();
+  TORCH_CHECK_VALUE(!a.reduce_dtype || plan.dtype != at::kDouble,
+                    "reduce_dtype: float32 would sum the float64 partials of x's dtype in less "
+                    "precision; pass None");
+  plan.reduce_dtype = a.reduce_dtype.value_or(plan.dtype);
   plan.device = a.x[0].device();
   plan.has_bias = a.bias.has_value();
   plan.device_rows = device_rows(a);
@@ -308,7 +314,21 @@ Plan make_plan(const OpArgs& a) {
   fill_mk(a, plan.groups);
   fill_n_and_check_weights(a, plan.groups);
   fill_layout(a, plan);
-  plan.chunks = make_chunks(plan, a.comm_turn);
+  plan.scatter = a.scatter;
+  if (a.scatter > 0) {
+    TORCH_CHECK_VALUE(single_y(a.split_item),
+                      "split_item: the reduce-scatter returns one tensor, scattered by rows: "
+                      "expected 2 or 3, got ",
+                      a.split_item);
+    TORCH_CHECK_VALUE(plan.rows % a.scatter == 0, "x: the output's ", plan.rows,
+                      " rows cannot be scattered evenly over the group's ", a.scatter,
+                      " ranks (rank r gets rows [r * M / n, (r + 1) * M / n)); pad M to a "
+                      "multiple of ",
+                      a.scatter);
+    plan.chunks = make_scatter_chunks(plan, a.comm_turn, a.scatter);
+  } else {
+    plan.chunks = make_chunks(plan, a.comm_turn);
+  }
   return plan;
 }
 
@@ -358,10 +378,29 @@ std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns) {
   return chunks;
 }
 
+std::vector<Chunk> make_scatter_chunks(const Plan& plan, int64_t turns, int64_t ranks) {
+  const int64_t block = plan.rows / ranks;
+  const int64_t n = plan.rows == 0 ? 0 : plan.numel / plan.rows;  // one output: N per row
+  const int64_t k = std::clamp<int64_t>(turns, 1, std::max<int64_t>(block, 1));
+  std::vector<Chunk> chunks;
+  for (int64_t c = 0; c < k; ++c) {
+    // Rows block * c / k and block * (c + 1) / k, without overflowing block * c.
+    const int64_t lo = (block / k) * c + (block % k) * c / k;
+    const int64_t hi = (block / k) * (c + 1) + (block % k) * (c + 1) / k;
+    for (int64_t r = 0; r < ranks; ++r) {
+      const int64_t first = r * block;
+      chunks.push_back({first + lo, first + hi, (first + lo) * n, (first + hi) * n});
+    }
+  }
+  return chunks;
+}
+
 std::string Plan::signature() const {
   std::ostringstream s;
-  s << "split_item=" << split_item << " comm_turn=" << comm_turn << " dtype=" << dtype
-    << " outputs=[";
+  s << "split_item=" << split_item << " comm_turn=" << comm_turn << " dtype=" << dtype;
+  if (reduce_dtype != dtype) s << " reduce_dtype=" << reduce_dtype;
+  if (scatter > 0) s << " reduce_scatter";
+  s << " outputs=[";
   for (const auto& shape : out_shapes) s << at::IntArrayRef(shape);
   s << "]";
   if (device_rows) {  // the group rows are on the device: not compared (nor the device's index,

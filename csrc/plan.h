@@ -23,6 +23,12 @@ struct OpArgs {
   std::string reduce_op = "sum";
   int64_t comm_turn = 0;
   int64_t group_list_type = 0;  // 0: cumulative end offsets along M, 1: per-group counts
+  // The dtype of the flat buffer the partials are written into and summed in: none for x's own;
+  // float32 keeps 16-bit partials unrounded until the outputs (rounded once, after the sum).
+  std::optional<at::ScalarType> reduce_dtype;
+  // The collective: 0 for the all-reduce; n for a reduce-scatter over n ranks, rank r getting the
+  // output rows [r * M / n, (r + 1) * M / n) (single-output split modes, M divisible by n).
+  int64_t scatter = 0;
   // Set by an engine that computes split_item 3 from group_list_tensor on x's device itself
   // (Engine::device_rows, which checks that the tensor is on the device): make_plan then leaves
   // the tensor's values unread and unvalidated, since reading them would be a device-to-host sync.
@@ -54,7 +60,8 @@ struct Chunk {
 struct Plan {
   int64_t split_item = 0;
   int64_t comm_turn = 0;
-  at::ScalarType dtype = at::kFloat;
+  at::ScalarType dtype = at::kFloat;         // x's, the outputs'
+  at::ScalarType reduce_dtype = at::kFloat;  // the flat buffer's: dtype, or float32 (OpArgs)
   at::Device device = at::kCPU;
   bool has_bias = false;
   // split_item 3 with group_list on the device, left there (OpArgs::device_rows): the output is
@@ -66,7 +73,10 @@ struct Plan {
   int64_t rows = 0;                              // output rows of all groups together
   // comm_turn = 0: one chunk, all rows. comm_turn = k >= 1: at most k chunks with about numel / k
   // elements each, cut at row boundaries; never an empty one (so fewer when rows are few).
+  // A reduce-scatter over n ranks (scatter = n): rounds of n chunks, round c holding the c-th of
+  // k runs of rows of each rank's block, in rank order (see make_scatter_chunks).
   std::vector<Chunk> chunks;
+  int64_t scatter = 0;  // OpArgs::scatter
 
   // What every rank of the group must agree on for the all-reduce to be well formed.
   std::string signature() const;
@@ -81,6 +91,11 @@ inline std::pair<int64_t, int64_t> rows_in_chunk(const GroupPlan& g, const Chunk
 // Cuts the plan's output rows into at most `turns` chunks of about equal elements (one if turns
 // is 0). Chunks cover every element once, in order; none is empty unless numel is 0.
 std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns);
+
+// For a reduce-scatter over `ranks` (single output, rows divisible by ranks): each rank's block of
+// rows / ranks rows cut alike into k = min(turns, rows / ranks), at least 1, runs of about equal
+// rows; returned round by round, rank by rank (k * ranks chunks, round c's at [c * ranks, ...)).
+std::vector<Chunk> make_scatter_chunks(const Plan& plan, int64_t turns, int64_t ranks);
 
 // Rows [r0, r0 + rows) of x_i (all from r0 when rows < 0) as a 2-D [rows, k_i] operand: a row
 // slice of x[0] (split_item 1, 3) or of x[i] with its leading dims flattened (split_item 0, 2).

@@ -9,7 +9,14 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   m.def(
       "grouped_mat_mul_all_reduce(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op, int comm_turn, "
-      "int group_list_type, bool check_ranks) -> Tensor[]");
+      "int group_list_type, bool check_ranks, ScalarType? reduce_dtype) -> Tensor[]");
+  // The same products, summed and scattered by rows over the group's n ranks: rank r gets rows
+  // [r * M / n, (r + 1) * M / n) of the one output (split_item 2 and 3).
+  m.def(
+      "grouped_mat_mul_reduce_scatter(Tensor[] x, Tensor[] weight, Tensor[]? bias, "
+      "int[]? group_list, Tensor? group_list_tensor, int split_item, str group_name, "
+      "str reduce_op, int comm_turn, int group_list_type, bool check_ranks, "
+      "ScalarType? reduce_dtype) -> Tensor[]");
   // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
   m.def(
       "grouped_mat_mul(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
@@ -26,6 +33,8 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   // memory. For the tests and the benchmark's comm-only line.
   m.def("_all_reduce_(Tensor(a!) t, str group_name) -> ()");
   m.def("_shared_memory(str group_name) -> bool");
+  // The reduce-scatter op's backward all-gather: the ranks' t stacked along dim 0.
+  m.def("_all_gather_rows(Tensor t, str group_name) -> Tensor");
   // Test-only CPU twins of the CUDA engine's logic (kernel_twins.cpp).
   m.def(
       "_gemm_blocks_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "

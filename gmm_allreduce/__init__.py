@@ -1,6 +1,15 @@
 """Grouped matrix multiply fused with an all-reduce over a torch.distributed process group."""
 
-from . import autograd  # noqa: F401  (registers the op's backward)
-from .ops import grouped_mat_mul, grouped_mat_mul_all_reduce, npu_grouped_mat_mul_all_reduce
+from . import (
+    autograd,  # noqa: F401  (registers the op's backward)
+    nn,  # noqa: F401  (gmm_allreduce.nn after `import gmm_allreduce`, as torch.nn)
+)
+from .ops import (
+    grouped_mat_mul,
+    grouped_mat_mul_all_reduce,
+    grouped_mat_mul_reduce_scatter,
+    npu_grouped_mat_mul_all_reduce,
+)
 
-__all__ = ["grouped_mat_mul", "grouped_mat_mul_all_reduce", "npu_grouped_mat_mul_all_reduce"]
+__all__ = ["grouped_mat_mul", "grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter",
+           "npu_grouped_mat_mul_all_reduce"]

@@ -5,6 +5,10 @@ since the gradient arriving at the op's output is already the same on every rank
 runs in backward. grad x_i = dy_i @ W_i^T and grad W_i = x_i^T @ dy_i are local (each rank's own
 K-slice); a bias is one logical parameter replicated on every rank, and its gradient is dy_i summed
 over rows, on every rank.
+
+The reduce-scatter op (sequence parallelism) returns each rank its own rows of the sum; its backward
+all-gathers the output's gradient along the rows (the one collective of its backward), after which
+every rank holds the whole dy and the same local products follow.
 """
 
 from __future__ import annotations
@@ -14,10 +18,17 @@ import torch
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
 
 _BACKWARD = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce_backward
+_GATHER = torch.ops.gmm_allreduce._all_gather_rows
 
 
 def _setup_context(ctx, inputs, output):
     _save(ctx, inputs, group_list_type=inputs[9], bias_scale=1)
+
+
+def _setup_context_scatter(ctx, inputs, output):
+    """The reduce-scatter op: backward first all-gathers the output's gradient over the group."""
+    _save(ctx, inputs, group_list_type=inputs[9], bias_scale=1)
+    ctx.gather_group = inputs[6]
 
 
 def _setup_context_compute(ctx, inputs, output):
@@ -28,6 +39,7 @@ def _setup_context_compute(ctx, inputs, output):
 def _save(ctx, inputs, group_list_type, bias_scale):
     x, weight, bias, group_list, group_list_tensor, split_item = inputs[:6]
     ctx.n_inputs = len(inputs)
+    ctx.gather_group = None
     ctx.bias_scale = bias_scale
 
     bias = list(bias) if bias is not None else []
@@ -46,6 +58,8 @@ def _save(ctx, inputs, group_list_type, bias_scale):
 
 def _backward(ctx, grads):
     nx, nw, nb = ctx.counts
+    if ctx.gather_group is not None:  # the reduce-scatter op: dy holds this rank's rows only
+        grads = [_GATHER(grads[0].contiguous(), ctx.gather_group)]
 
     saved = ctx.saved_tensors
     x, weight, bias = saved[:nx], saved[nx:nx + nw], saved[nx + nw:nx + nw + nb]
@@ -64,6 +78,8 @@ def _backward(ctx, grads):
 
 torch.library.register_autograd("gmm_allreduce::grouped_mat_mul_all_reduce", _backward,
                                 setup_context=_setup_context)
+torch.library.register_autograd("gmm_allreduce::grouped_mat_mul_reduce_scatter", _backward,
+                                setup_context=_setup_context_scatter)
 torch.library.register_autograd("gmm_allreduce::grouped_mat_mul", _backward,
                                 setup_context=_setup_context_compute)
 

@@ -20,7 +20,8 @@ _registered = False
 
 
 def register_lowering() -> None:
-    """Registers the op's Inductor lowering once; a torch without the hooks keeps the default."""
+    """Registers the ops' Inductor lowerings (the all-reduce and the reduce-scatter op) once; a
+    torch without the hooks keeps the default."""
     global _registered
     if _registered:
         return
@@ -33,13 +34,15 @@ def register_lowering() -> None:
     collective = getattr(ir, "_CollectiveKernel", None)
     if collective is None:
         return
-    op = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce.default
 
     def wrap(node):
         if not isinstance(node, ir.IRNode):
             return node
         return node.wrap_for_lowering() if hasattr(node, "wrap_for_lowering") else ir.TensorBox.create(node)
 
-    @register(op, type_promotion_kind=None)
-    def _lower(*args, **kwargs):
-        return torch.utils._pytree.tree_map(wrap, collective.create(op, *args, **kwargs))
+    for op in (torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce.default,
+               torch.ops.gmm_allreduce.grouped_mat_mul_reduce_scatter.default):
+        def lower(*args, op=op, **kwargs):
+            return torch.utils._pytree.tree_map(wrap, collective.create(op, *args, **kwargs))
+
+        register(op, type_promotion_kind=None)(lower)

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .ops import grouped_mat_mul_all_reduce
+from .ops import grouped_mat_mul_all_reduce, grouped_mat_mul_reduce_scatter
 
 
 class GroupedRowParallelLinear(torch.nn.Module):
@@ -17,7 +17,10 @@ class GroupedRowParallelLinear(torch.nn.Module):
     Rank r holds rows [r * K_local, (r + 1) * K_local) of every group's full [K, N] weight, as one
     parameter `weight` of shape [G, K_local, N], and the full bias [G, N], replicated. forward(x,
     group_list) takes this rank's [M, K_local] activations, rows sorted by group, and returns the
-    [M, N] sum over ranks (split_item 3), identical on every rank.
+    [M, N] sum over ranks (split_item 3), identical on every rank; with sequence_parallel=True,
+    this rank's rows [r * M / n, (r + 1) * M / n) of that sum (a reduce-scatter: Megatron-LM's
+    sequence parallelism; M must divide by the world size). reduce_dtype=torch.float32 sums the
+    ranks' partials in fp32, rounding each output once.
 
     Initialisation: the full weight [G, K, N] (K = K_local * world size) and bias [G, N] are drawn
     as in a single-process model (uniform in +-1/sqrt(K), like torch.nn.Linear, from the default
@@ -27,8 +30,10 @@ class GroupedRowParallelLinear(torch.nn.Module):
 
     def __init__(self, num_groups: int, in_features_per_rank: int, out_features: int,
                  bias: bool = True, group: dist.ProcessGroup | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 sequence_parallel: bool = False, reduce_dtype: torch.dtype | None = None):
         super().__init__()
+        self.sequence_parallel, self.reduce_dtype = sequence_parallel, reduce_dtype
         if num_groups < 1 or in_features_per_rank < 0 or out_features < 0:
             raise ValueError("num_groups must be >= 1 and the feature counts >= 0, got "
                              f"{num_groups}, {in_features_per_rank}, {out_features}")
@@ -60,11 +65,12 @@ class GroupedRowParallelLinear(torch.nn.Module):
         """x: [M, K_local], rows sorted by group; group_list: rows per group as cumulative end
         offsets (group_list_type 0) or counts (1), a list or an int tensor."""
         bias = list(self.bias.unbind(0)) if self.bias is not None else None
-        return grouped_mat_mul_all_reduce([x], list(self.weight.unbind(0)), self.hcomm, bias=bias,
-                                          group_list=group_list, split_item=3,
-                                          group_list_type=group_list_type)[0]
+        op = grouped_mat_mul_reduce_scatter if self.sequence_parallel else grouped_mat_mul_all_reduce
+        return op([x], list(self.weight.unbind(0)), self.hcomm, bias=bias, group_list=group_list,
+                  split_item=3, group_list_type=group_list_type, reduce_dtype=self.reduce_dtype)[0]
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, in_features={self.in_features} "
                 f"({self.in_features_per_rank} per rank), out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}"
+                + (f", reduce_dtype={self.reduce_dtype}" if self.reduce_dtype is not None else ""))

@@ -20,6 +20,7 @@ from . import (
 )
 
 _OP = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce
+_SCATTER = torch.ops.gmm_allreduce.grouped_mat_mul_reduce_scatter
 _COMPUTE = torch.ops.gmm_allreduce.grouped_mat_mul
 
 
@@ -35,6 +36,7 @@ def grouped_mat_mul_all_reduce(
     comm_turn: int = 0,
     group_list_type: int = 0,
     check_ranks: bool = False,
+    reduce_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Grouped matmul, summed over the ranks of a process group.
 
@@ -59,6 +61,11 @@ def grouped_mat_mul_all_reduce(
         group_list_type: 0 cumulative offsets, 1 counts.
         check_ranks: first agree across ranks that every call is valid and alike; on any
             disagreement every rank raises the same error (costs one small collective).
+        reduce_dtype: None: each rank's partial products are rounded to x's dtype and summed in
+            it (in fp32 between CPU ranks of one host). torch.float32: the partials stay in fp32,
+            the ranks' sum runs in fp32, and each output is rounded once to x's dtype (for fp16
+            and bf16 x: twice the bytes to sum; a no-op for fp32 x; refused for fp64 x). On
+            CUDA it runs one cuBLAS GEMM per group, and a device group_list is read to the host.
 
     Returns:
         A list of tensors in x's dtype: G of them for split_item 0 and 1, one for 2 and 3.
@@ -71,6 +78,52 @@ def grouped_mat_mul_all_reduce(
         _int("comm_turn", comm_turn),
         _int("group_list_type", group_list_type),
         bool(check_ranks),
+        _dtype("reduce_dtype", reduce_dtype),
+    )
+
+
+def grouped_mat_mul_reduce_scatter(
+    x: Sequence[torch.Tensor],
+    weight: Sequence[torch.Tensor],
+    hcomm: str | dist.ProcessGroup | None = None,
+    *,
+    bias: Sequence[torch.Tensor] | None = None,
+    group_list: Sequence[int] | torch.Tensor | None = None,
+    split_item: int = 3,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    group_list_type: int = 0,
+    check_ranks: bool = False,
+    reduce_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Grouped matmul, summed over the ranks of a process group and scattered by rows: the
+    row-parallel layer of sequence parallelism (Megatron-LM's ``--sequence-parallel``).
+
+    The same products as grouped_mat_mul_all_reduce (same arguments, checks and bias counted
+    once), for the single-output modes (split_item 2 and 3). With n ranks, the summed output Y
+    ([M, N]) is cut into n blocks of M / n rows, and rank r returns block r, rows
+    ``[r * M / n, (r + 1) * M / n)``: the layout of ``dist.reduce_scatter_tensor`` along dim 0.
+    One collective per call for comm_turn = 0; with comm_turn = k >= 1 each rank's block is cut
+    into at most k runs of rows, run c of every block computed and then reduce-scattered while
+    run c + 1 computes. M not divisible by n, or split_item 0 or 1, is a ValueError before any
+    communication.
+
+    Autograd (the sequence-parallel convention): backward all-gathers the output's gradient
+    along the rows once, then computes the same local grouped products as the all-reduce op's
+    backward.
+
+    Returns:
+        A list of one tensor [M / n, N] in x's dtype.
+    """
+    return _SCATTER(
+        *_operands(x, weight, bias, group_list),
+        _int("split_item", split_item),
+        _group_name(hcomm),
+        _str("reduce_op", reduce_op),
+        _int("comm_turn", comm_turn),
+        _int("group_list_type", group_list_type),
+        bool(check_ranks),
+        _dtype("reduce_dtype", reduce_dtype),
     )
 
 
@@ -133,6 +186,12 @@ def _int(arg: str, value) -> int:
     return int(value)
 
 
+def _dtype(arg: str, value) -> torch.dtype | None:
+    if value is not None and not isinstance(value, torch.dtype):
+        raise TypeError(f"{arg}: expected None or a torch.dtype, got {type(value).__name__}")
+    return value
+
+
 def _str(arg: str, value) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{arg}: expected a str, got {type(value).__name__}")
@@ -170,10 +229,33 @@ def _group_name(hcomm) -> str:
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
 def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op="sum",
-          comm_turn=0, group_list_type=0, check_ranks=False):
+          comm_turn=0, group_list_type=0, check_ranks=False, reduce_dtype=None):
     inductor.register_lowering()  # a graph with the op is being traced: Inductor may lower it
     return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
                          group_list_type)
+
+
+@torch.library.register_fake("gmm_allreduce::grouped_mat_mul_reduce_scatter")
+def _fake_scatter(x, weight, bias, group_list, group_list_tensor, split_item, group_name,
+                  reduce_op="sum", comm_turn=0, group_list_type=0, check_ranks=False,
+                  reduce_dtype=None):
+    inductor.register_lowering()
+    if split_item not in (2, 3):  # the C++ plan's checks, for a traced call
+        raise ValueError("split_item: the reduce-scatter returns one tensor, scattered by rows: "
+                         f"expected 2 or 3, got {split_item}")
+    (y,) = _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
+                         group_list_type)
+    ranks = dist.distributed_c10d._resolve_process_group(group_name).size()
+    if y.shape[0] % ranks != 0:
+        raise ValueError(f"x: the output's {y.shape[0]} rows cannot be scattered evenly over the "
+                         f"group's {ranks} ranks")
+    return [y.new_empty((y.shape[0] // ranks, y.shape[1]))]
+
+
+@torch.library.register_fake("gmm_allreduce::_all_gather_rows")
+def _fake_gather(t, group_name):
+    ranks = dist.distributed_c10d._resolve_process_group(group_name).size()
+    return t.new_empty((t.shape[0] * ranks, *t.shape[1:]))
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul")

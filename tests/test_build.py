@@ -5,7 +5,7 @@ import torch
 
 import gmm_allreduce  # noqa: F401  (loads the extension)
 
-OPS = ["grouped_mat_mul_all_reduce", "grouped_mat_mul"]
+OPS = ["grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter", "grouped_mat_mul"]
 
 
 @pytest.mark.parametrize("op", OPS)

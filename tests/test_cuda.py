@@ -13,7 +13,7 @@ import torch.distributed as dist
 from test_semantics import DTYPES, SHAPES, assert_all_ranks_identical, cases_for
 
 import gmm_allreduce
-from gmm_allreduce.cases import Case, call_kwargs, check, make_inputs, to_device
+from gmm_allreduce.cases import TOLERANCE, Case, call_kwargs, check, expected, make_inputs, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -382,3 +382,33 @@ def test_outputs_ready_on_the_current_stream(nccl1):
         doubled = y * 2  # queued right after the op on the same stream
     stream.synchronize()
     torch.testing.assert_close(doubled.double(), expected * 2, atol=1e-1, rtol=3e-2)
+
+
+def scatter_and_fp32_on_gpu(cases):
+    """The reduce-scatter op and reduce_dtype=float32 on cuda:0 (gloo between the ranks)."""
+    torch.cuda.set_device(0)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for case in cases:
+        inputs = on_cuda(make_inputs(case, rank, world), stacked=True)
+        kw = call_kwargs(case, inputs)
+        (rs,) = gmm_allreduce.grouped_mat_mul_reduce_scatter(inputs["x"], inputs["weight"], **kw)
+        (fp32,) = gmm_allreduce.grouped_mat_mul_all_reduce(inputs["x"], inputs["weight"], **kw,
+                                                          reduce_dtype=torch.float32)
+        out.append((rs.cpu(), fp32.cpu()))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=lambda w: f"w{w}")
+def test_reduce_scatter_and_reduce_dtype_on_gpu(pools, world):
+    """The grouped GEMM's bf16 cases (M = 288 divides by 1 and 2): each rank's rows of the
+    reference, and the fp32 sum against it (the loop GEMM writes fp32 products into the buffer)."""
+    cases = [c for c in grouped_cases() if c.split_item == 3]
+    for rank, results in enumerate(pools(world).run(scatter_and_fp32_on_gpu, cases)):
+        for case, (rs, fp32) in zip(cases, results):
+            (ref,) = expected(case, world)
+            rows = ref.shape[0] // world
+            tol = (0, 0) if case.integers else TOLERANCE[case.dtype]
+            torch.testing.assert_close(rs.double(), ref[rank * rows:(rank + 1) * rows], atol=tol[0],
+                                       rtol=tol[1])
+            check(case, [fp32], world)

@@ -33,9 +33,10 @@ void add_bias(at::Tensor& y, const at::Tensor& bias) {
   }
 }
 
-// y = x @ w (+ bias) for fp16 on the CPU: an fp32 GEMM on upcast operands (exact for fp16 inputs),
-// rounded once into y, a block of rows at a time so that the fp32 copies of x and of the output
-// stay small (~4 MB) whatever m is; w is upcast once.
+// y = x @ w (+ bias) for 16-bit x (fp16 on the CPU; any into reduce_dtype's fp32 buffer): an fp32
+// GEMM on upcast operands (the upcast is exact), rounded once into a 16-bit y, a block of rows at a
+// time so that the fp32 copies of x and of the output stay small (~4 MB) whatever m is; w is upcast
+// once.
 void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   const at::Tensor w32 = w.to(at::kFloat);
   const int64_t rows = block_rows(x.size(1) + y.size(1), int64_t{1} << 20);
@@ -43,8 +44,12 @@ void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const 
     const int64_t count = std::min(rows, y.size(0) - r);
     const bool whole = count == y.size(0);  // one block (small groups): no narrow to dispatch
     const at::Tensor x32 = (whole ? x : x.narrow(0, r, count)).to(at::kFloat);
-    (whole ? y : y.narrow(0, r, count))
-        .copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
+    at::Tensor out = whole ? y : y.narrow(0, r, count);
+    if (out.scalar_type() == at::kFloat) {  // the fp32 buffer of reduce_dtype: written in place
+      bias.defined() ? at::addmm_out(out, bias, x32, w32) : at::mm_out(out, x32, w32);
+    } else {
+      out.copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
+    }
   }
 }
 
@@ -54,7 +59,10 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
   const at::ScalarType acc = at::toOpMathType(plan.dtype);
   // ATen's CPU fp16 GEMM is a scalar fallback (~80x slower than fp32 on AVX-512 hosts); an fp32
   // GEMM on upcast operands is exact for fp16 inputs and gives the single rounding of the spec.
-  const bool upcast = plan.device.is_cpu() && plan.dtype == at::kHalf;
+  // reduce_dtype float32 for 16-bit x: the fp32 GEMM of upcast operands (ATen's CPU GEMMs have no
+  // 16-bit inputs with an fp32 output) writes the unrounded partials into the fp32 buffer.
+  const bool upcast =
+      (plan.device.is_cpu() && plan.dtype == at::kHalf) || plan.reduce_dtype != plan.dtype;
 
   for_each_block(plan, args, flat, 0, chunk, [&](size_t i, at::Tensor& y, const at::Tensor& x) {
     const at::Tensor& w = args.weight[i];
@@ -63,7 +71,7 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
 
     if (acc == plan.dtype) {  // fp32, fp64: fused bias, one rounding
       bias.defined() ? at::addmm_out(y, bias, x, w) : at::mm_out(y, x, w);
-    } else if (upcast) {  // fp16 on the CPU: fp32 GEMM, one rounding into y
+    } else if (upcast) {  // fp32 GEMM, one rounding into y (none into an fp32 buffer)
       upcast_gemm(y, x, w, bias);
     } else {
       // 16-bit GEMM with fp32 accumulation, rounded once; ATen has no 16-bit GEMM with an fp32
@@ -80,6 +88,7 @@ constexpr Engine kAtenEngine{&compute_aten};
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kAtenEngine>);
+  m.impl("grouped_mat_mul_reduce_scatter", &scatter_kernel<&kAtenEngine>);
   m.impl("grouped_mat_mul", &compute_kernel<&kAtenEngine>);
 }
 

@@ -28,8 +28,8 @@ uint64_t signature_hash(const Plan& plan) { return std::hash<std::string>{}(plan
 }  // namespace
 
 int64_t fingerprint_size(const Plan& plan, int64_t world_size) {
-  const bool rides = plan.numel > 0 && world_size > 1 && world_size <= exact_integers(plan.dtype) &&
-                     plan.device.is_cpu();
+  const bool rides = plan.numel > 0 && world_size > 1 &&
+                     world_size <= exact_integers(plan.reduce_dtype) && plan.device.is_cpu();
   return rides ? kBits : 0;
 }
 

@@ -9,7 +9,8 @@
 // - tiled: our one-launch grouped GEMM (tiled_gemm.cu), bias fused before the single rounding; for
 //   host-planned blocks, or for split_item 3 with its group rows on the device.
 // - loop: one cuBLAS GEMM per group. 16-bit products go to an fp32 buffer (mm with an fp32 output:
-//   no 16-bit split-K reduction), rounded once into the flat buffer with the bias.
+//   no 16-bit split-K reduction), rounded once into the flat buffer with the bias; with
+//   reduce_dtype float32 the flat buffer itself is that fp32 buffer (the only GEMM that serves it).
 // GMM_CUDA_GEMM=loop|grouped|tiled overrides the rule, for the benchmark.
 #include <ATen/ATen.h>
 #include <ATen/native/cuda/GroupMM.h>
@@ -88,6 +89,13 @@ void grouped_gemm(const OpArgs& a, const at::Tensor& weight3, const at::Tensor& 
 void loop_gemm(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
                const Chunk& chunk) {
   const int64_t count = chunk.elem_end - chunk.elem_begin;
+  if (plan.reduce_dtype != plan.dtype) {  // 16-bit x, fp32 partials kept in the fp32 buffer
+    for_each_block(plan, a, flat, 0, chunk, [&](size_t i, at::Tensor& y, const at::Tensor& x) {
+      at::mm_out(y, x, a.weight[i], at::kFloat);
+      if (plan.has_bias) y.add_((*a.bias)[i].to(at::kFloat).div(world_size));
+    });
+    return;
+  }
   if (plan.dtype == at::kFloat || plan.dtype == at::kDouble) {
     for_each_block(plan, a, flat, 0, chunk, [&](size_t i, at::Tensor& y, const at::Tensor& x) {
       at::mm_out(y, x, a.weight[i]);
@@ -151,6 +159,7 @@ constexpr Engine kCudaEngine{&compute_cuda, &device_rows};
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CUDA, m) {
   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kCudaEngine>);
+  m.impl("grouped_mat_mul_reduce_scatter", &scatter_kernel<&kCudaEngine>);
   m.impl("grouped_mat_mul", &compute_kernel<&kCudaEngine>);
 }
 

@@ -97,11 +97,14 @@ bool takes_device_rows(const OpArgs& a, const GemmDevice& d) {
     return false;
   if (a.x.size() != 1 || !strided(a.x[0]) || a.x[0].dim() != 2 || a.x[0].size(0) > INT32_MAX)
     return false;
+  if (a.reduce_dtype && *a.reduce_dtype != a.x[0].scalar_type()) return false;  // the loop's
   return grouped_rows_weight(a, d).has_value() || tiled_takes(a.x[0].scalar_type(), d);
 }
 
 Gemm choose_gemm(const Plan& plan, const OpArgs& a, const GemmDevice& d,
                  std::optional<at::Tensor>& weight3) {
+  // Partials kept in fp32 (reduce_dtype): the loop's GEMMs write fp32 straight into the buffer.
+  if (plan.reduce_dtype != plan.dtype) return Gemm::kLoop;
   if (plan.device_rows) {  // takes_device_rows said yes: one of the two serves
     weight3 = grouped_rows_weight(a, d);
     TORCH_INTERNAL_ASSERT(weight3 || tiled_takes(plan.dtype, d));

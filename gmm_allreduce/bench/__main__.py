@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import report, runner
-from .methods import COMMON, GPU_ONLY
+from .methods import COMMON, EXTRA, GPU_ONLY
 from .scenarios import SHAPES, load
 
 
@@ -35,7 +35,7 @@ def parse(argv):
     p.add_argument("--comm-turns", type=int, nargs="+", default=[0], metavar="K",
                    help="comm_turn values of the fused op (default: 0)")
     p.add_argument("--methods", nargs="+", default=list(COMMON),
-                   choices=[*COMMON, *GPU_ONLY], help=f"default: {' '.join(COMMON)}")
+                   choices=[*COMMON, *EXTRA, *GPU_ONLY], help=f"default: {' '.join(COMMON)}")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)

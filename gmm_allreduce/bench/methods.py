@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..cases import Case, call_kwargs, check, make_inputs, to_device
-from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce
+from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce, grouped_mat_mul_reduce_scatter
 from ..reference import group_operands, unfused
 
 # Methods every device runs; "fused" is timed once per comm_turn of the sweep.
@@ -24,6 +24,10 @@ COMMON = ("fused", "unfused", "flat_loop", "grouped_mm", "compute", "comm", "com
 # The best compositions, against which the op is reported (vs_best: paired, the op over the
 # fastest composition of each iteration; for comm_op, over comm).
 COMPOSITIONS = ("flat_loop", "grouped_mm")
+# Beyond the seed (not run by default): rs, the reduce-scatter op (split_item 2 and 3, M divisible
+# by the world size), against rs_grouped_mm, torch._grouped_mm then one dist.reduce_scatter_tensor;
+# fused_fp32, the op with reduce_dtype=torch.float32 (against fused at comm_turn 0).
+EXTRA = ("rs", "rs_grouped_mm", "fused_fp32")
 # Library baselines of the GPU table (world size 1): one torch.mm per group and one dense
 # torch.mm of the same FLOPs, without a collective.
 GPU_ONLY = ("mm_loop", "dense")
@@ -61,6 +65,15 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
             group = dist.group.WORLD.group_name
             calls[method] = ((lambda flat=flat: dist.all_reduce(flat)) if method == "comm" else
                              (lambda flat=flat, group=group: torch.ops.gmm_allreduce._all_reduce_(flat, group)))
+        elif method == "fused_fp32":
+            calls[method] = lambda: grouped_mat_mul_all_reduce(x, w, **kw, reduce_dtype=torch.float32)
+        elif method in ("rs", "rs_grouped_mm"):
+            call = None
+            if case.split_item in (2, 3) and sum(case.m) % world == 0:
+                call = ((lambda: grouped_mat_mul_reduce_scatter(x, w, **kw)) if method == "rs"
+                        else _scatter_composition(case, x, w, world))
+            if call is not None:
+                calls[method] = call
         elif method in COMPOSITIONS:
             composed = _composition(method, case, x, w, kw, world)
             if composed is not None:
@@ -112,6 +125,29 @@ def _composition(method: str, case: Case, x, w, kw, world: int) -> Callable | No
     if upcast:
         return lambda: all_reduce(torch._grouped_mm(x[0].float(), stacked, offs=offs).to(case.dtype))
     return lambda: all_reduce(torch._grouped_mm(x[0], stacked, offs=offs))
+
+
+# torch 2.13 renamed reduce_scatter_tensor (kept as a deprecated alias).
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def _scatter_composition(case: Case, x, w, world: int) -> Callable | None:
+    """torch._grouped_mm on the stacked weights, then one dist.reduce_scatter_tensor."""
+    if case.split_item != 3 or len(set(case.n)) != 1 or not hasattr(torch, "_grouped_mm"):
+        return None
+    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)
+    offs = torch.tensor(case.m, device=x[0].device).cumsum(0).to(torch.int32)
+    upcast = x[0].device.type == "cpu" and case.dtype == torch.float16
+    if upcast:
+        stacked = stacked.float()
+
+    def composed():
+        y = torch._grouped_mm(x[0].float() if upcast else x[0], stacked, offs=offs).to(case.dtype)
+        out = y.new_empty(y.shape[0] // world, y.shape[1])
+        _reduce_scatter(out, y)
+        return out
+
+    return composed
 
 
 def _gpu_baseline(method: str, case: Case, x, w, kw) -> Callable | None:

@@ -44,8 +44,11 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
         best = [slowest[c] for c in COMPOSITIONS if c in slowest]
         if name.startswith("fused@") and best:  # against the best composition of each iteration
             row["vs_best"] = statistics.median(t / min(b) for t, *b in zip(slowest[name], *best))
-        if name == "comm_op" and "comm" in slowest:  # the op's all-reduce against dist.all_reduce
-            row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest["comm"]))
+        # Paired against its own baseline: the op's all-reduce against dist.all_reduce, the
+        # reduce-scatter op against its composition, reduce_dtype=float32 against the default.
+        base = {"comm_op": "comm", "rs": "rs_grouped_mm", "fused_fp32": "fused@0"}.get(name)
+        if base in slowest:
+            row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest[base]))
         if name.startswith("fused@") and "fused@0" in slowest:
             row["time_vs_turn0"] = statistics.median(
                 t / t0 for t, t0 in zip(slowest[name], slowest["fused@0"]))
@@ -101,7 +104,8 @@ def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [", ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "| scenario | method | comm_turn | ms, median (IQR) | TFLOP/s | host µs | vs unfused | "
-             "vs best (op / best composition; comm_op / comm) | time vs comm_turn=0 | efficiency |",
+             "vs best (op / best composition; comm_op / comm; rs / rs_grouped_mm; "
+             "fused_fp32 / fused) | time vs comm_turn=0 | efficiency |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
