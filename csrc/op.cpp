@@ -77,7 +77,7 @@ at::Tensor scatter_rows(const Engine& engine, const Plan& plan, const OpArgs& ar
   const int64_t ranks = plan.scatter;
   at::Tensor flat = empty_flat(plan);
   at::Tensor out = at::empty({plan.numel / ranks}, flat.options());
-  ReduceScatter reduce_scatter(group);
+  ReduceScatter reduce_scatter(group, flat);
   const bool one_round = static_cast<int64_t>(plan.chunks.size()) == ranks;
   for (size_t c = 0; c < plan.chunks.size(); c += ranks) {
     std::vector<at::Tensor> pieces;

@@ -5,6 +5,7 @@ issues; its errors before any communication; gradients against the reference and
 opcheck and torch.compile."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -35,14 +36,33 @@ def cases_for(split_item, dtype_id, comm_turn):
             for i, shape in enumerate(SHAPES[split_item]) for integers in (True, False)]
 
 
-def scatter_cases(cases, reduce_dtype=None):
+def gloo_group():
+    """A new group of every rank that sums through gloo (its shared memory turned off)."""
+    old = os.environ.get("GMM_ALLREDUCE_SHM")
+    os.environ["GMM_ALLREDUCE_SHM"] = "0"
+    try:
+        group = dist.new_group(list(range(dist.get_world_size())))
+        torch.ops.gmm_allreduce._all_reduce_(torch.zeros(1), group.group_name)  # setup: declined
+        return group
+    finally:
+        if old is None:
+            os.environ.pop("GMM_ALLREDUCE_SHM", None)
+        else:
+            os.environ["GMM_ALLREDUCE_SHM"] = old
+
+
+def scatter_cases(cases, reduce_dtype=None, gloo=False):
+    """Through the world group (shared memory at world > 1), or a gloo one."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    group = gloo_group() if gloo else dist.group.WORLD
+    assert torch.ops.gmm_allreduce._shared_memory(group.group_name) == (world > 1 and not gloo)
     out = []
     for case in cases:
         inputs = make_inputs(case, rank, world)
         before = [t.clone() for t in (*inputs["x"], *inputs["weight"])]
         (y,) = gmm_allreduce.grouped_mat_mul_reduce_scatter(
-            inputs["x"], inputs["weight"], **call_kwargs(case, inputs), reduce_dtype=reduce_dtype)
+            inputs["x"], inputs["weight"], group, **call_kwargs(case, inputs),
+            reduce_dtype=reduce_dtype)
         assert all(torch.equal(a, b) for a, b in zip(before, (*inputs["x"], *inputs["weight"])))
         out.append(y.clone())
     return out
@@ -69,6 +89,16 @@ def test_matches_reference(pools, world, split_item, dtype_id, comm_turn):
             check_rows(case, y, world, rank)
 
 
+@pytest.mark.parametrize("comm_turn", [0, 3])
+@pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"w{w}")
+def test_matches_reference_over_gloo(pools, world, comm_turn):
+    """The process group's reduce-scatter (across hosts, or GMM_ALLREDUCE_SHM=0)."""
+    cases = cases_for(3, "bf16", comm_turn) + cases_for(2, "fp16", comm_turn)
+    for rank, outputs in enumerate(pools(world).run(scatter_cases, cases, None, True)):
+        for case, y in zip(cases, outputs):
+            check_rows(case, y, world, rank)
+
+
 @pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"w{w}")
 def test_reduce_dtype_float32(pools, world):
     cases = cases_for(3, "bf16", 2) + cases_for(2, "fp16", 0)
@@ -77,23 +107,28 @@ def test_reduce_dtype_float32(pools, world):
             check_rows(case, y, world, rank)
 
 
-# What the profiler sees of a reduce-scatter, whichever name this torch gives the one-tensor one.
-REDUCE_SCATTERS = ("c10d::_reduce_scatter_base_", "c10d::reduce_scatter_tensor_coalesced_",
-                   "c10d::reduce_scatter_")
+# What the profiler sees of a reduce-scatter: through shared memory, or the process group's under
+# whichever name this torch gives the one-tensor one.
+REDUCE_SCATTERS = ("gmm_allreduce::shm_reduce_scatter", "c10d::_reduce_scatter_base_",
+                   "c10d::reduce_scatter_tensor_coalesced_", "c10d::reduce_scatter_")
 
 
-def count_reduce_scatters(comm_turn):
+def count_reduce_scatters(comm_turn, gloo):
+    group = gloo_group() if gloo else dist.group.WORLD
     x, w = [torch.randn(16, 4)], [torch.randn(4, 3) for _ in range(2)]
     kw = dict(group_list=[5, 16], split_item=3, comm_turn=comm_turn)
+    gmm_allreduce.grouped_mat_mul_reduce_scatter(x, w, group, **kw)  # shared memory set up
     with profile() as prof:
-        gmm_allreduce.grouped_mat_mul_reduce_scatter(x, w, **kw)
-    return sorted(e.name for e in prof.events() if e.name.startswith("c10d::"))
+        gmm_allreduce.grouped_mat_mul_reduce_scatter(x, w, group, **kw)
+    return sorted(e.name for e in prof.events()
+                  if e.name.startswith(("c10d::", "gmm_allreduce::shm")))
 
 
+@pytest.mark.parametrize("gloo", [False, True], ids=["shm", "gloo"])
 @pytest.mark.parametrize("comm_turn, rounds", [(0, 1), (1, 1), (3, 3), (100, 8)])
-def test_one_collective_per_round(pools, comm_turn, rounds):
+def test_one_collective_per_round(pools, comm_turn, rounds, gloo):
     """One reduce-scatter for comm_turn 0 and 1; k for k >= 1, at most M / n = 8 (rows per rank)."""
-    for names in pools(2).run(count_reduce_scatters, comm_turn):
+    for names in pools(2).run(count_reduce_scatters, comm_turn, gloo):
         assert len(names) == rounds and all(n in REDUCE_SCATTERS for n in names), names
 
 
@@ -210,3 +245,14 @@ def test_nn_after_import_gmm_allreduce():
     code = "import gmm_allreduce; print(gmm_allreduce.nn.GroupedRowParallelLinear.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "GroupedRowParallelLinear", out.stderr
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"w{w}")
+def test_outputs_larger_than_a_shared_memory_round(pools, world):
+    """8 MiB of fp32 output: each rank's part passes through shared memory in several rounds
+    (4 MiB per rank per round); exact on small integers, with and without comm_turn."""
+    cases = [Case(name=f"large-turn{t}", split_item=3, m=(600, 424), k=(4, 4), n=(2048, 2048),
+                  dtype=torch.float32, integers=True, comm_turn=t) for t in (0, 2)]
+    for rank, outputs in enumerate(pools(world).run(scatter_cases, cases)):
+        for case, y in zip(cases, outputs):
+            check_rows(case, y, world, rank)

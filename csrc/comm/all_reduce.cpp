@@ -40,9 +40,12 @@ std::shared_ptr<ShmAllReduce> shm_of(const GroupPtr& group) {
 
 }  // namespace
 
-AllReduce::AllReduce(const GroupPtr& group, const at::Tensor& like) : group_(group) {
-  if (group->getSize() > 1 && like.is_cpu()) shm_ = shm_of(group);
+std::shared_ptr<ShmAllReduce> shared_memory_of(const GroupPtr& group, const at::Tensor& like) {
+  return group->getSize() > 1 && like.is_cpu() ? shm_of(group) : nullptr;
 }
+
+AllReduce::AllReduce(const GroupPtr& group, const at::Tensor& like)
+    : group_(group), shm_(shared_memory_of(group, like)) {}
 
 void AllReduce::start(const at::Tensor& flat) {
   if (group_->getSize() == 1 || flat.numel() == 0) return;  // a sum over one rank, or of nothing

@@ -16,6 +16,11 @@ namespace gmm_allreduce {
 
 class ShmAllReduce;
 
+// The group's shared-memory collectives for tensors like `like`: for CPU tensors of a group of
+// several ranks that share a /dev/shm (set up at the group's first call: a collective, which every
+// rank reaches at the same call); nullptr otherwise.
+std::shared_ptr<ShmAllReduce> shared_memory_of(const GroupPtr& group, const at::Tensor& like);
+
 class AllReduce {
  public:
   // The sums of tensors like `like` (its device decides) over `group`. The first one of a CPU

@@ -1,5 +1,8 @@
 #include "reduce_scatter.h"
 
+#include "all_reduce.h"
+#include "shm_all_reduce.h"
+
 namespace gmm_allreduce {
 namespace {
 
@@ -27,10 +30,17 @@ c10::intrusive_ptr<c10d::Work> all_gather_one(G& group, at::Tensor& out, at::Ten
 
 }  // namespace
 
+ReduceScatter::ReduceScatter(const GroupPtr& group, const at::Tensor& like)
+    : group_(group), shm_(shared_memory_of(group, like)) {}
+
 void ReduceScatter::start(const at::Tensor& in, const at::Tensor& out) {
   if (out.numel() == 0) return;  // every rank's parts are empty alike
   if (group_->getSize() == 1) {  // a sum over one rank
     out.copy_(in);
+    return;
+  }
+  if (shm_) {
+    shm_->reduce_scatter(in.view({group_->getSize(), -1}).unbind(0), out);
     return;
   }
   at::Tensor input = in;
@@ -43,6 +53,10 @@ void ReduceScatter::start(const std::vector<at::Tensor>& pieces, const at::Tenso
   if (out.numel() == 0) return;
   if (pieces.size() == 1) {
     out.copy_(pieces[0]);
+    return;
+  }
+  if (shm_) {
+    shm_->reduce_scatter(pieces, out);
     return;
   }
   std::vector<at::Tensor> outputs{out};

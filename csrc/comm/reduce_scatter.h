@@ -1,19 +1,25 @@
 // The reduce-scatter that grouped_mat_mul_reduce_scatter issues over its process group, and the
-// all-gather of its backward: through the process group, on any backend (gloo, NCCL, ...), where
-// the backend runs them (NCCL: its own stream).
+// all-gather of its backward. The reduce-scatter goes through shared memory where the op's
+// all-reduce does (CPU tensors, ranks of one host: shm_all_reduce.h), otherwise through the process
+// group, on any backend (gloo, NCCL, ...), where the backend runs it (NCCL: its own stream); the
+// all-gather through the process group.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <vector>
 
 #include "group.h"
 
 namespace gmm_allreduce {
 
+class ShmAllReduce;
+
 class ReduceScatter {
  public:
-  explicit ReduceScatter(const GroupPtr& group) : group_(group) {}
+  // Reduce-scatters of tensors like `like` (its device decides) over `group`.
+  ReduceScatter(const GroupPtr& group, const at::Tensor& like);
 
   // Starts out = the sum over the group's ranks of their part r of `in`, where r is this rank: `in`
   // holds one part per rank, each the size of out, in rank order (both contiguous).
@@ -26,6 +32,7 @@ class ReduceScatter {
 
  private:
   GroupPtr group_;
+  std::shared_ptr<ShmAllReduce> shm_;
   std::vector<c10::intrusive_ptr<c10d::Work>> pending_;
 };
 

@@ -304,12 +304,8 @@ void ShmAllReduce::wait_for(uint64_t seq, bool reduced) {
   }
 }
 
-void ShmAllReduce::round(char* data, int64_t count, at::ScalarType dtype) {
-  const uint64_t seq = ++seq_;
-  const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
-  const int64_t bytes = count * elem;
+std::vector<const char*> ShmAllReduce::exchange(uint64_t seq, int64_t bytes, at::ScalarType dtype) {
   Slot& mine = segments_[rank_]->slot[seq % 2];
-  std::memcpy(mine.data, data, bytes);
   mine.bytes = bytes;
   mine.dtype = static_cast<int32_t>(dtype);
   segments_[rank_]->copied.store(seq, std::memory_order_release);
@@ -332,6 +328,16 @@ void ShmAllReduce::round(char* data, int64_t count, at::ScalarType dtype) {
          "): their calls differ; check_ranks=True names the rank that differs");
   }
   check_peers();  // a peer that gave up after copying in
+  return in;
+}
+
+void ShmAllReduce::round(char* data, int64_t count, at::ScalarType dtype) {
+  const uint64_t seq = ++seq_;
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t bytes = count * elem;
+  Slot& mine = segments_[rank_]->slot[seq % 2];
+  std::memcpy(mine.data, data, bytes);
+  const std::vector<const char*> in = exchange(seq, bytes, dtype);
   const std::vector<const void*> ins(in.begin(), in.end());
   auto sum = [&](char* out, int64_t begin, int64_t end) { rank_sum(out, ins, dtype, begin, end); };
   if (bytes <= kSmallBytes) {  // every rank sums it all, in the same order
@@ -349,6 +355,43 @@ void ShmAllReduce::round(char* data, int64_t count, at::ScalarType dtype) {
   for (int r = 0; r < world_; ++r) {
     const auto [pb, pe] = part(r);
     std::memcpy(data + pb * elem, in[r] + pb * elem, (pe - pb) * elem);
+  }
+}
+
+void ShmAllReduce::scatter_round(const std::vector<at::Tensor>& pieces, int64_t begin,
+                                 int64_t count, char* out, at::ScalarType dtype) {
+  const uint64_t seq = ++seq_;
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
+  Slot& mine = segments_[rank_]->slot[seq % 2];
+  for (int r = 0; r < world_; ++r) {  // part r of this rank's input, for rank r
+    std::memcpy(mine.data + r * count * elem,
+                static_cast<const char*>(pieces[r].const_data_ptr()) + begin * elem, count * elem);
+  }
+  const std::vector<const char*> in = exchange(seq, world_ * count * elem, dtype);
+  std::vector<const void*> parts(world_);  // every rank's part for this rank
+  for (int r = 0; r < world_; ++r) parts[r] = in[r] + rank_ * count * elem;
+  rank_sum(out, parts, dtype, 0, count);
+}
+
+void ShmAllReduce::reduce_scatter(const std::vector<at::Tensor>& pieces, const at::Tensor& out) {
+  RECORD_FUNCTION("gmm_allreduce::shm_reduce_scatter", std::vector<c10::IValue>());
+  TORCH_CHECK(failed_.empty(), failed_,
+              " (an earlier call failed; the group's shared-memory "
+              "all-reduce is unusable)");
+  TORCH_CHECK(out.is_cpu() && out.is_contiguous() && static_cast<int>(pieces.size()) == world_,
+              "shared-memory reduce-scatter: a contiguous CPU output and one piece per rank "
+              "expected");
+  for (const at::Tensor& p : pieces) {
+    TORCH_CHECK(p.is_cpu() && p.is_contiguous() && p.numel() == out.numel() &&
+                    p.scalar_type() == out.scalar_type(),
+                "shared-memory reduce-scatter: contiguous pieces like the output expected");
+  }
+  const int64_t elem = static_cast<int64_t>(out.element_size());
+  const int64_t per_round = kSlotBytes / elem / world_;  // of each piece
+  char* data = static_cast<char*>(out.data_ptr());
+  for (int64_t done = 0; done < out.numel(); done += per_round) {
+    scatter_round(pieces, done, std::min(per_round, out.numel() - done), data + done * elem,
+                  out.scalar_type());
   }
 }
 

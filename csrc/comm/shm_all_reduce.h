@@ -42,6 +42,11 @@ class ShmAllReduce {
   // called with another size or type (then this object refuses every later call).
   void sum(const at::Tensor& flat);
 
+  // out = the sum over ranks of their pieces[r], r being this rank (pieces: one per rank, each
+  // contiguous and like out). In rounds of at most kSlotBytes per rank: each rank copies its
+  // pieces' next slices in, then sums the slices meant for it, in rank order as sum() does.
+  void reduce_scatter(const std::vector<at::Tensor>& pieces, const at::Tensor& out);
+
   int rank() const { return rank_; }
   int world() const { return world_; }
 
@@ -50,6 +55,11 @@ class ShmAllReduce {
  private:
   ShmAllReduce(int rank, int world, std::chrono::milliseconds timeout);
   void round(char* data, int64_t count, at::ScalarType dtype);
+  void scatter_round(const std::vector<at::Tensor>& pieces, int64_t begin, int64_t count, char* out,
+                     at::ScalarType dtype);
+  // Publishes round `seq` (this rank's slot filled: `bytes` of `dtype`), waits for every rank's,
+  // checks that they agree on size and type, and returns every rank's slot data.
+  std::vector<const char*> exchange(uint64_t seq, int64_t bytes, at::ScalarType dtype);
   void wait_for(uint64_t seq, bool reduced);
   void check_peers();  // raises if a peer gave up
   [[noreturn]] void fail(const std::string& why);
