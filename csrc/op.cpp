@@ -6,6 +6,7 @@
 
 #include "comm/agree.h"
 #include "comm/all_reduce.h"
+#include "comm/deferred.h"
 #include "comm/fingerprint.h"
 #include "comm/reduce_scatter.h"
 
@@ -19,20 +20,36 @@ at::Tensor elements(const at::Tensor& flat, int64_t begin, int64_t end) {
   return begin == 0 && end == flat.numel() ? flat : flat.narrow(0, begin, end - begin);
 }
 
-// The returned tensors. One output (split_item 2, 3, or a single group): a view of the flat buffer
-// (which may end with the fingerprint), or its rounding to x's dtype where the sum ran in fp32.
-// Several outputs: each group's block copied out of the buffer into its own tensor, since PyTorch's
-// custom-op contract forbids outputs that alias each other (an error under torch.compile in CI,
-// and in future PyTorch); the single collective over the buffer stays.
-std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
+// Whether the one output is the flat buffer itself (a view of it): no copy and no rounding left.
+bool output_is_buffer(const Plan& plan) {
+  return plan.out_shapes.size() == 1 && plan.reduce_dtype == plan.dtype;
+}
+
+// The returned tensors, made before the sum is done (async_op returns them then). One output
+// (split_item 2, 3, or a single group): a view of the flat buffer (which may end with the
+// fingerprint), or a tensor of its own where the sum runs in fp32 (rounded into it by
+// fill_outputs). Several outputs: tensors of their own, since PyTorch's custom-op contract forbids
+// outputs that alias each other (an error under torch.compile in CI, and in future PyTorch); the
+// single collective over the buffer stays, and fill_outputs copies each group's block out.
+std::vector<at::Tensor> make_outputs(const Plan& plan, const at::Tensor& flat) {
+  if (output_is_buffer(plan)) return {elements(flat, 0, plan.numel).view(plan.out_shapes[0])};
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(plan.out_shapes.size());
+  for (const auto& shape : plan.out_shapes) {
+    outputs.push_back(at::empty(shape, flat.options().dtype(plan.dtype)));
+  }
+  return outputs;
+}
+
+// The summed buffer into the outputs of make_outputs.
+void fill_outputs(const Plan& plan, const at::Tensor& flat, std::vector<at::Tensor>& outputs) {
+  if (output_is_buffer(plan)) return;
+  if (outputs.size() == 1) {  // one rounding from the fp32 sum
+    outputs[0].view({-1}).copy_(elements(flat, 0, plan.numel));
+    return;
+  }
   // The outputs' one rounding, where the sum ran in reduce_dtype (no copy otherwise).
   const at::Tensor used = elements(flat, 0, plan.numel).to(plan.dtype);
-  if (plan.out_shapes.size() == 1) return {used.view(plan.out_shapes[0])};
-  std::vector<at::Tensor> outputs;
-  outputs.reserve(plan.groups.size());
-  for (size_t i = 0; i < plan.groups.size(); ++i) {
-    outputs.push_back(at::empty(plan.out_shapes[i], used.options()));
-  }
   if (used.is_cpu()) {
     // A memcpy per small group (ATen's copy costs ~1 us per call); ATen's (parallel) copy for
     // large ones.
@@ -47,17 +64,16 @@ std::vector<at::Tensor> outputs_of(const Plan& plan, const at::Tensor& flat) {
       }
       begin += n;
     }
-    return outputs;
+    return;
   }
   // One op for all (on CUDA one kernel: ATen's fast path for contiguous splits).
   std::vector<int64_t> sizes;
   std::vector<at::Tensor> flat_outputs;
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    sizes.push_back(outputs[i].numel());
-    flat_outputs.push_back(outputs[i].view({-1}));
+  for (const at::Tensor& out : outputs) {
+    sizes.push_back(out.numel());
+    flat_outputs.push_back(out.view({-1}));
   }
   at::split_with_sizes_copy_out(flat_outputs, used, sizes);
-  return outputs;
 }
 
 // Asks the engine whether it takes the group rows from the device (before validation).
@@ -72,8 +88,8 @@ at::Tensor empty_flat(const Plan& plan, int64_t extra = 0) {
 // The reduce-scatter's rounds: round c computes the c-th run of rows of every rank's block (one
 // chunk each), then reduce-scatters them into this rank's rows of that run, while round c + 1
 // computes. Returns this rank's [M / n, N] rows.
-at::Tensor scatter_rows(const Engine& engine, const Plan& plan, const OpArgs& args,
-                        const GroupPtr& group) {
+std::vector<at::Tensor> scatter_rows(const Engine& engine, const Plan& plan, const OpArgs& args,
+                                     const GroupPtr& group, bool async_op) {
   const int64_t ranks = plan.scatter;
   at::Tensor flat = empty_flat(plan);
   at::Tensor out = at::empty({plan.numel / ranks}, flat.options());
@@ -91,14 +107,21 @@ at::Tensor scatter_rows(const Engine& engine, const Plan& plan, const OpArgs& ar
     const at::Tensor mine = elements(out, first.elem_begin, first.elem_end);
     one_round ? reduce_scatter.start(flat, mine) : reduce_scatter.start(pieces, mine);
   }
-  reduce_scatter.wait();
-  return out.view({plan.rows / ranks, plan.out_shapes[0][1]}).to(plan.dtype);
+  const std::vector<int64_t> shape{plan.rows / ranks, plan.out_shapes[0][1]};
+  at::Tensor y = plan.reduce_dtype == plan.dtype
+                     ? out.view(shape)
+                     : at::empty(shape, out.options().dtype(plan.dtype));
+  auto finish = [=, reduce_scatter = std::move(reduce_scatter)]() mutable {
+    reduce_scatter.wait();
+    if (plan.reduce_dtype != plan.dtype) y.view({-1}).copy_(out);  // one rounding
+  };
+  return finish_or_defer(std::move(finish), {y}, async_op);
 }
 
 }  // namespace
 
 std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_view group_name,
-                               bool check_ranks, bool reduce_scatter) {
+                               bool check_ranks, bool async_op, bool reduce_scatter) {
   // Nothing for an empty x, rejected below.
   const at::OptionalDeviceGuard guard(at::device_of(args.x));
   ask_device_rows(engine, args);
@@ -106,7 +129,7 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
   const GroupPtr group = resolve_group(std::string(group_name));
   if (reduce_scatter) args.scatter = group->getSize();
   const Plan plan = check_ranks ? make_plan_agreed(args, group) : make_plan(args);
-  if (reduce_scatter) return {scatter_rows(engine, plan, args, group)};
+  if (reduce_scatter) return scatter_rows(engine, plan, args, group, async_op);
 
   const int64_t world_size = group->getSize();
   // The plan's fingerprint follows the outputs in the buffer and travels with the last chunk;
@@ -127,9 +150,13 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
     const int64_t end = chunk.elem_end == plan.numel ? plan.numel + tail : chunk.elem_end;
     all_reduce.start(elements(flat, chunk.elem_begin, end));
   }
-  all_reduce.wait();
-  if (tail > 0) check_fingerprint(plan, fingerprint, world_size);
-  return outputs_of(plan, flat);
+  std::vector<at::Tensor> outputs = make_outputs(plan, flat);
+  auto finish = [=, all_reduce = std::move(all_reduce)]() mutable {
+    all_reduce.wait();
+    if (tail > 0) check_fingerprint(plan, fingerprint, world_size);
+    fill_outputs(plan, flat, outputs);
+  };
+  return finish_or_defer(std::move(finish), std::move(outputs), async_op);
 }
 
 std::vector<at::Tensor> run_compute(const Engine& engine, OpArgs args, int64_t world_size) {
@@ -139,7 +166,9 @@ std::vector<at::Tensor> run_compute(const Engine& engine, OpArgs args, int64_t w
   const Plan plan = make_plan(args);
   at::Tensor flat = empty_flat(plan);
   engine.compute(plan, args, world_size, flat, plan.chunks.front());
-  return outputs_of(plan, flat);
+  std::vector<at::Tensor> outputs = make_outputs(plan, flat);
+  fill_outputs(plan, flat, outputs);
+  return outputs;
 }
 
 }  // namespace gmm_allreduce

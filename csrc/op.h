@@ -27,8 +27,10 @@ struct Engine {
 // device guard held) and let the engine's device_rows hook set args.device_rows.
 // With reduce_scatter, the summed output is scattered by rows over the group's n ranks instead
 // (OpArgs::scatter): this rank's [M / n, N] block is returned.
+// With async_op, the outputs are returned once the collectives are started, to be waited for
+// (comm/deferred.h).
 std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_view group_name,
-                               bool check_ranks, bool reduce_scatter = false);
+                               bool check_ranks, bool async_op, bool reduce_scatter = false);
 
 // The same groups, planned and computed alike, with no process group and no collective: each
 // bias divided by `world_size` (so that it equals one rank's part of the op). The backward pass
@@ -54,30 +56,21 @@ void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& out, int64
 
 // The kernels a device registers for the op and for its comm-free twin, given its engine:
 //   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kEngine>);
-//   m.impl("grouped_mat_mul_reduce_scatter", &scatter_kernel<&kEngine>);
+//   m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kEngine, true>);
 //   m.impl("grouped_mat_mul", &compute_kernel<&kEngine>);
-template <const Engine* E>
-std::vector<at::Tensor> op_kernel(
-    at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
-    at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
-    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op, int64_t comm_turn,
-    int64_t group_list_type, bool check_ranks, std::optional<at::ScalarType> reduce_dtype) {
+template <const Engine* E, bool kReduceScatter = false>
+std::vector<at::Tensor> op_kernel(at::TensorList x, at::TensorList weight,
+                                  std::optional<at::TensorList> bias,
+                                  at::OptionalIntArrayRef group_list,
+                                  const std::optional<at::Tensor>& group_list_tensor,
+                                  int64_t split_item, c10::string_view group_name,
+                                  c10::string_view reduce_op, int64_t comm_turn,
+                                  int64_t group_list_type, bool check_ranks,
+                                  std::optional<at::ScalarType> reduce_dtype, bool async_op) {
   return run_op(*E,
                 OpArgs{x, weight, bias, group_list, group_list_tensor, split_item,
                        std::string(reduce_op), comm_turn, group_list_type, reduce_dtype},
-                group_name, check_ranks);
-}
-
-template <const Engine* E>
-std::vector<at::Tensor> scatter_kernel(
-    at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
-    at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
-    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op, int64_t comm_turn,
-    int64_t group_list_type, bool check_ranks, std::optional<at::ScalarType> reduce_dtype) {
-  return run_op(*E,
-                OpArgs{x, weight, bias, group_list, group_list_tensor, split_item,
-                       std::string(reduce_op), comm_turn, group_list_type, reduce_dtype},
-                group_name, check_ranks, /*reduce_scatter=*/true);
+                group_name, check_ranks, async_op, kReduceScatter);
 }
 
 template <const Engine* E>

@@ -9,14 +9,15 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   m.def(
       "grouped_mat_mul_all_reduce(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op, int comm_turn, "
-      "int group_list_type, bool check_ranks, ScalarType? reduce_dtype) -> Tensor[]");
+      "int group_list_type, bool check_ranks, ScalarType? reduce_dtype, bool async_op) -> "
+      "Tensor[]");
   // The same products, summed and scattered by rows over the group's n ranks: rank r gets rows
   // [r * M / n, (r + 1) * M / n) of the one output (split_item 2 and 3).
   m.def(
       "grouped_mat_mul_reduce_scatter(Tensor[] x, Tensor[] weight, Tensor[]? bias, "
       "int[]? group_list, Tensor? group_list_tensor, int split_item, str group_name, "
       "str reduce_op, int comm_turn, int group_list_type, bool check_ranks, "
-      "ScalarType? reduce_dtype) -> Tensor[]");
+      "ScalarType? reduce_dtype, bool async_op) -> Tensor[]");
   // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
   m.def(
       "grouped_mat_mul(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "

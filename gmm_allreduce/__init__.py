@@ -9,7 +9,8 @@ from .ops import (
     grouped_mat_mul_all_reduce,
     grouped_mat_mul_reduce_scatter,
     npu_grouped_mat_mul_all_reduce,
+    wait,
 )
 
 __all__ = ["grouped_mat_mul", "grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter",
-           "npu_grouped_mat_mul_all_reduce"]
+           "npu_grouped_mat_mul_all_reduce", "wait"]

@@ -37,6 +37,7 @@ def grouped_mat_mul_all_reduce(
     group_list_type: int = 0,
     check_ranks: bool = False,
     reduce_dtype: torch.dtype | None = None,
+    async_op: bool = False,
 ) -> list[torch.Tensor]:
     """Grouped matmul, summed over the ranks of a process group.
 
@@ -66,20 +67,16 @@ def grouped_mat_mul_all_reduce(
             the ranks' sum runs in fp32, and each output is rounded once to x's dtype (for fp16
             and bf16 x: twice the bytes to sum; a no-op for fp32 x; refused for fp64 x). On
             CUDA it runs one cuBLAS GEMM per group, and a device group_list is read to the host.
+        async_op: True: return once the collective(s) are started; the outputs must not be read
+            before ``gmm_allreduce.wait(outputs)`` (or ``torch.ops._c10d_functional.wait_tensor``
+            on each), which blocks the host on gloo and on shared memory (where the sums are done
+            before the op returns) and orders the current stream on NCCL. Not under
+            torch.compile (a RuntimeError): compiled code keeps the call synchronous.
 
     Returns:
         A list of tensors in x's dtype: G of them for split_item 0 and 1, one for 2 and 3.
     """
-    return _OP(
-        *_operands(x, weight, bias, group_list),
-        _int("split_item", split_item),
-        _group_name(hcomm),
-        _str("reduce_op", reduce_op),
-        _int("comm_turn", comm_turn),
-        _int("group_list_type", group_list_type),
-        bool(check_ranks),
-        _dtype("reduce_dtype", reduce_dtype),
-    )
+    return _OP(*_collective_args(**locals()))  # every parameter, by name
 
 
 def grouped_mat_mul_reduce_scatter(
@@ -95,6 +92,7 @@ def grouped_mat_mul_reduce_scatter(
     group_list_type: int = 0,
     check_ranks: bool = False,
     reduce_dtype: torch.dtype | None = None,
+    async_op: bool = False,
 ) -> list[torch.Tensor]:
     """Grouped matmul, summed over the ranks of a process group and scattered by rows: the
     row-parallel layer of sequence parallelism (Megatron-LM's ``--sequence-parallel``).
@@ -110,21 +108,37 @@ def grouped_mat_mul_reduce_scatter(
 
     Autograd (the sequence-parallel convention): backward all-gathers the output's gradient
     along the rows once, then computes the same local grouped products as the all-reduce op's
-    backward.
+    backward. reduce_dtype and async_op as for grouped_mat_mul_all_reduce.
 
     Returns:
         A list of one tensor [M / n, N] in x's dtype.
     """
-    return _SCATTER(
-        *_operands(x, weight, bias, group_list),
-        _int("split_item", split_item),
-        _group_name(hcomm),
-        _str("reduce_op", reduce_op),
-        _int("comm_turn", comm_turn),
-        _int("group_list_type", group_list_type),
-        bool(check_ranks),
-        _dtype("reduce_dtype", reduce_dtype),
-    )
+    return _SCATTER(*_collective_args(**locals()))  # every parameter, by name
+
+
+def _collective_args(x, weight, hcomm, bias, group_list, split_item, reduce_op, comm_turn,
+                     group_list_type, check_ranks, reduce_dtype, async_op) -> tuple:
+    """The schema's arguments of both collective ops, normalised and checked."""
+    return (*_operands(x, weight, bias, group_list), _int("split_item", split_item),
+            _group_name(hcomm), _str("reduce_op", reduce_op), _int("comm_turn", comm_turn),
+            _int("group_list_type", group_list_type), bool(check_ranks),
+            _dtype("reduce_dtype", reduce_dtype), _async(async_op))
+
+
+def wait(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Waits for the outputs of a call made with async_op=True (any of them finishes the call);
+    returns them. A no-op for outputs of a synchronous call."""
+    for t in outputs:
+        torch.ops._c10d_functional.wait_tensor(t)
+    return list(outputs)
+
+
+def _async(async_op) -> bool:
+    if async_op and torch.compiler.is_compiling():
+        raise RuntimeError("async_op=True is not supported under torch.compile: compiled code "
+                           "calls the op synchronously (pass async_op=False, and let the compiler "
+                           "overlap)")
+    return bool(async_op)
 
 
 # The seed's name: code written for the Ascend op changes only its import and its device.
@@ -229,7 +243,7 @@ def _group_name(hcomm) -> str:
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
 def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op="sum",
-          comm_turn=0, group_list_type=0, check_ranks=False, reduce_dtype=None):
+          comm_turn=0, group_list_type=0, check_ranks=False, reduce_dtype=None, async_op=False):
     inductor.register_lowering()  # a graph with the op is being traced: Inductor may lower it
     return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
                          group_list_type)
@@ -238,7 +252,7 @@ def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_reduce_scatter")
 def _fake_scatter(x, weight, bias, group_list, group_list_tensor, split_item, group_name,
                   reduce_op="sum", comm_turn=0, group_list_type=0, check_ranks=False,
-                  reduce_dtype=None):
+                  reduce_dtype=None, async_op=False):
     inductor.register_lowering()
     if split_item not in (2, 3):  # the C++ plan's checks, for a traced call
         raise ValueError("split_item: the reduce-scatter returns one tensor, scattered by rows: "

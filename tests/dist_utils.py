@@ -120,3 +120,22 @@ def close_pools():
         if pool.healthy:
             pool.close()
     _pools.clear()
+
+
+def new_group_with_shm(shm: str, **kwargs):
+    """In a rank: a new group of every rank, set up with GMM_ALLREDUCE_SHM=shm in this process
+    ("0": its sums go through the process group), the variable restored after."""
+    import torch
+    import torch.distributed as dist
+
+    old = os.environ.get("GMM_ALLREDUCE_SHM")
+    os.environ["GMM_ALLREDUCE_SHM"] = shm
+    try:
+        group = dist.new_group(list(range(dist.get_world_size())), **kwargs)
+        torch.ops.gmm_allreduce._all_reduce_(torch.zeros(1), group.group_name)  # its setup
+        return group
+    finally:
+        if old is None:
+            os.environ.pop("GMM_ALLREDUCE_SHM", None)
+        else:
+            os.environ["GMM_ALLREDUCE_SHM"] = old

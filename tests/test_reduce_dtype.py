@@ -3,12 +3,12 @@ rounded once to x's dtype. Against the float64 reference in every split mode, dt
 bitwise equal to the float64 sum rounded once on inputs where the 16-bit partials are not (through
 shared memory and through gloo); identical on every rank; its errors; its fake kernel."""
 
-import os
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import new_group_with_shm
 from test_semantics import DTYPES, assert_all_ranks_identical, cases_for
 
 import gmm_allreduce
@@ -47,25 +47,17 @@ ONE_ROUNDING = {torch.bfloat16: (256.0, 772.0, 768.0), torch.float16: (2048.0, 6
 
 def one_rounding(dtype, shm):
     """The op at world 4 on a new group (shared memory on or off), with and without reduce_dtype."""
-    old = os.environ.get("GMM_ALLREDUCE_SHM")
-    os.environ["GMM_ALLREDUCE_SHM"] = shm
-    try:
-        group = dist.new_group(list(range(dist.get_world_size())), timeout=timedelta(seconds=60))
-        big = ONE_ROUNDING[dtype][0]
-        x = torch.tensor([[big, 1.0]] if dist.get_rank() < 3 else [[0.0, 0.0]], dtype=dtype)
-        w = torch.ones(2, 1, dtype=dtype)
-        out = {}
-        for reduce_dtype in (torch.float32, None):
-            (y,) = gmm_allreduce.grouped_mat_mul_all_reduce(
-                [x], [w], group, group_list=[1], split_item=3, reduce_dtype=reduce_dtype)
-            out[str(reduce_dtype)] = y.item()
-        out["shared"] = torch.ops.gmm_allreduce._shared_memory(group.group_name)
-        return out
-    finally:
-        if old is None:
-            os.environ.pop("GMM_ALLREDUCE_SHM", None)
-        else:
-            os.environ["GMM_ALLREDUCE_SHM"] = old
+    group = new_group_with_shm(shm, timeout=timedelta(seconds=60))
+    big = ONE_ROUNDING[dtype][0]
+    x = torch.tensor([[big, 1.0]] if dist.get_rank() < 3 else [[0.0, 0.0]], dtype=dtype)
+    w = torch.ones(2, 1, dtype=dtype)
+    out = {}
+    for reduce_dtype in (torch.float32, None):
+        (y,) = gmm_allreduce.grouped_mat_mul_all_reduce(
+            [x], [w], group, group_list=[1], split_item=3, reduce_dtype=reduce_dtype)
+        out[str(reduce_dtype)] = y.item()
+    out["shared"] = torch.ops.gmm_allreduce._shared_memory(group.group_name)
+    return out
 
 
 @pytest.mark.parametrize("shm", ["1", "0"], ids=["shm", "gloo"])
@@ -100,7 +92,7 @@ def test_fp32_x_is_unchanged(world1):
 def test_opcheck_and_gradients(world1):
     x = torch.randn(6, 4, dtype=torch.bfloat16, requires_grad=True)
     w = [torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
-    args = ([x], w, None, [2, 6], None, 3, world1.group_name, "sum", 0, 0, False, torch.float32)
+    args = ([x], w, None, [2, 6], None, 3, world1.group_name, "sum", 0, 0, False, torch.float32, False)
     torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce.default, args)
     (y,) = gmm_allreduce.grouped_mat_mul_all_reduce([x], w, world1, group_list=[2, 6],
                                                     split_item=3, reduce_dtype=torch.float32)

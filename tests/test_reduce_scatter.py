@@ -5,11 +5,11 @@ issues; its errors before any communication; gradients against the reference and
 opcheck and torch.compile."""
 
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import new_group_with_shm
 from torch.profiler import profile
 
 import gmm_allreduce
@@ -36,25 +36,10 @@ def cases_for(split_item, dtype_id, comm_turn):
             for i, shape in enumerate(SHAPES[split_item]) for integers in (True, False)]
 
 
-def gloo_group():
-    """A new group of every rank that sums through gloo (its shared memory turned off)."""
-    old = os.environ.get("GMM_ALLREDUCE_SHM")
-    os.environ["GMM_ALLREDUCE_SHM"] = "0"
-    try:
-        group = dist.new_group(list(range(dist.get_world_size())))
-        torch.ops.gmm_allreduce._all_reduce_(torch.zeros(1), group.group_name)  # setup: declined
-        return group
-    finally:
-        if old is None:
-            os.environ.pop("GMM_ALLREDUCE_SHM", None)
-        else:
-            os.environ["GMM_ALLREDUCE_SHM"] = old
-
-
 def scatter_cases(cases, reduce_dtype=None, gloo=False):
     """Through the world group (shared memory at world > 1), or a gloo one."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    group = gloo_group() if gloo else dist.group.WORLD
+    group = new_group_with_shm("0") if gloo else dist.group.WORLD
     assert torch.ops.gmm_allreduce._shared_memory(group.group_name) == (world > 1 and not gloo)
     out = []
     for case in cases:
@@ -114,7 +99,7 @@ REDUCE_SCATTERS = ("gmm_allreduce::shm_reduce_scatter", "c10d::_reduce_scatter_b
 
 
 def count_reduce_scatters(comm_turn, gloo):
-    group = gloo_group() if gloo else dist.group.WORLD
+    group = new_group_with_shm("0") if gloo else dist.group.WORLD
     x, w = [torch.randn(16, 4)], [torch.randn(4, 3) for _ in range(2)]
     kw = dict(group_list=[5, 16], split_item=3, comm_turn=comm_turn)
     gmm_allreduce.grouped_mat_mul_reduce_scatter(x, w, group, **kw)  # shared memory set up
@@ -211,7 +196,7 @@ def test_gradcheck(world1):
 def test_opcheck_and_compile(world1):
     x = torch.randn(6, 4, requires_grad=True)
     w = [torch.randn(4, 3, requires_grad=True) for _ in range(2)]
-    args = ([x], w, None, [2, 6], None, 3, world1.group_name, "sum", 0, 0, False, None)
+    args = ([x], w, None, [2, 6], None, 3, world1.group_name, "sum", 0, 0, False, None, False)
     torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul_reduce_scatter.default, args)
 
     def fn(x, w0, w1):

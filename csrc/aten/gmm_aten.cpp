@@ -88,7 +88,7 @@ constexpr Engine kAtenEngine{&compute_aten};
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kAtenEngine>);
-  m.impl("grouped_mat_mul_reduce_scatter", &scatter_kernel<&kAtenEngine>);
+  m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kAtenEngine, true>);
   m.impl("grouped_mat_mul", &compute_kernel<&kAtenEngine>);
 }
 

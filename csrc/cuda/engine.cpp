@@ -159,7 +159,7 @@ constexpr Engine kCudaEngine{&compute_cuda, &device_rows};
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CUDA, m) {
   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kCudaEngine>);
-  m.impl("grouped_mat_mul_reduce_scatter", &scatter_kernel<&kCudaEngine>);
+  m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kCudaEngine, true>);
   m.impl("grouped_mat_mul", &compute_kernel<&kCudaEngine>);
 }
 

@@ -1,0 +1,20 @@
+// async_op=True: the op returns once its collectives are started, and the rest of the call (the
+// waits, the fingerprint check, the outputs' copies or rounding) runs at the first wait on any of
+// its outputs. That rest is a c10d::Work registered for every output (c10d::register_work), so
+// that torch.ops._c10d_functional.wait_tensor(output) runs it, as for PyTorch's functional
+// collectives: host-blocking on gloo and shared memory, stream-ordered on NCCL.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <vector>
+
+namespace gmm_allreduce {
+
+// Runs `finish` and returns `outputs`; with async_op, returns `outputs` at once, `finish` left to
+// the first wait_tensor on any of them (later waits: no-op, or the same error again).
+std::vector<at::Tensor> finish_or_defer(std::function<void()> finish,
+                                        std::vector<at::Tensor> outputs, bool async_op);
+
+}  // namespace gmm_allreduce
