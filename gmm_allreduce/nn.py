@@ -61,13 +61,16 @@ class GroupedRowParallelLinear(torch.nn.Module):
         if self.bias is not None:
             self.bias.copy_(torch.empty(self.num_groups, self.out_features).uniform_(-bound, bound))
 
-    def forward(self, x: torch.Tensor, group_list, group_list_type: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, group_list, group_list_type: int = 0,
+                async_op: bool = False) -> torch.Tensor:
         """x: [M, K_local], rows sorted by group; group_list: rows per group as cumulative end
-        offsets (group_list_type 0) or counts (1), a list or an int tensor."""
+        offsets (group_list_type 0) or counts (1), a list or an int tensor. async_op: return once
+        the collective is started; read the output after gmm_allreduce.wait([y])."""
         bias = list(self.bias.unbind(0)) if self.bias is not None else None
         op = grouped_mat_mul_reduce_scatter if self.sequence_parallel else grouped_mat_mul_all_reduce
         return op([x], list(self.weight.unbind(0)), self.hcomm, bias=bias, group_list=group_list,
-                  split_item=3, group_list_type=group_list_type, reduce_dtype=self.reduce_dtype)[0]
+                  split_item=3, group_list_type=group_list_type, reduce_dtype=self.reduce_dtype,
+                  async_op=async_op)[0]
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, in_features={self.in_features} "

@@ -92,8 +92,11 @@ def test_compile_inductor_module(world1):
         torch.testing.assert_close(a, b)
 
 
-def test_moe_example_agrees_with_single_process():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "moe_tp.py")],
+@pytest.mark.parametrize("flags", [[], ["--shared-expert"], ["--sequence-parallel"],
+                                   ["--shared-expert", "--sequence-parallel", "--world-size", "4"]],
+                         ids=["tp", "shared-async", "sequence-parallel", "both-w4"])
+def test_moe_example_agrees_with_single_process(flags):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "moe_tp.py"), *flags],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.rstrip().endswith(": OK")
