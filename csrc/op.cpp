@@ -111,9 +111,10 @@ std::vector<at::Tensor> scatter_rows(const Engine& engine, const Plan& plan, con
   at::Tensor y = plan.reduce_dtype == plan.dtype
                      ? out.view(shape)
                      : at::empty(shape, out.options().dtype(plan.dtype));
-  auto finish = [=, reduce_scatter = std::move(reduce_scatter)]() mutable {
+  auto finish = [convert = plan.reduce_dtype != plan.dtype, y, out,
+                 reduce_scatter = std::move(reduce_scatter)]() mutable {
     reduce_scatter.wait();
-    if (plan.reduce_dtype != plan.dtype) y.view({-1}).copy_(out);  // one rounding
+    if (convert) y.view({-1}).copy_(out);  // one rounding
   };
   return finish_or_defer(std::move(finish), {y}, async_op);
 }
@@ -128,7 +129,7 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
   // Everything that can reject the call happens here, before the first collective.
   const GroupPtr group = resolve_group(std::string(group_name));
   if (reduce_scatter) args.scatter = group->getSize();
-  const Plan plan = check_ranks ? make_plan_agreed(args, group) : make_plan(args);
+  Plan plan = check_ranks ? make_plan_agreed(args, group) : make_plan(args);
   if (reduce_scatter) return scatter_rows(engine, plan, args, group, async_op);
 
   const int64_t world_size = group->getSize();
@@ -151,7 +152,9 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
     all_reduce.start(elements(flat, chunk.elem_begin, end));
   }
   std::vector<at::Tensor> outputs = make_outputs(plan, flat);
-  auto finish = [=, all_reduce = std::move(all_reduce)]() mutable {
+  // The rest of the call, now or at the first wait (async_op); the plan moves in, not copied.
+  auto finish = [plan = std::move(plan), tail, fingerprint, world_size, flat, outputs,
+                 all_reduce = std::move(all_reduce)]() mutable {
     all_reduce.wait();
     if (tail > 0) check_fingerprint(plan, fingerprint, world_size);
     fill_outputs(plan, flat, outputs);
