@@ -45,25 +45,40 @@ sanitize: $(DEPS)
 	  ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1 $(abspath $(PY)) -m pytest -q --capture=sys -p no:cacheprovider $(SAN_TESTS)
 
-# The CUDA build, on a host with or without a GPU: the CUDA build of torch 2.14.1 in .venv-cuda
-# (its CUDA wheels pinned to the versions on disk), the extension built against it as a user's
-# `pip install` builds it (CUDA_HOME and the archs found by setup.py), imported, and the CPU suite
-# and the demo run on that build. In a copy of the tree (build/cuda-check), so that .venv's
-# extension stays.
-CUDA_VENV := .venv-cuda
-CUDA_PY := $(CUDA_VENV)/bin/python
-CUDA_DIR := build/cuda-check
-cuda-check: $(CUDA_VENV)/.deps
-	bash tools/stage_tree.sh $(CUDA_DIR)
-	cd $(CUDA_DIR) && $(abspath $(CUDA_PY)) -m pip install -q --no-build-isolation --no-deps -e .
-	cd $(CUDA_DIR) && $(abspath $(CUDA_PY)) -m pytest -q -p no:cacheprovider tests
-	cd $(CUDA_DIR) && $(abspath $(CUDA_PY)) -m gmm_allreduce.demo
+# The CUDA build, on a host with or without a GPU, against two CUDA torches: 2.14.1 (its CUDA wheels
+# pinned to the versions on disk, tools/cuda-constraints.txt) and 2.11.0+cu130 (whose extension
+# builder still defaults to C++17; its torch and triton from the package index, the same CUDA 13
+# libraries under it). For each: a venv .venv-cuda-VERSION, the extension built in a copy of the
+# tree (build/cuda-check-VERSION, so that .venv's extension stays) as a user's `pip install` builds
+# it (CUDA_HOME and the archs found by setup.py; 2.11.0 for sm_90 only, to save CI time), imported,
+# and the CPU suite and the demo run on that build.
+CUDA_TORCHES ?= 2.14.1 2.11.0
+ARCHS_2.11.0 := 9.0
+cuda-check: $(addprefix cuda-check-,$(CUDA_TORCHES))
 
-$(CUDA_VENV)/.deps: tools/cuda-constraints.txt
-	$(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_PY) -m pip install -q --upgrade pip
-	$(CUDA_PY) -m pip install -q -c tools/cuda-constraints.txt torch==2.14.1 numpy pytest \
-	  hypothesis==6.170.15 ninja "setuptools>=64" wheel matplotlib
+cuda-check-%: .venv-cuda-%/.deps
+	bash tools/stage_tree.sh build/cuda-check-$*
+	cd build/cuda-check-$* && $(if $(ARCHS_$*),TORCH_CUDA_ARCH_LIST="$(ARCHS_$*)") \
+	  $(abspath .venv-cuda-$*/bin/python) -m pip install -q --no-build-isolation --no-deps -e .
+	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m pytest -q -p no:cacheprovider tests
+	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m gmm_allreduce.demo
+
+# The test tools, pinned, for every venv.
+TEST_DEPS := numpy pytest hypothesis==6.170.15 ninja "setuptools>=64" wheel matplotlib
+
+.venv-cuda-2.14.1/.deps: tools/cuda-constraints.txt
+	$(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install -q --upgrade pip
+	$(@D)/bin/python -m pip install -q -c tools/cuda-constraints.txt torch==2.14.1 $(TEST_DEPS)
+	touch $@
+
+# torch 2.11.0 asks for CUDA 13.0 wheels other than those on disk: the same libraries' versions of
+# the 2.14.1 set serve it (one CUDA major version, one ABI), so that only torch and triton download.
+.venv-cuda-2.11.0/.deps: tools/cuda-constraints.txt
+	$(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install -q --upgrade pip
+	$(@D)/bin/python -m pip install -q -c tools/cuda-constraints.txt torch==2.14.1 $(TEST_DEPS)
+	$(@D)/bin/python -m pip install -q --no-deps torch==2.11.0 triton==3.6.0
 	touch $@
 
 lint: $(DEPS)
@@ -77,7 +92,7 @@ $(VENV)/bin/python:
 # Exact pin: an open range would pull several GB of CUDA wheels.
 $(DEPS): $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy pytest hypothesis==6.170.15 ninja "setuptools>=64" wheel matplotlib
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TEST_DEPS)
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
@@ -85,4 +100,4 @@ $(BUILT): $(DEPS) $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info gmm_allreduce/*.so
+	rm -rf $(VENV) .venv-cuda-* build *.egg-info gmm_allreduce/*.so
