@@ -1,5 +1,6 @@
 # The README's commands. Each sets itself up on a fresh machine: a venv with pinned torch, then
-# the extension built against it (rebuilt when csrc/ or setup.py change).
+# the extension built against it (rebuilt when csrc/ or setup.py change), with the test-only ops
+# (GMM_TESTING=1: gmm_allreduce._testing, which a user's install does not build).
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV := .venv
@@ -16,7 +17,7 @@ demo: $(BUILT)
 test: $(BUILT)
 	$(PY) -m pytest -q tests
 
-# The long runs behind TESTING.md (CI runs shorter ones): property-based calls from a random seed,
+# The long runs behind docs/testing.md (CI runs shorter ones): property-based calls from a random seed,
 # and a soak at world sizes 2 and 4.
 FUZZ_EXAMPLES ?= 5000
 SOAK_CALLS ?= 50000
@@ -40,7 +41,7 @@ SAN_DIR := build/sanitize
 SAN_TESTS ?= tests --deselect tests/test_compile_order.py --deselect tests/test_soak.py
 sanitize: $(DEPS)
 	bash tools/stage_tree.sh $(SAN_DIR)
-	cd $(SAN_DIR) && GMM_SANITIZE=$(SANITIZE) $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(SAN_DIR) && GMM_TESTING=1 GMM_SANITIZE=$(SANITIZE) $(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(SAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1 $(abspath $(PY)) -m pytest -q --capture=sys -p no:cacheprovider $(SAN_TESTS)
@@ -58,13 +59,13 @@ cuda-check: $(addprefix cuda-check-,$(CUDA_TORCHES))
 
 cuda-check-%: .venv-cuda-%/.deps
 	bash tools/stage_tree.sh build/cuda-check-$*
-	cd build/cuda-check-$* && $(if $(ARCHS_$*),TORCH_CUDA_ARCH_LIST="$(ARCHS_$*)") \
+	cd build/cuda-check-$* && $(if $(ARCHS_$*),TORCH_CUDA_ARCH_LIST="$(ARCHS_$*)") GMM_TESTING=1 \
 	  $(abspath .venv-cuda-$*/bin/python) -m pip install -q --no-build-isolation --no-deps -e .
 	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m pytest -q -p no:cacheprovider tests
 	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m gmm_allreduce.demo
 
 # The test tools, pinned, for every venv.
-TEST_DEPS := numpy pytest hypothesis==6.170.15 ninja "setuptools>=64" wheel matplotlib
+TEST_DEPS := numpy pytest hypothesis==6.170.15 ninja "setuptools>=77" wheel matplotlib
 
 .venv-cuda-2.14.1/.deps: tools/cuda-constraints.txt
 	$(PYTHON) -m venv $(@D)
@@ -81,9 +82,10 @@ TEST_DEPS := numpy pytest hypothesis==6.170.15 ninja "setuptools>=64" wheel matp
 	$(@D)/bin/python -m pip install -q --no-deps torch==2.11.0 triton==3.6.0
 	touch $@
 
+# Python and C++ style (pinned: another clang-format may wrap comments otherwise).
 lint: $(DEPS)
-	$(PY) -m pip install -q ruff clang-format
-	$(VENV)/bin/ruff check gmm_allreduce tests tools
+	$(PY) -m pip install -q ruff==0.17.6 clang-format==23.1.5
+	$(VENV)/bin/ruff check gmm_allreduce tests tools examples setup.py
 	$(VENV)/bin/clang-format --dry-run --Werror $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
 $(VENV)/bin/python:
@@ -96,7 +98,7 @@ $(DEPS): $(VENV)/bin/python
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	GMM_TESTING=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 clean:

@@ -1,9 +1,11 @@
-"""Builds gmm_allreduce._C: the C++ op (csrc/), plus csrc/cuda/ when torch has CUDA or FORCE_CUDA=1.
+"""Builds gmm_allreduce._C: the C++ op (csrc/), plus csrc/cuda/ when torch has CUDA or FORCE_CUDA=1;
+and, for the tests only, gmm_allreduce._testing (csrc/testing/) when GMM_TESTING=1.
 
 Environment:
   CUDA_HOME              the CUDA toolkit (found from nvcc when unset; see cuda_home below)
   TORCH_CUDA_ARCH_LIST   the GPU archs (the visible GPUs' when unset, else DEFAULT_ARCHS)
   FORCE_CUDA=1           build csrc/cuda/ even where torch reports no CUDA
+  GMM_TESTING=1          also build the test-only ops (the Makefile's builds do; a user's does not)
   GMM_SANITIZE=LIST      a checked build: -fsanitize=LIST (e.g. undefined, or address,undefined),
                          -fno-sanitize-recover=all and libstdc++ assertions (make sanitize)
 """
@@ -71,7 +73,8 @@ if sanitize:
     link_flags = checked
 cxx_flags.append(CXX_STD)
 
-cpp_sources = sources("csrc/*.cpp", "csrc/aten/*.cpp", "csrc/comm/*.cpp", "csrc/kernels/*.cpp")
+cpp_sources = sources("csrc/*.cpp", "csrc/aten/*.cpp", "csrc/comm/*.cpp", "csrc/comm/shm/*.cpp",
+                      "csrc/gemm/*.cpp")
 if use_cuda:
     ext = CUDAExtension(
         "gmm_allreduce._C",
@@ -84,4 +87,10 @@ else:
     ext = CppExtension("gmm_allreduce._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                        extra_link_args=link_flags)
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+exts = [ext]
+if os.environ.get("GMM_TESTING") == "1":
+    # Its undefined symbols are _C's, found at import once _C is loaded globally (tests/conftest.py).
+    exts.append(CppExtension("gmm_allreduce._testing", sources("csrc/testing/*.cpp"),
+                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags))
+
+setup(ext_modules=exts, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -43,24 +43,27 @@ grouped_mat_mul_all_reduce_backward(at::TensorList grad_list, at::TensorList x,
                                     const std::optional<at::Tensor>& group_list_tensor,
                                     int64_t split_item, int64_t group_list_type,
                                     std::array<bool, 3> output_mask) {
-  const OpArgs args{x,     weight, std::nullopt,   group_list, group_list_tensor, split_item,
-                    "sum", 0,      group_list_type};
+  const OpArgs args{.x = x,
+                    .weight = weight,
+                    .group_list = group_list,
+                    .group_list_tensor = group_list_tensor,
+                    .split_item = split_item,
+                    .group_list_type = group_list_type};
   // Autograd may hand in expanded gradients (stride 0, e.g. from y.sum()); the products below
   // need them materialised, and that copy is the backward's own.
   std::vector<at::Tensor> grad_in;
   for (const at::Tensor& g : grad_list) grad_in.push_back(g.contiguous());
   const at::TensorList grad(grad_in);
   const Plan plan = make_plan(args);
-  const bool single_y = split_item == 2 || split_item == 3;
-  TORCH_CHECK_VALUE(grad.size() == (single_y ? 1 : plan.groups.size()), "grad: expected ",
-                    single_y ? 1 : plan.groups.size(), " tensors (one per output), got ",
+  TORCH_CHECK_VALUE(grad.size() == (plan.single_y ? 1 : plan.groups.size()), "grad: expected ",
+                    plan.single_y ? 1 : plan.groups.size(), " tensors (one per output), got ",
                     grad.size());
   // dy_i as a 2-D [m_i, n_i] operand, and the row counts as group_list counts.
   std::vector<at::Tensor> dy;
   std::vector<int64_t> counts;
   for (const GroupPlan& g : plan.groups) {
     const size_t i = dy.size();
-    dy.push_back(single_y ? grad[0].narrow(0, g.out_row, g.m) : grad[i].reshape({g.m, g.n}));
+    dy.push_back(plan.single_y ? grad[0].narrow(0, g.out_row, g.m) : grad[i].reshape({g.m, g.n}));
     counts.push_back(g.m);
   }
 
@@ -69,12 +72,11 @@ grouped_mat_mul_all_reduce_backward(at::TensorList grad_list, at::TensorList x,
     std::vector<at::Tensor> wt;
     for (const at::Tensor& w : weight) wt.push_back(w.t());
     const int64_t split = grad_x_split(split_item);
-    const bool needs_list = split == 1 || split == 3;
     // dy in the layout the grad-x call takes as its x: as given for split 0 (x_i's leading dims),
     // the one tensor for 2 and 3, the G tensors for 1.
     std::vector<at::Tensor> dx_in = split_item == 1 ? dy : grad.vec();
-    grad_x = grouped_mat_mul(dx_in, wt, needs_list ? at::OptionalIntArrayRef(counts) : std::nullopt,
-                             split, 1);
+    grad_x = grouped_mat_mul(
+        dx_in, wt, single_x(split) ? at::OptionalIntArrayRef(counts) : std::nullopt, split, 1);
   }
   if (output_mask[1]) {
     std::vector<at::Tensor> xt;

@@ -4,11 +4,10 @@
 
 #include <cstring>
 
-#include "comm/agree.h"
 #include "comm/all_reduce.h"
 #include "comm/deferred.h"
-#include "comm/fingerprint.h"
 #include "comm/reduce_scatter.h"
+#include "consensus.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -77,12 +76,13 @@ void fill_outputs(const Plan& plan, const at::Tensor& flat, std::vector<at::Tens
 }
 
 // Asks the engine whether it takes the group rows from the device (before validation).
-void ask_device_rows(const Engine& engine, OpArgs& args) {
-  args.device_rows = engine.device_rows != nullptr && engine.device_rows(args);
+void ask_engine_for_device_group_list(const Engine& engine, OpArgs& args) {
+  args.keep_group_list_on_device =
+      engine.takes_device_group_list != nullptr && engine.takes_device_group_list(args);
 }
 
-at::Tensor empty_flat(const Plan& plan, int64_t extra = 0) {
-  return at::empty({plan.numel + extra}, at::TensorOptions(plan.reduce_dtype).device(plan.device));
+at::Tensor empty_flat(const Plan& plan) {
+  return at::empty({plan.numel}, at::TensorOptions(plan.reduce_dtype).device(plan.device));
 }
 
 // The reduce-scatter's rounds: round c computes the c-th run of rows of every rank's block (one
@@ -90,7 +90,7 @@ at::Tensor empty_flat(const Plan& plan, int64_t extra = 0) {
 // computes. Returns this rank's [M / n, N] rows.
 std::vector<at::Tensor> scatter_rows(const Engine& engine, const Plan& plan, const OpArgs& args,
                                      const GroupPtr& group, bool async_op) {
-  const int64_t ranks = plan.scatter;
+  const int64_t ranks = plan.ranks;
   at::Tensor flat = empty_flat(plan);
   at::Tensor out = at::empty({plan.numel / ranks}, flat.options());
   ReduceScatter reduce_scatter(group, flat);
@@ -122,41 +122,38 @@ std::vector<at::Tensor> scatter_rows(const Engine& engine, const Plan& plan, con
 }  // namespace
 
 std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_view group_name,
-                               bool check_ranks, bool async_op, bool reduce_scatter) {
+                               bool check_ranks, bool async_op) {
   // Nothing for an empty x, rejected below.
   const at::OptionalDeviceGuard guard(at::device_of(args.x));
-  ask_device_rows(engine, args);
+  ask_engine_for_device_group_list(engine, args);
   // Everything that can reject the call happens here, before the first collective.
   const GroupPtr group = resolve_group(std::string(group_name));
-  if (reduce_scatter) args.scatter = group->getSize();
-  Plan plan = check_ranks ? make_plan_agreed(args, group) : make_plan(args);
-  if (reduce_scatter) return scatter_rows(engine, plan, args, group, async_op);
-
   const int64_t world_size = group->getSize();
+  args.ranks = world_size;
+  Plan plan = check_ranks ? make_plan_agreed(args, group) : make_plan(args);
+  if (plan.collective == Collective::kReduceScatter) {
+    return scatter_rows(engine, plan, args, group, async_op);
+  }
+
   // The plan's fingerprint follows the outputs in the buffer and travels with the last chunk;
   // with check_ranks the ranks have already agreed on the plan, so it would prove nothing more.
-  const int64_t tail = check_ranks ? 0 : fingerprint_size(plan, world_size);
-  at::Tensor flat = empty_flat(plan, tail);
-  at::Tensor fingerprint;
-  if (tail > 0) {
-    fingerprint = elements(flat, plan.numel, plan.numel + tail);
-    write_fingerprint(plan, fingerprint);
-  }
+  Fingerprint fingerprint(plan, world_size, /*wanted=*/!check_ranks);
+  at::Tensor flat = fingerprint.new_buffer();
   // Chunk c's all-reduce runs (on the backend's threads or stream) while chunk c + 1 computes.
   // Valid calls of one group plan the same chunks, so the ranks issue matching collectives, and
   // all skip an empty buffer together.
   AllReduce all_reduce(group, flat);
   for (const Chunk& chunk : plan.chunks) {
     engine.compute(plan, args, world_size, flat, chunk);
-    const int64_t end = chunk.elem_end == plan.numel ? plan.numel + tail : chunk.elem_end;
+    const int64_t end = chunk.elem_end == plan.numel ? flat.numel() : chunk.elem_end;
     all_reduce.start(elements(flat, chunk.elem_begin, end));
   }
   std::vector<at::Tensor> outputs = make_outputs(plan, flat);
   // The rest of the call, now or at the first wait (async_op); the plan moves in, not copied.
-  auto finish = [plan = std::move(plan), tail, fingerprint, world_size, flat, outputs,
+  auto finish = [plan = std::move(plan), fingerprint = std::move(fingerprint), flat, outputs,
                  all_reduce = std::move(all_reduce)]() mutable {
     all_reduce.wait();
-    if (tail > 0) check_fingerprint(plan, fingerprint, world_size);
+    fingerprint.check(flat);
     fill_outputs(plan, flat, outputs);
   };
   return finish_or_defer(std::move(finish), std::move(outputs), async_op);
@@ -165,7 +162,7 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
 std::vector<at::Tensor> run_compute(const Engine& engine, OpArgs args, int64_t world_size) {
   TORCH_CHECK_VALUE(world_size >= 1, "world_size: expected an integer >= 1, got ", world_size);
   const at::OptionalDeviceGuard guard(at::device_of(args.x));
-  ask_device_rows(engine, args);
+  ask_engine_for_device_group_list(engine, args);
   const Plan plan = make_plan(args);
   at::Tensor flat = empty_flat(plan);
   engine.compute(plan, args, world_size, flat, plan.chunks.front());

@@ -18,19 +18,19 @@ struct Engine {
   void (*compute)(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
                   const Chunk& chunk);
   // Optional: whether `compute` takes this call's group rows from its group_list tensor on the
-  // device (split_item 3 only), so that planning need not read them (OpArgs::device_rows). Called
-  // before validation: it must accept any arguments.
-  bool (*device_rows)(const OpArgs& args) = nullptr;
+  // device (split_item 3 only), so that planning need not read them
+  // (OpArgs::keep_group_list_on_device). Called before validation: it must accept any arguments.
+  bool (*takes_device_group_list)(const OpArgs& args) = nullptr;
 };
 
-// The op on `args` through the process group named `group_name`. Both run on x[0]'s device (its
-// device guard held) and let the engine's device_rows hook set args.device_rows.
-// With reduce_scatter, the summed output is scattered by rows over the group's n ranks instead
-// (OpArgs::scatter): this rank's [M / n, N] block is returned.
+// The op on `args` through the process group named `group_name`: args.collective says which
+// collective (kAllReduce or kReduceScatter; its args.ranks is set here, from the group). Both run
+// on x[0]'s device (its device guard held) and let the engine's takes_device_group_list hook set
+// args.keep_group_list_on_device. With a reduce-scatter this rank's [M / n, N] block is returned.
 // With async_op, the outputs are returned once the collectives are started, to be waited for
 // (comm/deferred.h).
 std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_view group_name,
-                               bool check_ranks, bool async_op, bool reduce_scatter = false);
+                               bool check_ranks, bool async_op);
 
 // The same groups, planned and computed alike, with no process group and no collective: each
 // bias divided by `world_size` (so that it equals one rank's part of the op). The backward pass
@@ -54,11 +54,11 @@ void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& out, int64
   }
 }
 
-// The kernels a device registers for the op and for its comm-free twin, given its engine:
-//   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kEngine>);
-//   m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kEngine, true>);
+// The kernels a device registers for the ops, given its engine:
+//   m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kEngine, Collective::kAllReduce>);
+//   m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kEngine, Collective::kReduceScatter>);
 //   m.impl("grouped_mat_mul", &compute_kernel<&kEngine>);
-template <const Engine* E, bool kReduceScatter = false>
+template <const Engine* E, Collective C>
 std::vector<at::Tensor> op_kernel(at::TensorList x, at::TensorList weight,
                                   std::optional<at::TensorList> bias,
                                   at::OptionalIntArrayRef group_list,
@@ -68,9 +68,18 @@ std::vector<at::Tensor> op_kernel(at::TensorList x, at::TensorList weight,
                                   int64_t group_list_type, bool check_ranks,
                                   std::optional<at::ScalarType> reduce_dtype, bool async_op) {
   return run_op(*E,
-                OpArgs{x, weight, bias, group_list, group_list_tensor, split_item,
-                       std::string(reduce_op), comm_turn, group_list_type, reduce_dtype},
-                group_name, check_ranks, async_op, kReduceScatter);
+                {.x = x,
+                 .weight = weight,
+                 .bias = bias,
+                 .group_list = group_list,
+                 .group_list_tensor = group_list_tensor,
+                 .split_item = split_item,
+                 .reduce_op = std::string(reduce_op),
+                 .comm_turn = comm_turn,
+                 .group_list_type = group_list_type,
+                 .reduce_dtype = reduce_dtype,
+                 .collective = C},
+                group_name, check_ranks, async_op);
 }
 
 template <const Engine* E>
@@ -80,10 +89,15 @@ std::vector<at::Tensor> compute_kernel(at::TensorList x, at::TensorList weight,
                                        const std::optional<at::Tensor>& group_list_tensor,
                                        int64_t split_item, int64_t group_list_type,
                                        int64_t world_size) {
-  return run_compute(
-      *E,
-      OpArgs{x, weight, bias, group_list, group_list_tensor, split_item, "sum", 0, group_list_type},
-      world_size);
+  return run_compute(*E,
+                     {.x = x,
+                      .weight = weight,
+                      .bias = bias,
+                      .group_list = group_list,
+                      .group_list_tensor = group_list_tensor,
+                      .split_item = split_item,
+                      .group_list_type = group_list_type},
+                     world_size);
 }
 
 }  // namespace gmm_allreduce

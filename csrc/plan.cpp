@@ -14,13 +14,9 @@ std::string name(const char* arg, size_t i) {
   return std::string(arg) + "[" + std::to_string(i) + "]";
 }
 
-bool single_x(int64_t split_item) { return split_item == 1 || split_item == 3; }
-
-bool single_y(int64_t split_item) { return split_item == 2 || split_item == 3; }
-
-// Whether the plan leaves split_item 3's group rows unread (see OpArgs::device_rows).
-bool device_rows(const OpArgs& a) {
-  return a.device_rows && a.split_item == 3 && a.group_list_tensor.has_value();
+// Whether the plan leaves split_item 3's group rows unread (see OpArgs::keep_group_list_on_device).
+bool rows_stay_on_device(const OpArgs& a) {
+  return a.keep_group_list_on_device && a.split_item == 3 && a.group_list_tensor.has_value();
 }
 
 // Largest operand ATen's matmul may be left to copy behind the caller's back; past it the caller is
@@ -195,7 +191,7 @@ void fill_mk(const OpArgs& a, std::vector<GroupPlan>& groups) {
     TORCH_CHECK_VALUE(x.dim() == 2, "x[0]: expected a 2-D tensor for split_item=", a.split_item,
                       ", got ", x.dim(), "-D");
     check_operand_layout("x[0]", x, x.size(0), x.size(1));
-    if (device_rows(a)) {  // m and the row offsets stay on the device
+    if (rows_stay_on_device(a)) {  // m and the row offsets stay on the device
       check_group_list_tensor(a);
       TORCH_CHECK_VALUE(a.group_list_tensor->numel() == static_cast<int64_t>(groups.size()),
                         "group_list: expected ", groups.size(), " values (one per weight), got ",
@@ -270,7 +266,7 @@ void fill_layout(const OpArgs& a, Plan& plan) {
     const std::string what = "output of group " + std::to_string(i);
     offset = checked_add(offset, checked_mul(g.m, g.n, what), what);
     total_rows = checked_add(total_rows, g.m, what);
-    if (single_y(a.split_item)) continue;
+    if (plan.single_y) continue;
     if (a.split_item == 0) {
       std::vector<int64_t> shape = a.x[i].sizes().vec();
       shape.back() = g.n;
@@ -279,11 +275,11 @@ void fill_layout(const OpArgs& a, Plan& plan) {
       plan.out_shapes.push_back({g.m, g.n});
     }
   }
-  if (plan.device_rows) {  // one [M, N] block: the groups' places in it are on the device
+  if (plan.rows_on_device) {  // one [M, N] block: the groups' places in it are on the device
     total_rows = a.x[0].size(0);
     offset = checked_mul(total_rows, plan.groups[0].n, "output");
   }
-  if (single_y(a.split_item)) plan.out_shapes.push_back({total_rows, plan.groups[0].n});
+  if (plan.single_y) plan.out_shapes.push_back({total_rows, plan.groups[0].n});
   plan.numel = offset;
   plan.rows = total_rows;
 }
@@ -301,6 +297,8 @@ Plan make_plan(const OpArgs& a) {
 
   Plan plan;
   plan.split_item = a.split_item;
+  plan.single_x = single_x(a.split_item);
+  plan.single_y = single_y(a.split_item);
   plan.comm_turn = a.comm_turn;
   plan.dtype = a.x[0].scalar_type();
   TORCH_CHECK_VALUE(!a.reduce_dtype || plan.dtype != at::kDouble,
@@ -309,23 +307,24 @@ Plan make_plan(const OpArgs& a) {
   plan.reduce_dtype = a.reduce_dtype.value_or(plan.dtype);
   plan.device = a.x[0].device();
   plan.has_bias = a.bias.has_value();
-  plan.device_rows = device_rows(a);
+  plan.rows_on_device = rows_stay_on_device(a);
   plan.groups.resize(groups);
   fill_mk(a, plan.groups);
   fill_n_and_check_weights(a, plan.groups);
   fill_layout(a, plan);
-  plan.scatter = a.scatter;
-  if (a.scatter > 0) {
-    TORCH_CHECK_VALUE(single_y(a.split_item),
+  plan.collective = a.collective;
+  plan.ranks = a.ranks;
+  if (a.collective == Collective::kReduceScatter) {
+    TORCH_CHECK_VALUE(plan.single_y,
                       "split_item: the reduce-scatter returns one tensor, scattered by rows: "
                       "expected 2 or 3, got ",
                       a.split_item);
-    TORCH_CHECK_VALUE(plan.rows % a.scatter == 0, "x: the output's ", plan.rows,
-                      " rows cannot be scattered evenly over the group's ", a.scatter,
+    TORCH_CHECK_VALUE(plan.rows % a.ranks == 0, "x: the output's ", plan.rows,
+                      " rows cannot be scattered evenly over the group's ", a.ranks,
                       " ranks (rank r gets rows [r * M / n, (r + 1) * M / n)); pad M to a "
                       "multiple of ",
-                      a.scatter);
-    plan.chunks = make_scatter_chunks(plan, a.comm_turn, a.scatter);
+                      a.ranks);
+    plan.chunks = make_scatter_chunks(plan, a.comm_turn, a.ranks);
   } else {
     plan.chunks = make_chunks(plan, a.comm_turn);
   }
@@ -335,10 +334,8 @@ Plan make_plan(const OpArgs& a) {
 at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i, int64_t r0, int64_t rows) {
   const GroupPlan& g = plan.groups[i];
   if (rows < 0) rows = g.m - r0;
-  const at::Tensor xi = single_x(plan.split_item) ? x[0]
-                        : x[i].dim() == 2         ? x[i]
-                                                  : x[i].reshape({g.m, g.k});
-  const int64_t first = (single_x(plan.split_item) ? g.x_row : 0) + r0;
+  const at::Tensor xi = plan.single_x ? x[0] : x[i].dim() == 2 ? x[i] : x[i].reshape({g.m, g.k});
+  const int64_t first = (plan.single_x ? g.x_row : 0) + r0;
   if (first == 0 && rows == xi.size(0)) return xi;
   // One as_strided: narrow costs several dispatches, per group and call.
   return xi.as_strided({rows, g.k}, xi.strides(), xi.storage_offset() + first * xi.stride(0));
@@ -360,11 +357,12 @@ std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns) {
     chunks.push_back(cur);
     cur = Chunk{row, row, elem, elem};
   };
-  // With device_rows the output is one [rows, n] block, whose group rows the host does not know.
+  // With rows on the device the output is one [rows, n] block, whose group rows the host does not
+  // know.
   const std::vector<GroupPlan> whole{
       GroupPlan{plan.rows, 0, plan.rows ? plan.numel / plan.rows : 0}};
   int64_t c = 1;
-  for (const GroupPlan& g : plan.device_rows ? whole : plan.groups) {
+  for (const GroupPlan& g : plan.rows_on_device ? whole : plan.groups) {
     if (g.m == 0 || g.n == 0) continue;
     const int64_t end = g.out_offset + g.m * g.n;
     for (; c < k && target(c) <= end; ++c) {
@@ -399,13 +397,13 @@ std::string Plan::signature() const {
   std::ostringstream s;
   s << "split_item=" << split_item << " comm_turn=" << comm_turn << " dtype=" << dtype;
   if (reduce_dtype != dtype) s << " reduce_dtype=" << reduce_dtype;
-  if (scatter > 0) s << " reduce_scatter";
+  if (collective == Collective::kReduceScatter) s << " reduce_scatter";
   s << " outputs=[";
   for (const auto& shape : out_shapes) s << at::IntArrayRef(shape);
   s << "]";
-  if (device_rows) {  // the group rows are on the device: not compared (nor the device's index,
-    s << " rows=on device";           // which differs between the ranks of a multi-GPU job)
-  } else if (single_y(split_item)) {  // one output: where its groups' rows fall is not in its shape
+  if (rows_on_device) {  // the group rows are on the device: not compared (nor the device's index,
+    s << " rows=on device";  // which differs between the ranks of a multi-GPU job)
+  } else if (single_y) {     // one output: where its groups' rows fall is not in its shape
     s << " rows=[";
     for (size_t i = 0; i < groups.size(); ++i) s << (i ? ", " : "") << groups[i].m;
     s << "]";

@@ -12,7 +12,18 @@
 
 namespace gmm_allreduce {
 
-// The op's arguments, as the schema in registration.cpp passes them.
+// The two facts a split_item stands for: x is one tensor whose rows group_list cuts (1, 3); the
+// output is one tensor, the groups' rows stacked (2, 3).
+inline bool single_x(int64_t split_item) { return split_item == 1 || split_item == 3; }
+inline bool single_y(int64_t split_item) { return split_item == 2 || split_item == 3; }
+
+// Where the summed outputs go: nowhere (the comm-free op: one rank's part), to every rank
+// (all-reduce), or by rows, rank r getting the output rows [r * M / n, (r + 1) * M / n) of n ranks
+// (reduce-scatter: single-output split modes, M divisible by n).
+enum class Collective { kNone, kAllReduce, kReduceScatter };
+
+// The op's arguments, as the schema in registration.cpp passes them. Built with designated
+// initialisers ({.x = x, .weight = weight, ...}), never by position.
 struct OpArgs {
   at::TensorList x;
   at::TensorList weight;
@@ -26,17 +37,17 @@ struct OpArgs {
   // The dtype of the flat buffer the partials are written into and summed in: none for x's own;
   // float32 keeps 16-bit partials unrounded until the outputs (rounded once, after the sum).
   std::optional<at::ScalarType> reduce_dtype;
-  // The collective: 0 for the all-reduce; n for a reduce-scatter over n ranks, rank r getting the
-  // output rows [r * M / n, (r + 1) * M / n) (single-output split modes, M divisible by n).
-  int64_t scatter = 0;
+  Collective collective = Collective::kNone;
+  int64_t ranks = 1;  // the group's size, for kReduceScatter (its chunks are cut per rank)
   // Set by an engine that computes split_item 3 from group_list_tensor on x's device itself
-  // (Engine::device_rows, which checks that the tensor is on the device): make_plan then leaves
-  // the tensor's values unread and unvalidated, since reading them would be a device-to-host sync.
-  bool device_rows = false;
+  // (Engine::takes_device_group_list, which checks that the tensor is on the device): make_plan
+  // then leaves the tensor's values unread and unvalidated, since reading them would be a
+  // device-to-host sync.
+  bool keep_group_list_on_device = false;
 };
 
 // One group's matmul y_i[m, n] = x_i[m, k] @ weight_i[k, n], and where it lives. In a plan with
-// device_rows, m, x_row, out_row and out_offset are unknown on the host (left 0).
+// rows_on_device, m, x_row, out_row and out_offset are unknown on the host (left 0).
 struct GroupPlan {
   int64_t m = 0;
   int64_t k = 0;
@@ -59,24 +70,27 @@ struct Chunk {
 // that a single all-reduce covers all of them.
 struct Plan {
   int64_t split_item = 0;
+  bool single_x = false;  // single_x(split_item)
+  bool single_y = false;  // single_y(split_item)
   int64_t comm_turn = 0;
   at::ScalarType dtype = at::kFloat;         // x's, the outputs'
   at::ScalarType reduce_dtype = at::kFloat;  // the flat buffer's: dtype, or float32 (OpArgs)
   at::Device device = at::kCPU;
   bool has_bias = false;
-  // split_item 3 with group_list on the device, left there (OpArgs::device_rows): the output is
-  // [rows, n] whatever the groups' rows are, so chunks are cut by rows alone.
-  bool device_rows = false;
+  // split_item 3 with group_list on the device, left there (OpArgs::keep_group_list_on_device): the
+  // output is [rows, n] whatever the groups' rows are, so chunks are cut by rows alone.
+  bool rows_on_device = false;
   std::vector<GroupPlan> groups;
   std::vector<std::vector<int64_t>> out_shapes;  // one per returned tensor
   int64_t numel = 0;                             // elements of the flat buffer
   int64_t rows = 0;                              // output rows of all groups together
   // comm_turn = 0: one chunk, all rows. comm_turn = k >= 1: at most k chunks with about numel / k
   // elements each, cut at row boundaries; never an empty one (so fewer when rows are few).
-  // A reduce-scatter over n ranks (scatter = n): rounds of n chunks, round c holding the c-th of
-  // k runs of rows of each rank's block, in rank order (see make_scatter_chunks).
+  // A reduce-scatter over n ranks: rounds of n chunks, round c holding the c-th of k runs of rows
+  // of each rank's block, in rank order (see make_scatter_chunks).
   std::vector<Chunk> chunks;
-  int64_t scatter = 0;  // OpArgs::scatter
+  Collective collective = Collective::kNone;  // OpArgs'
+  int64_t ranks = 1;                          // OpArgs'; the reduce-scatter's n
 
   // What every rank of the group must agree on for the all-reduce to be well formed.
   std::string signature() const;
@@ -101,8 +115,9 @@ std::vector<Chunk> make_scatter_chunks(const Plan& plan, int64_t turns, int64_t 
 // slice of x[0] (split_item 1, 3) or of x[i] with its leading dims flattened (split_item 0, 2).
 at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i, int64_t r0 = 0, int64_t rows = -1);
 
-// Checks every rule of SPEC §4 that needs no process group and returns the plan. Raises
-// c10::ValueError / c10::TypeError naming the argument and index; reads group_list to the host.
+// Checks every rule of the call (docs/semantics.md) that needs no process group and returns the
+// plan. Raises c10::ValueError / c10::TypeError naming the argument and index; reads group_list to
+// the host.
 Plan make_plan(const OpArgs& args);
 
 }  // namespace gmm_allreduce

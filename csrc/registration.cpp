@@ -1,5 +1,6 @@
-// The op's schema: the only place it is written. Device kernels register in their own files
-// (aten/, cuda/). The Python module _C exists so that `import gmm_allreduce._C` loads this library.
+// The public ops' schemas: the only place they are written. Device kernels register in their own
+// files (aten/, cuda/); test-only ops live in testing/, built into another library for the tests
+// alone. The Python module _C exists so that `import gmm_allreduce._C` loads this library.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -30,36 +31,10 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "Tensor[]? bias, int[]? group_list, Tensor? group_list_tensor, int split_item, "
       "int group_list_type, bool[3] output_mask) -> (Tensor[], Tensor[], Tensor[])");
   // The op's all-reduce alone (comm/ops.cpp): the in-place sum of the contiguous `t` over the
-  // group, the way the op sums its buffer; and whether the group's CPU sums go through shared
-  // memory. For the tests and the benchmark's comm-only line.
+  // group, the way the op sums its buffer (the benchmark's comm_op line).
   m.def("_all_reduce_(Tensor(a!) t, str group_name) -> ()");
-  m.def("_shared_memory(str group_name) -> bool");
   // The reduce-scatter op's backward all-gather: the ranks' t stacked along dim 0.
   m.def("_all_gather_rows(Tensor t, str group_name) -> Tensor");
-  // Test-only CPU twins of the CUDA engine's logic (kernel_twins.cpp).
-  m.def(
-      "_gemm_blocks_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
-      "int comm_turn) -> Tensor");
-  m.def(
-      "_tiled_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
-      "int comm_turn, bool rows_layout) -> Tensor");
-  m.def(
-      "_row_ends_reference(Tensor group_list, int group_list_type, int rows, int row_begin, "
-      "int row_end) -> Tensor");
-  m.def(
-      "_bias_reference(Tensor[] x, Tensor[] weight, Tensor[] bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
-      "int comm_turn, bool rows_layout, bool from_fp32) -> Tensor");
-  m.def(
-      "_gemm_choice(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, int group_list_type, int capability_major, "
-      "str forced) -> str");
-  m.def(
-      "_plan_signature(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, int group_list_type, int comm_turn, "
-      "bool device_rows) -> str");
 }
 
 extern "C" PyObject* PyInit__C(void) {

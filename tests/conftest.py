@@ -3,6 +3,7 @@ import tempfile
 from datetime import timedelta
 
 import pytest
+import testing_ops  # noqa: F401  (the test-only ops)
 import torch
 import torch.distributed as dist
 from dist_utils import close_pools, get_pool

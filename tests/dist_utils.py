@@ -27,6 +27,7 @@ class RankError(AssertionError):
 
 
 def _worker(rank, world, init_file, backend, tasks, results):
+    import testing_ops  # noqa: F401  (the test-only ops, on every rank)
     import torch
     import torch.distributed as dist
 

@@ -1,5 +1,5 @@
-"""What crosses the process group: one collective per call, check_ranks agreement, and the seed's
-own example run over gloo."""
+"""What crosses the process group: one collective per call, check_ranks agreement, and the Ascend
+document's own example run over gloo."""
 
 import os
 import tempfile
@@ -14,7 +14,7 @@ import gmm_allreduce
 from gmm_allreduce.reference import unfused
 
 # A sum through the process group, or through shared memory (the op's same-host path).
-COLLECTIVES = ("c10d::allreduce_", "gmm_allreduce::shm_all_reduce")
+COLLECTIVES = ("c10d::allreduce_", "gmm_allreduce::same_host_sum")
 
 
 def _count_collectives(fn):
@@ -76,7 +76,7 @@ def test_check_ranks_every_rank_raises_the_same_error(pools, kind, message):
 
 
 def seed_example(out_dir):
-    """The seed's example, changing only the import, the device and how hcomm is obtained."""
+    """The Ascend document's example, changing only the import, the device and how hcomm is obtained."""
     rank = dist.get_rank()
     from gmm_allreduce import npu_grouped_mat_mul_all_reduce
 
@@ -87,7 +87,7 @@ def seed_example(out_dir):
     w2 = torch.randn(128, 64, dtype=torch.float16)
     group_list = None
     split_item = 0
-    hccl_group = dist.group.WORLD.group_name  # the seed asks HCCL for its comm name here
+    hccl_group = dist.group.WORLD.group_name  # the Ascend example asks HCCL for its comm name here
     reduce_op = "sum"
     comm_turn = 0
     y = npu_grouped_mat_mul_all_reduce([x1, x2], [w1, w2], hccl_group, bias=[],

@@ -197,7 +197,7 @@ def reference_of(x, weight, kwargs):
 
 
 def expected_gemm(x, weight, kwargs) -> str:
-    """The GEMM the engine picks for the call on this GPU (the rule of csrc/kernels/choice.h)."""
+    """The GEMM the engine picks for the call on this GPU (the rule of csrc/gemm/choice.h)."""
     gl = kwargs.get("group_list")
     return torch.ops.gmm_allreduce._gemm_choice(
         x, weight, kwargs.get("bias"), gl if isinstance(gl, list) else None,
@@ -226,7 +226,7 @@ def count_kernels(fn) -> int:
 GEMM_KERNELS = {"grouped": "cutlass", "tiled": "tiled_gemm_kernel", "loop": "gemm"}
 
 # split_item 3 with a device group_list: bf16 on stacked weights (the grouped GEMM on sm_90/100,
-# the tiled kernel elsewhere), fp16 (the seed's combination) and separate weights (tiled).
+# the tiled kernel elsewhere), fp16 (the Ascend op's combination) and separate weights (tiled).
 DEVICE_ROWS = {"bf16-stacked": (torch.bfloat16, True), "fp16-stacked": (torch.float16, True),
                "bf16-separate": (torch.bfloat16, False)}
 
@@ -236,7 +236,7 @@ def test_split3_device_group_list_costs_no_sync(nccl1, form):
     dtype, stacked = DEVICE_ROWS[form]
     x, weight, kwargs = moe_call(dtype=dtype, stacked=stacked)
     gemm = expected_gemm(x, weight, kwargs)
-    assert gemm.endswith("+device_rows"), gemm
+    assert gemm.endswith("+rows_on_device"), gemm
     expected = reference_of(x, weight, kwargs)
     names = kernel_names(lambda: gmm_allreduce.grouped_mat_mul_all_reduce(x, weight, nccl1, **kwargs))
     assert any(GEMM_KERNELS[gemm.split("+")[0]] in n for n in names), (gemm, names)
@@ -306,7 +306,7 @@ def test_many_groups(nccl1):
     8 launches); 300 fp16 groups on host rows (3 tiled launches); 300 fp32 groups with biases (the
     loop's bias epilogue in two launches)."""
     x, weight, kwargs = moe_call(groups=1024, rows=4096, k=64, n=32, seed=4)
-    assert expected_gemm(x, weight, kwargs) == "tiled+device_rows"
+    assert expected_gemm(x, weight, kwargs) == "tiled+rows_on_device"
     (y,) = gmm_allreduce.grouped_mat_mul_all_reduce(x, weight, nccl1, **kwargs)
     torch.testing.assert_close(y.double(), reference_of(x, weight, kwargs), atol=5e-2, rtol=3e-2)
     for dtype in (torch.float16, torch.float32):

@@ -108,7 +108,7 @@ def test_invalid_call_ends_in_the_groups_timeout(pools):
 
 
 def test_fingerprint_costs_no_collective(pools):
-    """The fingerprint rides on the op's one all-reduce (TESTING.md; SPEC §5)."""
+    """The fingerprint rides on the op's one all-reduce (docs/testing.md)."""
     from test_collectives import count_collectives
 
     for fused, _ in pools(2).run(count_collectives, 8):

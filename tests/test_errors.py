@@ -1,5 +1,5 @@
-"""Invalid calls (SPEC §4): the right exception type, a message naming the argument, raised before
-any communication, and the caller's tensors left unchanged."""
+"""Invalid calls (the rules of docs/semantics.md): the right exception type, a message naming the
+argument, raised before any communication, and the caller's tensors left unchanged."""
 
 import subprocess
 import sys

@@ -4,7 +4,7 @@ reference within tolerance (exactly for small-integer inputs), are identical on 
 leave the inputs unchanged.
 
 CI runs GMM_FUZZ_EXAMPLES (300) examples from a fixed seed; `make fuzz` runs many more from a
-random one (TESTING.md has the last figures).
+random one (docs/testing.md has the last figures).
 """
 
 import os

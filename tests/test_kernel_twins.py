@@ -1,16 +1,16 @@
 """The CUDA engine's logic, checked on the CPU through its test-only twins
-(csrc/kernels/kernel_twins.cpp), which run the same source as the kernels or feed them:
-- the raw GEMM blocks the tiled kernel reads (csrc/kernels/blocks.cpp): the flat buffer computed
+(csrc/testing/kernel_twins.cpp), which run the same source as the kernels or feed them:
+- the raw GEMM blocks the tiled kernel reads (csrc/gemm/blocks.cpp): the flat buffer computed
   from them by the kernel's formula, chunk by chunk, equals the float64 reference, every element
   written;
-- the tiled kernel's schedule, tile staging and epilogue (csrc/kernels/tiles.h) around a scalar
+- the tiled kernel's schedule, tile staging and epilogue (csrc/gemm/tiles.h) around a scalar
   MMA in place of its WMMA fragments: the reference again, for fp16 and bf16, for host-planned
   blocks and for split_item 3 with its group rows on the device;
-- the row offsets of a device group_list (write_row_ends, csrc/kernels/epilogue.h): exact for
+- the row offsets of a device group_list (write_row_ends, csrc/gemm/epilogue.h): exact for
   valid lists, in bounds, non-decreasing and ending at the chunk's rows for any list;
 - the bias epilogue (bias_launches, add_bias_at): bias_i / world on exactly group i's elements, in
   the plan's layout and in the rows layout of split_item 3, and from the loop GEMM's fp32 products;
-- the GEMM choice (csrc/kernels/choice.h) per arch, layout and forced strategy.
+- the GEMM choice (csrc/gemm/choice.h) per arch, layout and forced strategy.
 What stays unverified without a GPU is the device code around them: launches, WMMA fragments,
 shared-memory synchronisation, the CUTLASS call."""
 
@@ -281,20 +281,20 @@ def moe_args(groups, rows_per_group=4, k=64, n=32, dtype=torch.bfloat16, tensor=
 
 def test_gemm_choice_grouped_needs_its_arch_bf16_stacked_weights_and_fewer_than_1024_groups():
     x, gl = moe_args(16)
-    for major, want in ((8, "tiled+device_rows"), (9, "grouped+device_rows"),
-                        (10, "grouped+device_rows"), (12, "tiled+device_rows")):
+    for major, want in ((8, "tiled+rows_on_device"), (9, "grouped+rows_on_device"),
+                        (10, "grouped+rows_on_device"), (12, "tiled+rows_on_device")):
         assert choice(x, stacked(16), major, group_list=gl) == want, major
-    assert choice(x, separate(16), 9, group_list=gl) == "tiled+device_rows"
+    assert choice(x, separate(16), 9, group_list=gl) == "tiled+rows_on_device"
     # a host list: rows planned on the host; more than 8 groups: grouped, else the loop
     assert choice(x, stacked(16), 9, group_list=gl.tolist()) == "grouped"
     x8, gl8 = moe_args(8)
     assert choice(x8, stacked(8), 9, group_list=gl8.tolist()) == "loop"
     # 1024 groups: beyond torch's grouped GEMM (it refuses group_count >= 1024)
     x1k, gl1k = moe_args(1024, rows_per_group=1)
-    assert choice(x1k, stacked(1024), 9, group_list=gl1k) == "tiled+device_rows"
+    assert choice(x1k, stacked(1024), 9, group_list=gl1k) == "tiled+rows_on_device"
     assert choice(x1k, stacked(1024), 9, group_list=gl1k.tolist()) == "tiled"
     x1023, gl1023 = moe_args(1023, rows_per_group=1)
-    assert choice(x1023, stacked(1023), 9, group_list=gl1023) == "grouped+device_rows"
+    assert choice(x1023, stacked(1023), 9, group_list=gl1023) == "grouped+rows_on_device"
 
 
 def test_gemm_choice_grouped_refuses_what_its_tma_cannot_read():
@@ -305,13 +305,13 @@ def test_gemm_choice_grouped_refuses_what_its_tma_cannot_read():
                  ([torch.zeros(64, 68, dtype=torch.bfloat16)[:, :64]], stacked(16)),
                  ([torch.zeros(1, 64, dtype=torch.bfloat16).expand(64, 64)], stacked(16)),
                  ([torch.zeros(64 * 64 + 1, dtype=torch.bfloat16)[1:].view(64, 64)], stacked(16))):
-        assert choice(*args, 9, group_list=gl) == "tiled+device_rows"
+        assert choice(*args, 9, group_list=gl) == "tiled+rows_on_device"
     # column-major stacked weights (the backward passes w.t()): taken
     wt = list(torch.zeros(16, 32, 64, dtype=torch.bfloat16).transpose(1, 2).unbind(0))
-    assert choice(x, wt, 9, group_list=gl) == "grouped+device_rows"
+    assert choice(x, wt, 9, group_list=gl) == "grouped+rows_on_device"
     # fp16 and fp32: never grouped; fp32 has no one-launch GEMM, so its rows are read on the host
     assert choice(moe_args(16, dtype=torch.half)[0], stacked(16, dtype=torch.half), 9,
-                  group_list=gl) == "tiled+device_rows"
+                  group_list=gl) == "tiled+rows_on_device"
     assert choice(moe_args(16, dtype=torch.float)[0], stacked(16, dtype=torch.float), 9,
                   group_list=gl) == "loop"
     # below sm_80 there is no tiled kernel either
@@ -323,12 +323,12 @@ def test_gemm_choice_bias_and_forced_strategies():
     x, gl = moe_args(300, rows_per_group=1)
     bias = [torch.zeros(32) for _ in range(300)]
     # the rows-layout bias epilogue takes 256 groups: beyond, the tiled kernel (bias fused)
-    assert choice(x, stacked(300), 9, bias=bias, group_list=gl) == "tiled+device_rows"
-    assert choice(x, stacked(300), 9, group_list=gl) == "grouped+device_rows"
+    assert choice(x, stacked(300), 9, bias=bias, group_list=gl) == "tiled+rows_on_device"
+    assert choice(x, stacked(300), 9, group_list=gl) == "grouped+rows_on_device"
     x16, gl16 = moe_args(16)
     assert choice(x16, stacked(16), 9, "loop", group_list=gl16) == "loop"
-    assert choice(x16, stacked(16), 9, "tiled", group_list=gl16) == "tiled+device_rows"
-    assert choice(x16, separate(16), 9, "grouped", group_list=gl16) == "tiled+device_rows"
+    assert choice(x16, stacked(16), 9, "tiled", group_list=gl16) == "tiled+rows_on_device"
+    assert choice(x16, separate(16), 9, "grouped", group_list=gl16) == "tiled+rows_on_device"
     assert choice(x16, separate(16), 9, "grouped", group_list=gl16.tolist()) == "loop"
     assert choice(x16[:1], stacked(16), 8, "tiled", group_list=gl16.tolist()) == "tiled"
     # split_item 0 (ragged K and N) never takes the grouped GEMM; small groups go tiled
@@ -340,8 +340,8 @@ def test_gemm_choice_bias_and_forced_strategies():
         choice(x16, stacked(16), 9, "fast", group_list=gl16)
 
 
-def test_signature_of_device_rows_names_no_device():
-    """check_ranks compares plan signatures across ranks: a device_rows plan must not name its
+def test_signature_of_rows_on_device_names_no_device():
+    """check_ranks compares plan signatures across ranks: a rows-on-device plan must not name its
     device, which differs between the ranks of a multi-GPU job (cuda:0, cuda:1, ...)."""
     x, w = [torch.zeros(6, 4)], [torch.zeros(4, 3)] * 2
     sig = torch.ops.gmm_allreduce._plan_signature

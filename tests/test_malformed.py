@@ -1,4 +1,4 @@
-"""Malformed input beyond SPEC §4 (which test_errors covers): wrong Python types, nesting, integer,
+"""Malformed input beyond the documented rules (which test_errors covers): wrong Python types, nesting, integer,
 complex and bool dtypes, strided, expanded and overlapping tensors, tensors that require grad,
 sizes past 32-bit indexing and past int64, NaN and Inf.
 

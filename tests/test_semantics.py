@@ -12,7 +12,7 @@ from gmm_allreduce.cases import Case, call_kwargs, check, make_inputs
 
 WORLDS = [1, 2, 4, 8]
 
-# (x / weight dtype, bias dtype): the seed's two combinations and our fp32 extension.
+# (x / weight dtype, bias dtype): the Ascend op's two combinations and our fp32 extension.
 DTYPES = {
     "fp16": (torch.float16, torch.float16),
     "bf16": (torch.bfloat16, torch.float32),
@@ -131,7 +131,7 @@ def test_outputs_never_alias_each_other(world1):
 
 
 def test_bias_counts_once_not_per_rank(pools):
-    """SPEC §2: sum_r bias / n == bias when every rank passes the same bias (Ascend gives n*bias)."""
+    """sum_r bias / n == bias when every rank passes the same bias (Ascend gives n*bias)."""
     per_rank = pools(4).run(_same_bias_on_every_rank)
     for y in per_rank:
         torch.testing.assert_close(y, torch.full((2, 3), 5.0), atol=0, rtol=0)

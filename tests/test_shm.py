@@ -1,4 +1,4 @@
-"""The same-host shared-memory all-reduce (csrc/comm/shm_all_reduce.cpp), which the op's CPU sums
+"""The same-host shared-memory all-reduce (csrc/comm/shm/same_host_group.cpp), which the op's CPU sums
 take when every rank of the group shares this host's /dev/shm: the same bytes on every rank, equal
 to the sum in rank order in fp32 (16-bit types) rounded once; every dtype and size (one round,
 several, the reduce-scatter path); several groups at once; all or nothing when some ranks do not

@@ -3,7 +3,7 @@ check_ranks. Resident memory must grow by less than 50 MB after warm-up, no thre
 every 100th call is checked against the float64 reference.
 
 CI runs GMM_SOAK_CALLS (10,000) calls; `make soak` runs more, at world sizes 2 and 4, and prints
-the figures that TESTING.md records.
+the figures that docs/testing.md records.
 """
 
 import itertools

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything the CUDA engine still has to show, in one run on a lent GPU (the device tool gives ten
-# minutes a command; this was written without a GPU and has never run: it logs each step's start
-# time in steps.log, to size it). Run from the repository root:
+# Everything the CUDA engine still has to show, in one run on a GPU machine (written without a GPU
+# and never run yet: it logs each step's start time in steps.log, to size it). Run from the
+# repository root:
 #
 #     bash tools/gpu_session.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu_out
 #
@@ -9,7 +9,7 @@
 # tests/test_cuda.py, runs compute-sanitizer (memcheck on the three GEMM strategies, initcheck and
 # racecheck on the tiled kernel), and benchmarks the GPU scenarios at world
 # size 1 over NCCL (the op next to torch._grouped_mm, the per-group loop and a dense mm; then the
-# op under each forced strategy, to calibrate the rule in csrc/kernels/choice.h) and at world sizes
+# op under each forced strategy, to calibrate the rule in csrc/gemm/choice.h) and at world sizes
 # 2 and 4 over gloo with a comm_turn sweep. Logs, CSVs and Markdown tables land in OUT_DIR.
 set -uo pipefail
 out="${1:-${OUT:-gpu_out}}"
@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 "$py" -c "import torch; print(torch.__version__, torch.version.cuda)" | tee -a "$out/device.txt"
 
 step "build"
-MAX_JOBS=16 "$py" -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 \
+GMM_TESTING=1 MAX_JOBS=16 "$py" -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 \
   || { tail -50 "$out/build.log"; exit 1; }
 
 step "tests/test_cuda.py"

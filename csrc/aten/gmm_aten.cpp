@@ -82,13 +82,13 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
   });
 }
 
-constexpr Engine kAtenEngine{&compute_aten};
+constexpr Engine kAtenEngine{.compute = &compute_aten};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
-  m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kAtenEngine>);
-  m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kAtenEngine, true>);
+  m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kAtenEngine, Collective::kAllReduce>);
+  m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kAtenEngine, Collective::kReduceScatter>);
   m.impl("grouped_mat_mul", &compute_kernel<&kAtenEngine>);
 }
 

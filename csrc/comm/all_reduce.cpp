@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <mutex>
 
-#include "shm_all_reduce.h"
+#include "shm/same_host_group.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -19,10 +19,10 @@ std::chrono::milliseconds timeout_of(c10d::ProcessGroup& group) {
 // The group's shared-memory all-reduce, set up at its first use; nullptr where it cannot serve.
 // Cached per ProcessGroup object: a group destroyed and another made (even under its name, even at
 // its address) sets up afresh. Setup is a collective, run under the cache's lock.
-std::shared_ptr<ShmAllReduce> shm_of(const GroupPtr& group) {
+std::shared_ptr<SameHostGroup> shm_of(const GroupPtr& group) {
   struct Entry {
     c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
-    std::shared_ptr<ShmAllReduce> shm;
+    std::shared_ptr<SameHostGroup> shm;
   };
   static std::mutex mutex;
   static std::vector<Entry> cache;
@@ -33,14 +33,14 @@ std::shared_ptr<ShmAllReduce> shm_of(const GroupPtr& group) {
   for (const Entry& e : cache) {
     if (e.group.lock().get() == group.get()) return e.shm;
   }
-  std::shared_ptr<ShmAllReduce> shm = ShmAllReduce::create(*group, timeout_of(*group));
+  std::shared_ptr<SameHostGroup> shm = SameHostGroup::create(*group, timeout_of(*group));
   cache.push_back({c10::weak_intrusive_ptr<c10d::ProcessGroup>(group), shm});
   return shm;
 }
 
 }  // namespace
 
-std::shared_ptr<ShmAllReduce> shared_memory_of(const GroupPtr& group, const at::Tensor& like) {
+std::shared_ptr<SameHostGroup> shared_memory_of(const GroupPtr& group, const at::Tensor& like) {
   return group->getSize() > 1 && like.is_cpu() ? shm_of(group) : nullptr;
 }
 

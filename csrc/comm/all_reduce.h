@@ -1,8 +1,8 @@
 // The all-reduces the op issues over its process group (its data, chunk by chunk; check_ranks'
 // exchange), and where they run: for CPU tensors whose group's ranks share a /dev/shm, through
-// shared memory (shm_all_reduce.h, set up once per process group); otherwise through the process
-// group, on any backend (gloo, NCCL, ...), where the backend runs it (NCCL: its own stream).
-// GMM_ALLREDUCE_SHM=0 keeps every all-reduce on the process group.
+// shared memory (shm/same_host_group.h, set up once per process group); otherwise through the
+// process group, on any backend (gloo, NCCL, ...), where the backend runs it (NCCL: its own
+// stream). GMM_ALLREDUCE_SHM=0 keeps every all-reduce on the process group.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,12 +14,12 @@
 
 namespace gmm_allreduce {
 
-class ShmAllReduce;
+class SameHostGroup;
 
 // The group's shared-memory collectives for tensors like `like`: for CPU tensors of a group of
 // several ranks that share a /dev/shm (set up at the group's first call: a collective, which every
 // rank reaches at the same call); nullptr otherwise.
-std::shared_ptr<ShmAllReduce> shared_memory_of(const GroupPtr& group, const at::Tensor& like);
+std::shared_ptr<SameHostGroup> shared_memory_of(const GroupPtr& group, const at::Tensor& like);
 
 class AllReduce {
  public:
@@ -38,7 +38,7 @@ class AllReduce {
 
  private:
   GroupPtr group_;
-  std::shared_ptr<ShmAllReduce> shm_;
+  std::shared_ptr<SameHostGroup> shm_;
   std::vector<c10::intrusive_ptr<c10d::Work>> pending_;
 };
 

@@ -1,6 +1,5 @@
-// The communication layer as ops of its own: for the tests and the benchmark's comm-only line, and
-// the reduce-scatter op's backward all-gather
-// (schemas in registration.cpp).
+// The communication layer as ops of its own: the op's all-reduce alone (the benchmark's comm_op
+// line) and the reduce-scatter op's backward all-gather (schemas in registration.cpp).
 #include <torch/library.h>
 
 #include "all_reduce.h"
@@ -16,10 +15,6 @@ void all_reduce(const at::Tensor& t, c10::string_view group_name) {
   sum.wait();
 }
 
-bool shared_memory(c10::string_view group_name) {
-  return AllReduce(resolve_group(std::string(group_name)), at::empty({0})).shared_memory();
-}
-
 at::Tensor gather_rows(const at::Tensor& t, c10::string_view group_name) {
   TORCH_CHECK_VALUE(t.dim() >= 1, "t: expected a tensor of at least 1 dim");
   return all_gather_rows(resolve_group(std::string(group_name)), t);
@@ -30,10 +25,6 @@ at::Tensor gather_rows(const at::Tensor& t, c10::string_view group_name) {
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
   m.impl("_all_reduce_", &all_reduce);
   m.impl("_all_gather_rows", &gather_rows);
-}
-
-TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeImplicitAutograd, m) {
-  m.impl("_shared_memory", &shared_memory);
 }
 
 }  // namespace gmm_allreduce

@@ -1,8 +1,8 @@
 // The reduce-scatter that grouped_mat_mul_reduce_scatter issues over its process group, and the
 // all-gather of its backward. The reduce-scatter goes through shared memory where the op's
-// all-reduce does (CPU tensors, ranks of one host: shm_all_reduce.h), otherwise through the process
-// group, on any backend (gloo, NCCL, ...), where the backend runs it (NCCL: its own stream); the
-// all-gather through the process group.
+// all-reduce does (CPU tensors, ranks of one host: shm/same_host_group.h), otherwise through the
+// process group, on any backend (gloo, NCCL, ...), where the backend runs it (NCCL: its own
+// stream); the all-gather through the process group.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +14,7 @@
 
 namespace gmm_allreduce {
 
-class ShmAllReduce;
+class SameHostGroup;
 
 class ReduceScatter {
  public:
@@ -32,7 +32,7 @@ class ReduceScatter {
 
  private:
   GroupPtr group_;
-  std::shared_ptr<ShmAllReduce> shm_;
+  std::shared_ptr<SameHostGroup> shm_;
   std::vector<c10::intrusive_ptr<c10d::Work>> pending_;
 };
 

@@ -1,5 +1,5 @@
 // The CUDA engine: the op's kernel for CUDA tensors, on the shared validation, plan and
-// all-reduce of op.cpp. Per chunk it runs one of three GEMMs (the rule: ../kernels/choice.h) into
+// all-reduce of op.cpp. Per chunk it runs one of three GEMMs (the rule: ../gemm/choice.h) into
 // the flat output buffer, and the bias epilogue where the GEMM does not fuse it:
 // - grouped: torch's CUTLASS bf16 grouped GEMM (at::cuda::detail::bf16bf16_grouped_mm, given our
 //   buffer as its output), one launch; group offsets written on the device (from a device
@@ -23,10 +23,10 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "../kernels/blocks.h"
-#include "../kernels/choice.h"
+#include "../gemm/blocks.h"
+#include "../gemm/choice.h"
 #include "../op.h"
-#include "kernels.h"
+#include "launches.h"
 
 namespace gmm_allreduce::cuda {
 namespace {
@@ -57,13 +57,14 @@ GemmDevice gemm_device(c10::Device device) {
   return {capability_major(device.index()), forced_gemm()};
 }
 
-// Engine::device_rows: split_item 3 with a group_list on x's GPU, which a one-launch GEMM serves.
-bool device_rows(const OpArgs& a) {
+// Engine::takes_device_group_list: split_item 3 with a group_list on x's GPU, which a one-launch
+// GEMM serves.
+bool takes_device_group_list(const OpArgs& a) {
   if (!a.group_list_tensor || !a.group_list_tensor->defined() ||
       a.group_list_tensor->device().is_cpu() || a.x.size() != 1 || !a.x[0].defined() ||
       !a.x[0].is_cuda())
     return false;
-  return takes_device_rows(a, gemm_device(a.x[0].device()));
+  return serves_device_group_list(a, gemm_device(a.x[0].device()));
 }
 
 // Group g's end row within the chunk, for the grouped GEMM's offsets.
@@ -123,7 +124,7 @@ void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Ten
   // The chunk's group end rows on the device: computed there from a device group_list, or
   // written from the plan (kernel parameters, no copy from pageable memory).
   std::optional<at::Tensor> row_ends;
-  if (plan.device_rows) {
+  if (plan.rows_on_device) {
     row_ends = chunk_row_ends(*a.group_list_tensor, a.group_list_type, plan.rows, chunk.row_begin,
                               chunk.row_end);
   } else if (gemm == Gemm::kGrouped) {
@@ -132,7 +133,7 @@ void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Ten
   std::vector<at::Tensor> keep;  // operand copies, alive until their launches are queued
   switch (gemm) {
     case Gemm::kTiled:  // the bias is fused
-      if (plan.device_rows) {
+      if (plan.rows_on_device) {
         tiled_grouped_gemm(
             plan.dtype, rows_tiled_launches(plan, a, flat, chunk,
                                             row_ends->const_data_ptr<int32_t>(), world_size, keep));
@@ -144,8 +145,8 @@ void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Ten
     case Gemm::kGrouped:
       grouped_gemm(a, *weight3, *row_ends, flat, chunk, plan.groups.front().n);
       if (plan.has_bias) {
-        add_bias(flat, plan, *a.bias, world_size, chunk, plan.device_rows ? row_ends : std::nullopt,
-                 std::nullopt);
+        add_bias(flat, plan, *a.bias, world_size, chunk,
+                 plan.rows_on_device ? row_ends : std::nullopt, std::nullopt);
       }
       return;
     default:
@@ -153,13 +154,14 @@ void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Ten
   }
 }
 
-constexpr Engine kCudaEngine{&compute_cuda, &device_rows};
+constexpr Engine kCudaEngine{.compute = &compute_cuda,
+                             .takes_device_group_list = &takes_device_group_list};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CUDA, m) {
-  m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kCudaEngine>);
-  m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kCudaEngine, true>);
+  m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kCudaEngine, Collective::kAllReduce>);
+  m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kCudaEngine, Collective::kReduceScatter>);
   m.impl("grouped_mat_mul", &compute_kernel<&kCudaEngine>);
 }
 

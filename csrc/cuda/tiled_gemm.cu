@@ -11,9 +11,10 @@
 // 64x32 of x and 32x64 of w in shared memory per step of K, and each warp accumulates a 32x32
 // quarter of the tile with tensor-core WMMA 16x16x16 fragments in fp32. Epilogue: fp32 tile to
 // shared memory, then y = round(acc + bias / world_size): one rounding. Schedule, staging and
-// epilogue are host-and-device code in ../kernels/tiles.h, checked on the CPU by its twin; this
+// epilogue are host-and-device code in ../gemm/tiles.h, checked on the CPU by its twin; this
 // file adds the WMMA. It is the simple, general kernel (the scheduling and TMA/WGMMA pipeline of a
-// Hopper kernel are issue 7's); it serves where launches, not FLOPs, dominate: many small groups.
+// Hopper kernel are left to the grouped GEMM); it serves where launches, not FLOPs, dominate: many
+// small groups.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -23,8 +24,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../kernels/tiles.h"
-#include "kernels.h"
+#include "../gemm/tiles.h"
+#include "launches.h"
 
 namespace gmm_allreduce::cuda {
 namespace {

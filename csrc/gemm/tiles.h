@@ -1,8 +1,8 @@
 // The tiled grouped GEMM's schedule and data movement (cuda/tiled_gemm.cu), as host-and-device
 // code: its launch arguments, which block and output tile a CTA computes, the staging of x and w
 // tiles (zeros past the edges), and the epilogue. The kernel calls these on the GPU around its
-// tensor-core MMA; the CPU twin (_tiled_reference, kernel_twins.cpp) calls them around a scalar
-// MMA, so tests check everything but the WMMA fragments without a GPU.
+// tensor-core MMA; the CPU twin (_tiled_reference, testing/kernel_twins.cpp) calls them around a
+// scalar MMA, so tests check everything but the WMMA fragments without a GPU.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -45,13 +45,13 @@ struct TiledArgs {
 // The launches for `blocks` (kMaxTileGroups blocks each; launches without tiles left out).
 std::vector<TiledArgs> tiled_launches(const std::vector<GemmBlock>& blocks, int64_t world_size);
 
-// One launch for a chunk of split_item 3 whose group rows live on the device (a device_rows plan):
-// the chunk's rows of x times each group's weight, into the chunk's [rows, n] block of the output.
-// Group g (of this launch: group_begin + i) covers the chunk's rows [row_ends[g - 1], row_ends[g])
-// (0 for the first), as write_row_ends gives them; the host knows only their sum. The grid is an
-// upper bound of the tiles: the groups' row tiles sum to at most ceil(rows / kTileM) + groups (a
-// group of m rows has ceil(m / kTileM) <= m / kTileM + 1), times the column tiles; the CTAs past
-// the last tile do nothing. By value as kernel parameters (4.3 KB).
+// One launch for a chunk of split_item 3 whose group rows live on the device (a rows-on-device
+// plan): the chunk's rows of x times each group's weight, into the chunk's [rows, n] block of the
+// output. Group g (of this launch: group_begin + i) covers the chunk's rows [row_ends[g - 1],
+// row_ends[g]) (0 for the first), as write_row_ends gives them; the host knows only their sum. The
+// grid is an upper bound of the tiles: the groups' row tiles sum to at most ceil(rows / kTileM) +
+// groups (a group of m rows has ceil(m / kTileM) <= m / kTileM + 1), times the column tiles; the
+// CTAs past the last tile do nothing. By value as kernel parameters (4.3 KB).
 struct RowsTiledArgs {
   const uint16_t* x;  // the chunk's first row of x
   uint16_t* y;        // the chunk's first output element
@@ -66,8 +66,9 @@ struct RowsTiledArgs {
   int8_t bias_dtype[kMaxTileGroups];
 };
 
-// The launches for a device_rows chunk (kMaxTileGroups groups each). row_ends: the chunk's end rows
-// (write_row_ends); biases that are not contiguous are copied into `keep`, which must outlive them.
+// The launches for a rows-on-device chunk (kMaxTileGroups groups each). row_ends: the chunk's end
+// rows (write_row_ends); biases that are not contiguous are copied into `keep`, which must outlive
+// them.
 std::vector<RowsTiledArgs> rows_tiled_launches(const Plan& plan, const OpArgs& args,
                                                at::Tensor& flat, const Chunk& chunk,
                                                const int32_t* row_ends, int64_t world_size,

@@ -38,7 +38,7 @@ std::vector<TiledArgs> tiled_launches(const std::vector<GemmBlock>& blocks, int6
 std::vector<RowsTiledArgs> rows_tiled_launches(const Plan& plan, const OpArgs& a, at::Tensor& flat,
                                                const Chunk& chunk, const int32_t* row_ends,
                                                int64_t world_size, std::vector<at::Tensor>& keep) {
-  TORCH_CHECK(plan.device_rows, "rows_tiled_launches: a device_rows plan only");
+  TORCH_CHECK(plan.rows_on_device, "rows_tiled_launches: a rows-on-device plan only");
   const int64_t rows = chunk.row_end - chunk.row_begin;
   const int64_t n = plan.groups.front().n;
   const at::Tensor& x = a.x[0];

@@ -1,4 +1,4 @@
-#include "shm_all_reduce.h"
+#include "same_host_group.h"
 
 #include <ATen/record_function.h>
 #include <c10/util/irange.h>
@@ -41,7 +41,7 @@ struct alignas(64) Slot {
 }  // namespace
 
 // One rank's segment. Its sequence words are written by their owner only, read by all.
-struct ShmAllReduce::Segment {
+struct SameHostGroup::Segment {
   uint64_t magic;
   uint64_t nonce;  // the random number the segment's name carries
   int32_t rank;
@@ -97,23 +97,24 @@ bool enabled() {
 }
 
 // Maps the segment of `fd` (read-write); nullptr on failure.
-ShmAllReduce::Segment* map_segment(int fd) {
-  void* p = mmap(nullptr, sizeof(ShmAllReduce::Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  return p == MAP_FAILED ? nullptr : static_cast<ShmAllReduce::Segment*>(p);
+SameHostGroup::Segment* map_segment(int fd) {
+  void* p =
+      mmap(nullptr, sizeof(SameHostGroup::Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  return p == MAP_FAILED ? nullptr : static_cast<SameHostGroup::Segment*>(p);
 }
 
-void unmap(ShmAllReduce::Segment* s) {
-  if (s != nullptr) munmap(s, sizeof(ShmAllReduce::Segment));
+void unmap(SameHostGroup::Segment* s) {
+  if (s != nullptr) munmap(s, sizeof(SameHostGroup::Segment));
 }
 
 // Creates and maps this rank's segment, its memory reserved (posix_fallocate: a full /dev/shm
 // fails here, not with SIGBUS on a later write). nullptr, and nothing left behind, on failure.
-ShmAllReduce::Segment* create_segment(uint64_t nonce, int rank, int world) {
+SameHostGroup::Segment* create_segment(uint64_t nonce, int rank, int world) {
   const std::string name = segment_name(nonce);
   const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, S_IRUSR | S_IWUSR);
   if (fd < 0) return nullptr;
-  ShmAllReduce::Segment* s = nullptr;
-  if (posix_fallocate(fd, 0, sizeof(ShmAllReduce::Segment)) == 0) s = map_segment(fd);
+  SameHostGroup::Segment* s = nullptr;
+  if (posix_fallocate(fd, 0, sizeof(SameHostGroup::Segment)) == 0) s = map_segment(fd);
   close(fd);
   if (s == nullptr) {
     shm_unlink(name.c_str());
@@ -146,26 +147,26 @@ void sweep_stale_segments() {
     if (fd < 0) continue;
     struct stat st{};
     void* p = nullptr;
-    if (fstat(fd, &st) == 0 && st.st_size >= static_cast<off_t>(sizeof(ShmAllReduce::Segment))) {
-      p = mmap(nullptr, sizeof(ShmAllReduce::Segment), PROT_READ, MAP_SHARED, fd, 0);
+    if (fstat(fd, &st) == 0 && st.st_size >= static_cast<off_t>(sizeof(SameHostGroup::Segment))) {
+      p = mmap(nullptr, sizeof(SameHostGroup::Segment), PROT_READ, MAP_SHARED, fd, 0);
     }
     close(fd);
     if (p == nullptr || p == MAP_FAILED) continue;
-    const auto* s = static_cast<const ShmAllReduce::Segment*>(p);
+    const auto* s = static_cast<const SameHostGroup::Segment*>(p);
     const bool stale =
         s->magic == kMagic && ns != 0 && s->pid_ns == ns && start_time_of(s->pid) != s->start_time;
-    munmap(p, sizeof(ShmAllReduce::Segment));
+    munmap(p, sizeof(SameHostGroup::Segment));
     if (stale) shm_unlink(("/" + name).c_str());
   }
   closedir(dir);
 }
 
 // Opens and maps rank `rank`'s segment, checking that it is the one that rank created.
-ShmAllReduce::Segment* open_segment(uint64_t nonce, int rank, int world) {
+SameHostGroup::Segment* open_segment(uint64_t nonce, int rank, int world) {
   if (nonce == 0) return nullptr;  // that rank failed to create one
   const int fd = shm_open(segment_name(nonce).c_str(), O_RDWR, 0);
   if (fd < 0) return nullptr;  // another host's /dev/shm (or container's)
-  ShmAllReduce::Segment* s = map_segment(fd);
+  SameHostGroup::Segment* s = map_segment(fd);
   close(fd);
   if (s != nullptr &&
       (s->magic != kMagic || s->nonce != nonce || s->rank != rank || s->world != world)) {
@@ -184,7 +185,7 @@ at::Tensor group_sum(c10d::ProcessGroup& group, at::Tensor t) {
   return t;
 }
 
-void pause() {
+void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
 #endif
@@ -192,11 +193,11 @@ void pause() {
 
 }  // namespace
 
-std::unique_ptr<ShmAllReduce> ShmAllReduce::create(c10d::ProcessGroup& group,
-                                                   std::chrono::milliseconds timeout) {
+std::unique_ptr<SameHostGroup> SameHostGroup::create(c10d::ProcessGroup& group,
+                                                     std::chrono::milliseconds timeout) {
   const int rank = group.getRank();
   const int world = group.getSize();
-  std::unique_ptr<ShmAllReduce> shm(new ShmAllReduce(rank, world, timeout));
+  std::unique_ptr<SameHostGroup> shm(new SameHostGroup(rank, world, timeout));
   shm->segments_.assign(world, nullptr);  // unmapped by the destructor, whatever happens
   // This rank's segment's name goes when setup ends, whatever happens: by then every rank has
   // mapped every segment it could.
@@ -248,21 +249,21 @@ std::unique_ptr<ShmAllReduce> ShmAllReduce::create(c10d::ProcessGroup& group,
   return shm;
 }
 
-ShmAllReduce::ShmAllReduce(int rank, int world, std::chrono::milliseconds timeout)
+SameHostGroup::SameHostGroup(int rank, int world, std::chrono::milliseconds timeout)
     : rank_(rank), world_(world), timeout_(timeout) {}
 
-ShmAllReduce::~ShmAllReduce() {
+SameHostGroup::~SameHostGroup() {
   for (Segment* s : segments_) unmap(s);
 }
 
-void ShmAllReduce::fail(const std::string& why) {
+void SameHostGroup::fail(const std::string& why) {
   failed_ = why;
   // Tell the peers, so that they raise too rather than wait or sum a round this rank left.
   segments_[rank_]->aborted.store(1, std::memory_order_release);
   TORCH_CHECK(false, why);
 }
 
-void ShmAllReduce::check_peers() {
+void SameHostGroup::check_peers() {
   for (int r = 0; r < world_; ++r) {
     if (r != rank_ && segments_[r]->aborted.load(std::memory_order_acquire) != 0) {
       fail("shared-memory all-reduce: rank " + std::to_string(r) +
@@ -271,14 +272,14 @@ void ShmAllReduce::check_peers() {
   }
 }
 
-void ShmAllReduce::wait_for(uint64_t seq, bool reduced) {
+void SameHostGroup::wait_for(uint64_t seq, bool reduced) {
   const auto start = std::chrono::steady_clock::now();
   for (int r = 0; r < world_; ++r) {
     if (r == rank_) continue;
     const std::atomic<uint64_t>& word = reduced ? segments_[r]->reduced : segments_[r]->copied;
     for (uint64_t spins = 0; word.load(std::memory_order_acquire) < seq; ++spins) {
       if (spins < 256) {
-        pause();
+        cpu_relax();
         continue;
       }
       // Ranks may outnumber cores: let the others run.
@@ -304,7 +305,8 @@ void ShmAllReduce::wait_for(uint64_t seq, bool reduced) {
   }
 }
 
-std::vector<const char*> ShmAllReduce::exchange(uint64_t seq, int64_t bytes, at::ScalarType dtype) {
+std::vector<const char*> SameHostGroup::exchange(uint64_t seq, int64_t bytes,
+                                                 at::ScalarType dtype) {
   Slot& mine = segments_[rank_]->slot[seq % 2];
   mine.bytes = bytes;
   mine.dtype = static_cast<int32_t>(dtype);
@@ -331,7 +333,7 @@ std::vector<const char*> ShmAllReduce::exchange(uint64_t seq, int64_t bytes, at:
   return in;
 }
 
-void ShmAllReduce::round(char* data, int64_t count, at::ScalarType dtype) {
+void SameHostGroup::round(char* data, int64_t count, at::ScalarType dtype) {
   const uint64_t seq = ++seq_;
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   const int64_t bytes = count * elem;
@@ -358,8 +360,8 @@ void ShmAllReduce::round(char* data, int64_t count, at::ScalarType dtype) {
   }
 }
 
-void ShmAllReduce::scatter_round(const std::vector<at::Tensor>& pieces, int64_t begin,
-                                 int64_t count, char* out, at::ScalarType dtype) {
+void SameHostGroup::scatter_round(const std::vector<at::Tensor>& pieces, int64_t begin,
+                                  int64_t count, char* out, at::ScalarType dtype) {
   const uint64_t seq = ++seq_;
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   Slot& mine = segments_[rank_]->slot[seq % 2];
@@ -373,7 +375,7 @@ void ShmAllReduce::scatter_round(const std::vector<at::Tensor>& pieces, int64_t 
   rank_sum(out, parts, dtype, 0, count);
 }
 
-void ShmAllReduce::reduce_scatter(const std::vector<at::Tensor>& pieces, const at::Tensor& out) {
+void SameHostGroup::reduce_scatter(const std::vector<at::Tensor>& pieces, const at::Tensor& out) {
   RECORD_FUNCTION("gmm_allreduce::shm_reduce_scatter", std::vector<c10::IValue>());
   TORCH_CHECK(failed_.empty(), failed_,
               " (an earlier call failed; the group's shared-memory "
@@ -395,8 +397,8 @@ void ShmAllReduce::reduce_scatter(const std::vector<at::Tensor>& pieces, const a
   }
 }
 
-void ShmAllReduce::sum(const at::Tensor& flat) {
-  RECORD_FUNCTION("gmm_allreduce::shm_all_reduce", std::vector<c10::IValue>());
+void SameHostGroup::sum(const at::Tensor& flat) {
+  RECORD_FUNCTION("gmm_allreduce::same_host_sum", std::vector<c10::IValue>());
   TORCH_CHECK(failed_.empty(), failed_,
               " (an earlier call failed; the group's shared-memory "
               "all-reduce is unusable)");

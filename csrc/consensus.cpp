@@ -1,10 +1,10 @@
-#include "agree.h"
+#include "consensus.h"
 
 #include <c10/util/irange.h>
 
 #include <functional>
 
-#include "all_reduce.h"
+#include "comm/all_reduce.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -66,6 +66,23 @@ at::Device exchange_device(const std::optional<Plan>& plan, const OpArgs& args) 
   return at::kCPU;
 }
 
+// Fingerprint: bits of the signature's hash.
+constexpr int64_t kBits = 32;
+
+// Integers up to this are exact in the dtype, so sums of world_size 0/1 values are exact.
+int64_t exact_integers(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16:
+      return int64_t{1} << 8;
+    case at::kHalf:
+      return int64_t{1} << 11;
+    case at::kFloat:
+      return int64_t{1} << 24;
+    default:
+      return int64_t{1} << 53;
+  }
+}
+
 }  // namespace
 
 Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group) {
@@ -103,6 +120,44 @@ Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group) {
                       "; rank ", r, " has ", records[r].text);
   }
   return *plan;
+}
+
+Fingerprint::Fingerprint(const Plan& plan, int64_t world_size, bool wanted)
+    : begin_(plan.numel),
+      size_(0),
+      world_size_(world_size),
+      options_(at::TensorOptions(plan.reduce_dtype).device(plan.device)) {
+  const bool rides = wanted && plan.numel > 0 && world_size > 1 &&
+                     world_size <= exact_integers(plan.reduce_dtype) && plan.device.is_cpu();
+  if (!rides) return;
+  size_ = kBits;
+  signature_ = plan.signature();
+}
+
+at::Tensor Fingerprint::new_buffer() const {
+  at::Tensor flat = at::empty({begin_ + size_}, options_);
+  if (size_ == 0) return flat;
+  const uint64_t hash = std::hash<std::string>{}(signature_);
+  at::Tensor bits = at::empty({kBits}, at::kDouble);
+  double* p = bits.data_ptr<double>();
+  for (const auto b : c10::irange(kBits)) p[b] = static_cast<double>((hash >> b) & 1);
+  flat.narrow(0, begin_, size_).copy_(bits);
+  return flat;
+}
+
+void Fingerprint::check(const at::Tensor& flat) const {
+  if (size_ == 0) return;
+  const at::Tensor sums = flat.narrow(0, begin_, size_).to(at::kCPU, at::kDouble).contiguous();
+  const double* p = sums.const_data_ptr<double>();
+  for (const auto b : c10::irange(kBits)) {
+    TORCH_CHECK_VALUE(p[b] == 0 || p[b] == static_cast<double>(world_size_),
+                      "ranks disagree on the call: their plans (split_item, comm_turn, dtype, "
+                      "output shapes, group rows) differ, so the all-reduced outputs would mix "
+                      "unrelated elements; this rank has ",
+                      signature_,
+                      ". Pass check_ranks=True to have every rank name the one that differs, "
+                      "before any data moves");
+  }
 }
 
 }  // namespace gmm_allreduce

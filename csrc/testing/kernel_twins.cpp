@@ -6,23 +6,23 @@
 // - _row_ends_reference: write_row_ends (epilogue.h), the body of the row-offsets kernel.
 // - _tiled_reference: the tiled kernel's schedule, staging and epilogue (tiles.h) around a scalar
 //   fp32 MMA in place of its WMMA fragments (fp16 and bf16), for host-planned blocks or, in the
-//   rows layout, for a device_rows plan of split_item 3 (group rows from the row ends).
+//   rows layout, for a rows-on-device plan of split_item 3 (group rows from the row ends).
 // - _bias_reference: bias_launches and add_bias_at (epilogue.h), the bias epilogue, applied to a
 //   zero buffer or to an fp32 source (the loop GEMM's), in the plan's layout or (split_item 3) in
 //   the rows layout of a device group_list.
 // - _gemm_choice: the CUDA engine's GEMM for a call on a device of a given compute capability
-//   (choice.h), with "+device_rows" when a group_list tensor would stay on the GPU.
-// - _plan_signature: what check_ranks compares (Plan::signature), also for a device_rows plan.
+//   (choice.h), with "+rows_on_device" when a group_list tensor would stay on the GPU.
+// - _plan_signature: what check_ranks compares (Plan::signature), also for a rows-on-device plan.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 
-#include "blocks.h"
-#include "choice.h"
-#include "epilogue.h"
-#include "tiles.h"
+#include "../gemm/blocks.h"
+#include "../gemm/choice.h"
+#include "../gemm/epilogue.h"
+#include "../gemm/tiles.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -53,6 +53,21 @@ void compute_block(const GemmBlock& b, int64_t world_size) {
   }
 }
 
+// The op's arguments of a twin's call (its schema's leading arguments, as the op's).
+OpArgs twin_args(at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
+                 at::OptionalIntArrayRef group_list,
+                 const std::optional<at::Tensor>& group_list_tensor, int64_t split_item,
+                 int64_t group_list_type, int64_t comm_turn) {
+  return {.x = x,
+          .weight = weight,
+          .bias = bias,
+          .group_list = group_list,
+          .group_list_tensor = group_list_tensor,
+          .split_item = split_item,
+          .comm_turn = comm_turn,
+          .group_list_type = group_list_type};
+}
+
 // The flat buffer after fn(plan, blocks) for every chunk's blocks, in order; it starts as NaN, so
 // an element nothing writes shows.
 at::Tensor nan_flat(const Plan& plan) {
@@ -77,8 +92,8 @@ at::Tensor gemm_blocks_reference(at::TensorList x, at::TensorList weight,
                                  const std::optional<at::Tensor>& group_list_tensor,
                                  int64_t split_item, int64_t group_list_type, int64_t world_size,
                                  int64_t comm_turn) {
-  const OpArgs args{x,          weight, bias,      group_list,     group_list_tensor,
-                    split_item, "sum",  comm_turn, group_list_type};
+  const OpArgs args = twin_args(x, weight, bias, group_list, group_list_tensor, split_item,
+                                group_list_type, comm_turn);
   return flat_from_blocks(args, [&](const Plan& plan, const std::vector<GemmBlock>& blocks) {
     for (const GemmBlock& b : blocks) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype, "gemm_blocks",
@@ -153,7 +168,7 @@ at::Tensor chunk_row_ends(const at::Tensor& values, int64_t group_list_type, con
   return row_ends_reference(values, group_list_type, plan.rows, chunk.row_begin, chunk.row_end);
 }
 
-// args with its group_list as a tensor, planned as a device_rows plan (split_item 3): the group
+// args with its group_list as a tensor, planned as a rows-on-device plan (split_item 3): the group
 // rows are not read by the plan, as on the GPU. `values` is the group_list tensor.
 Plan rows_plan(OpArgs& args, at::Tensor& values) {
   TORCH_CHECK(args.split_item == 3, "rows_layout: split_item 3 only");
@@ -161,9 +176,9 @@ Plan rows_plan(OpArgs& args, at::Tensor& values) {
       args.group_list ? at::tensor(args.group_list->vec(), at::kLong) : *args.group_list_tensor;
   args.group_list = std::nullopt;
   args.group_list_tensor = values;
-  args.device_rows = true;
+  args.keep_group_list_on_device = true;
   Plan plan = make_plan(args);
-  TORCH_CHECK(plan.device_rows, "rows_layout: the plan kept its rows on the host");
+  TORCH_CHECK(plan.rows_on_device, "rows_layout: the plan kept its rows on the host");
   return plan;
 }
 
@@ -172,8 +187,8 @@ at::Tensor tiled_reference(at::TensorList x, at::TensorList weight,
                            const std::optional<at::Tensor>& group_list_tensor, int64_t split_item,
                            int64_t group_list_type, int64_t world_size, int64_t comm_turn,
                            bool rows_layout) {
-  OpArgs args{x,          weight, bias,      group_list,     group_list_tensor,
-              split_item, "sum",  comm_turn, group_list_type};
+  OpArgs args = twin_args(x, weight, bias, group_list, group_list_tensor, split_item,
+                          group_list_type, comm_turn);
   TORCH_CHECK(x.empty() || x[0].scalar_type() == at::kHalf || x[0].scalar_type() == at::kBFloat16,
               "_tiled_reference: float16 or bfloat16 only");
   const bool half = !x.empty() && x[0].scalar_type() == at::kHalf;
@@ -203,8 +218,8 @@ at::Tensor bias_reference(at::TensorList x, at::TensorList weight, at::TensorLis
                           const std::optional<at::Tensor>& group_list_tensor, int64_t split_item,
                           int64_t group_list_type, int64_t world_size, int64_t comm_turn,
                           bool rows_layout, bool from_fp32) {
-  OpArgs args{x,          weight, bias,      group_list,     group_list_tensor,
-              split_item, "sum",  comm_turn, group_list_type};
+  OpArgs args = twin_args(x, weight, bias, group_list, group_list_tensor, split_item,
+                          group_list_type, comm_turn);
   at::Tensor values;
   const Plan plan = rows_layout ? rows_plan(args, values) : make_plan(args);
   // From an fp32 source (src[e] = e % 4 for the chunk's elements e), the buffer starts as NaN so
@@ -234,29 +249,56 @@ std::string gemm_choice(at::TensorList x, at::TensorList weight, std::optional<a
                         const std::optional<at::Tensor>& group_list_tensor, int64_t split_item,
                         int64_t group_list_type, int64_t capability_major,
                         c10::string_view forced) {
-  OpArgs args{x,          weight, bias, group_list,     group_list_tensor,
-              split_item, "sum",  0,    group_list_type};
+  OpArgs args =
+      twin_args(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type, 0);
   const GemmDevice device{static_cast<int>(capability_major), parse_gemm(forced)};
   Plan plan = make_plan(args);  // validated as the op validates it
-  // The CUDA engine's hook decides device_rows before planning, for a group_list on the GPU.
-  plan.device_rows = takes_device_rows(args, device);
+  // The CUDA engine's hook decides whether the rows stay on the device before planning, for a
+  // group_list on the GPU.
+  plan.rows_on_device = serves_device_group_list(args, device);
   std::optional<at::Tensor> weight3;
   const Gemm gemm = choose_gemm(plan, args, device, weight3);
   TORCH_CHECK((gemm == Gemm::kGrouped) == weight3.has_value(), "weight3 without the grouped GEMM");
-  return std::string(gemm_name(gemm)) + (plan.device_rows ? "+device_rows" : "");
+  return std::string(gemm_name(gemm)) + (plan.rows_on_device ? "+rows_on_device" : "");
 }
 
 std::string plan_signature(at::TensorList x, at::TensorList weight,
                            std::optional<at::TensorList> bias, at::OptionalIntArrayRef group_list,
                            const std::optional<at::Tensor>& group_list_tensor, int64_t split_item,
-                           int64_t group_list_type, int64_t comm_turn, bool device_rows) {
-  OpArgs args{x,          weight, bias,      group_list,     group_list_tensor,
-              split_item, "sum",  comm_turn, group_list_type};
-  args.device_rows = device_rows;
+                           int64_t group_list_type, int64_t comm_turn, bool rows_on_device) {
+  OpArgs args = twin_args(x, weight, bias, group_list, group_list_tensor, split_item,
+                          group_list_type, comm_turn);
+  args.keep_group_list_on_device = rows_on_device;
   return make_plan(args).signature();
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
+  m.def(
+      "_gemm_blocks_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
+      "int comm_turn) -> Tensor");
+  m.def(
+      "_tiled_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
+      "int comm_turn, bool rows_layout) -> Tensor");
+  m.def(
+      "_row_ends_reference(Tensor group_list, int group_list_type, int rows, int row_begin, "
+      "int row_end) -> Tensor");
+  m.def(
+      "_bias_reference(Tensor[] x, Tensor[] weight, Tensor[] bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
+      "int comm_turn, bool rows_layout, bool from_fp32) -> Tensor");
+  m.def(
+      "_gemm_choice(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int capability_major, "
+      "str forced) -> str");
+  m.def(
+      "_plan_signature(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int comm_turn, "
+      "bool rows_on_device) -> str");
+}
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CPU, m) {
   m.impl("_gemm_blocks_reference", &gemm_blocks_reference);

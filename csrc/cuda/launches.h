@@ -1,5 +1,5 @@
-// The CUDA engine's own kernels (kernels.cu, tiled_gemm.cu): the row offsets of a grouped GEMM, the
-// bias epilogue and the tiled grouped GEMM. Launchers take ATen tensors or host-built launch
+// The CUDA engine's own kernels (launches.cu, tiled_gemm.cu): the row offsets of a grouped GEMM,
+// the bias epilogue and the tiled grouped GEMM. Launchers take ATen tensors or host-built launch
 // arguments and run on the current stream, so that the engine (engine.cpp) needs no CUDA headers.
 #pragma once
 
@@ -8,8 +8,8 @@
 #include <optional>
 #include <vector>
 
-#include "../kernels/epilogue.h"
-#include "../kernels/tiles.h"
+#include "../gemm/epilogue.h"
+#include "../gemm/tiles.h"
 #include "../plan.h"
 
 namespace gmm_allreduce::cuda {
@@ -30,7 +30,7 @@ at::Tensor device_row_ends(const std::vector<int32_t>& ends, c10::Device device)
 // flat[e] = round(v + bias_g[col] / world_size) for every element e of `chunk`, v being flat[e] or,
 // given `src` (the chunk's elements in fp32), src's; computed in fp32 (fp64 for an fp64 output) and
 // rounded once into flat's dtype. Group g and column col of e come from the plan, or for a
-// device_rows plan from row_ends (chunk_row_ends of this chunk). One launch per kMaxLaunchGroups
+// rows-on-device plan from row_ends (chunk_row_ends of this chunk). One launch per kMaxLaunchGroups
 // groups; the biases may have any floating dtypes.
 void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t world_size,
               const Chunk& chunk, const std::optional<at::Tensor>& row_ends,

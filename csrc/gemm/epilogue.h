@@ -1,7 +1,7 @@
-// What the CUDA engine's small kernels (cuda/kernels.cu, cuda/tiled_gemm.cu) compute per element,
+// What the CUDA engine's small kernels (cuda/launches.cu, cuda/tiled_gemm.cu) compute per element,
 // as host-and-device functions: the row offsets of a device group_list and the bias epilogue.
-// The kernels call them on the GPU; their CPU twins (kernel_twins.cpp) call the same source on the
-// host, so that tests check this logic without a GPU.
+// The kernels call them on the GPU; their CPU twins (testing/kernel_twins.cpp) call the same source
+// on the host, so that tests check this logic without a GPU.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -14,13 +14,12 @@ std::vector<GemmBlock> gemm_blocks(const Plan& plan, const OpArgs& a, at::Tensor
     return static_cast<const char*>(t.const_data_ptr()) + offset * elem;
   };
   std::vector<GemmBlock> blocks;
-  const bool single_x = plan.split_item == 1 || plan.split_item == 3;
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
     const auto [r0, r1] = rows_in_chunk(g, chunk);
     if (r1 <= r0 || g.n == 0) continue;
-    const at::Tensor* x = single_x ? &a.x[0] : &a.x[i];
-    const int64_t row = single_x ? g.x_row + r0 : r0;
+    const at::Tensor* x = plan.single_x ? &a.x[0] : &a.x[i];
+    const int64_t row = plan.single_x ? g.x_row + r0 : r0;
     std::array<int64_t, 2> xs{};
     if (x->dim() == 2) {
       xs = {x->stride(0), x->stride(1)};

@@ -1,8 +1,8 @@
-// A same-host all-reduce through shared memory, for the ranks of one process group that share a
-// /dev/shm: the gloo that torch bundles moves CPU tensors over loopback TCP, which is CPU work of
-// its own; here each rank copies its part into its own segment, and the ranks sum them from
-// there. Learnt from the designs of DeepSpeed (csrc/cpu/comm/shm.cpp) and upstream gloo
-// (gloo/allreduce_shm.cc); our own code, behind the interface of all_reduce.h.
+// The same-host group: the all-reduce and reduce-scatter through shared memory, for the ranks of
+// one process group that share a /dev/shm: the gloo that torch bundles moves CPU tensors over
+// loopback TCP, which is CPU work of its own; here each rank copies its part into its own segment,
+// and the ranks sum them from there. Learnt from the designs of DeepSpeed (csrc/cpu/comm/shm.cpp)
+// and upstream gloo (gloo/allreduce_shm.cc); our own code, behind the interface of all_reduce.h.
 //
 // Setup, once per process group and collective (every rank of the group takes part, through the
 // process group itself): each rank creates a segment under a random name, the ranks exchange the
@@ -26,16 +26,16 @@
 
 namespace gmm_allreduce {
 
-class ShmAllReduce {
+class SameHostGroup {
  public:
   // Sets up over `group` (every rank of it must call this, at the same point of its program) and
   // returns nullptr on every rank when any rank cannot take part: another host's /dev/shm, no room
   // in it, GMM_ALLREDUCE_SHM=0. Waits in a sum are bounded by `timeout`.
-  static std::unique_ptr<ShmAllReduce> create(c10d::ProcessGroup& group,
-                                              std::chrono::milliseconds timeout);
-  ~ShmAllReduce();
-  ShmAllReduce(const ShmAllReduce&) = delete;
-  ShmAllReduce& operator=(const ShmAllReduce&) = delete;
+  static std::unique_ptr<SameHostGroup> create(c10d::ProcessGroup& group,
+                                               std::chrono::milliseconds timeout);
+  ~SameHostGroup();
+  SameHostGroup(const SameHostGroup&) = delete;
+  SameHostGroup& operator=(const SameHostGroup&) = delete;
 
   // flat = the sum of every rank's flat (a contiguous CPU tensor of a floating or integer type),
   // in place. Blocks until done; raises if a peer died, did not come within the timeout, or
@@ -50,10 +50,10 @@ class ShmAllReduce {
   int rank() const { return rank_; }
   int world() const { return world_; }
 
-  struct Segment;  // one rank's shared memory (shm_all_reduce.cpp)
+  struct Segment;  // one rank's shared memory (same_host_group.cpp)
 
  private:
-  ShmAllReduce(int rank, int world, std::chrono::milliseconds timeout);
+  SameHostGroup(int rank, int world, std::chrono::milliseconds timeout);
   void round(char* data, int64_t count, at::ScalarType dtype);
   void scatter_round(const std::vector<at::Tensor>& pieces, int64_t begin, int64_t count, char* out,
                      at::ScalarType dtype);

@@ -1,6 +1,6 @@
 // Which GEMM the CUDA engine (cuda/engine.cpp) runs for a call, decided from the call, the device's
 // compute capability and GMM_CUDA_GEMM alone. Device-free, so that the CPU build tests the rule
-// (the test-only op _gemm_choice, kernel_twins.cpp).
+// (the test-only op _gemm_choice, testing/kernel_twins.cpp).
 //
 // - grouped: torch's CUTLASS bf16 grouped GEMM (the kernel behind torch._grouped_mm on sm_90 and
 //   sm_100), given our buffer as its output: bf16, one x (split_item 1, 3), one N, and weights that
@@ -46,13 +46,13 @@ constexpr int64_t kMaxGroupedGroups = 1023;
 // nullopt otherwise. Safe before validation: it checks everything it relies on.
 std::optional<at::Tensor> grouped_weight(const OpArgs& args, const GemmDevice& device);
 
-// Engine::device_rows on `device`: split_item 3 with a group_list tensor (the engine checks that it
-// lives on the GPU) that a one-launch GEMM, grouped or tiled, serves from its device values. Safe
-// before validation.
-bool takes_device_rows(const OpArgs& args, const GemmDevice& device);
+// Engine::takes_device_group_list on `device`: split_item 3 with a group_list tensor (the engine
+// checks that it lives on the GPU) that a one-launch GEMM, grouped or tiled, serves from its device
+// values. Safe before validation.
+bool serves_device_group_list(const OpArgs& args, const GemmDevice& device);
 
 // The GEMM for a planned call; `weight3` is set when it is the grouped one. A forced GEMM that
-// cannot take the call falls back to the loop (to the tiled one for a device_rows plan).
+// cannot take the call falls back to the loop (to the tiled one for a rows-on-device plan).
 Gemm choose_gemm(const Plan& plan, const OpArgs& args, const GemmDevice& device,
                  std::optional<at::Tensor>& weight3);
 

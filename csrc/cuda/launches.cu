@@ -4,9 +4,9 @@
 
 #include <algorithm>
 
-#include "../kernels/choice.h"
-#include "../kernels/epilogue.h"
-#include "kernels.h"
+#include "../gemm/choice.h"
+#include "../gemm/epilogue.h"
+#include "launches.h"
 
 namespace gmm_allreduce::cuda {
 namespace {
@@ -86,13 +86,13 @@ at::Tensor device_row_ends(const std::vector<int32_t>& ends, c10::Device device)
 void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t world_size,
               const Chunk& chunk, const std::optional<at::Tensor>& row_ends,
               const std::optional<at::Tensor>& src) {
-  TORCH_CHECK(!plan.device_rows || row_ends.has_value(),
-              "add_bias: a device_rows plan needs its row ends");
+  TORCH_CHECK(!plan.rows_on_device || row_ends.has_value(),
+              "add_bias: a rows-on-device plan needs its row ends");
   TORCH_CHECK(!src || (src->scalar_type() == at::kFloat && src->is_contiguous() &&
                        src->numel() == chunk.elem_end - chunk.elem_begin),
               "add_bias: src must hold the chunk's elements in fp32");
   std::vector<at::Tensor> keep;  // contiguous biases, alive until their launches are queued
-  const int32_t* ends = plan.device_rows ? row_ends->const_data_ptr<int32_t>() : nullptr;
+  const int32_t* ends = plan.rows_on_device ? row_ends->const_data_ptr<int32_t>() : nullptr;
   const float* from = src ? src->const_data_ptr<float>() : nullptr;
   for (const BiasArgs& a : bias_launches(plan, bias, world_size, chunk, ends, from, keep)) {
     launch_add_bias(flat, a);

@@ -25,7 +25,7 @@ bool tiled_takes(at::ScalarType dtype, const GemmDevice& d) {
   return (dtype == at::kHalf || dtype == at::kBFloat16) && d.major >= 8;
 }
 
-// grouped_weight for a device_rows plan: its bias epilogue (rows layout) is one launch, so it
+// grouped_weight for a rows-on-device plan: its bias epilogue (rows layout) is one launch, so it
 // takes at most kMaxLaunchGroups biases; the tiled kernel (bias fused) serves the others.
 std::optional<at::Tensor> grouped_rows_weight(const OpArgs& a, const GemmDevice& d) {
   if (d.forced == Gemm::kTiled) return std::nullopt;
@@ -92,7 +92,7 @@ std::optional<at::Tensor> grouped_weight(const OpArgs& a, const GemmDevice& d) {
   return w0.as_strided({groups, k, w0.size(1)}, {step, w0.stride(0), w0.stride(1)});
 }
 
-bool takes_device_rows(const OpArgs& a, const GemmDevice& d) {
+bool serves_device_group_list(const OpArgs& a, const GemmDevice& d) {
   if (a.split_item != 3 || !a.group_list_tensor.has_value() || d.forced == Gemm::kLoop)
     return false;
   if (a.x.size() != 1 || !strided(a.x[0]) || a.x[0].dim() != 2 || a.x[0].size(0) > INT32_MAX)
@@ -105,7 +105,7 @@ Gemm choose_gemm(const Plan& plan, const OpArgs& a, const GemmDevice& d,
                  std::optional<at::Tensor>& weight3) {
   // Partials kept in fp32 (reduce_dtype): the loop's GEMMs write fp32 straight into the buffer.
   if (plan.reduce_dtype != plan.dtype) return Gemm::kLoop;
-  if (plan.device_rows) {  // takes_device_rows said yes: one of the two serves
+  if (plan.rows_on_device) {  // serves_device_group_list said yes: one of the two serves
     weight3 = grouped_rows_weight(a, d);
     TORCH_INTERNAL_ASSERT(weight3 || tiled_takes(plan.dtype, d));
     return weight3 ? Gemm::kGrouped : Gemm::kTiled;

@@ -1,7 +1,7 @@
 // A chunk's groups as raw GEMM operands: pointers, sizes and strides, with no tensor per group (a
 // tensor view costs host time per group). The CUDA engine's tiled kernel takes them; on the CPU,
-// the test-only op _gemm_blocks_reference (kernel_twins.cpp) computes them by the same formula,
-// which checks their arithmetic without a GPU.
+// the test-only op _gemm_blocks_reference (testing/kernel_twins.cpp) computes them by the same
+// formula, which checks their arithmetic without a GPU.
 #pragma once
 
 #include <ATen/ATen.h>
