@@ -21,33 +21,45 @@ _BACKWARD = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce_backward
 _GATHER = torch.ops.gmm_allreduce._all_gather_rows
 
 
+# Each differentiable op's argument names, from its schema (registration.cpp).
+_NAMES = {op: tuple(arg.name for arg in getattr(torch.ops.gmm_allreduce, op).default._schema.arguments)
+          for op in ("grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter", "grouped_mat_mul")}
+
+
+def _arguments(op: str, inputs: tuple) -> dict:
+    """The op's inputs by their schema's names, not by position."""
+    return dict(zip(_NAMES[op], inputs))
+
+
 def _setup_context(ctx, inputs, output):
-    _save(ctx, inputs, group_list_type=inputs[9], bias_scale=1)
+    _save(ctx, inputs, _arguments("grouped_mat_mul_all_reduce", inputs), bias_scale=1)
 
 
 def _setup_context_scatter(ctx, inputs, output):
     """The reduce-scatter op: backward first all-gathers the output's gradient over the group."""
-    _save(ctx, inputs, group_list_type=inputs[9], bias_scale=1)
-    ctx.gather_group = inputs[6]
+    args = _arguments("grouped_mat_mul_reduce_scatter", inputs)
+    _save(ctx, inputs, args, bias_scale=1)
+    ctx.gather_group = args["group_name"]
 
 
 def _setup_context_compute(ctx, inputs, output):
     """grouped_mat_mul adds bias / world_size: its bias gradient is scaled alike."""
-    _save(ctx, inputs, group_list_type=inputs[6], bias_scale=1 / inputs[7])
+    args = _arguments("grouped_mat_mul", inputs)
+    _save(ctx, inputs, args, bias_scale=1 / args["world_size"])
 
 
-def _save(ctx, inputs, group_list_type, bias_scale):
-    x, weight, bias, group_list, group_list_tensor, split_item = inputs[:6]
+def _save(ctx, inputs, args, bias_scale):
+    x, weight, group_list_tensor = args["x"], args["weight"], args["group_list_tensor"]
     ctx.n_inputs = len(inputs)
     ctx.gather_group = None
     ctx.bias_scale = bias_scale
 
-    bias = list(bias) if bias is not None else []
+    bias = list(args["bias"]) if args["bias"] is not None else []
     ctx.counts = (len(x), len(weight), len(bias))
-    ctx.group_list = group_list
-    ctx.bias_given = inputs[2] is not None
+    ctx.group_list = args["group_list"]
+    ctx.bias_given = args["bias"] is not None
     ctx.has_group_list_tensor = group_list_tensor is not None
-    ctx.split_item, ctx.group_list_type = split_item, group_list_type
+    ctx.split_item, ctx.group_list_type = args["split_item"], args["group_list_type"]
     ctx.needs = (any(t.requires_grad for t in x), any(t.requires_grad for t in weight),
                  any(t.requires_grad for t in bias))
     tensors = [*x, *weight, *bias]

@@ -25,7 +25,7 @@ from ._rank import exit_with_parent
 from .cases import Case, call_kwargs, check, make_inputs
 
 SCENARIOS = [
-    # The seed's own example: two fp16 groups, split_item 0, bias=[].
+    # The Ascend document's own example: two fp16 groups, split_item 0, bias=[].
     Case(name="seed_example", split_item=0, m=(32, 64), k=(256, 128), n=(32, 64),
          dtype=torch.float16),
     Case(name="split0_multidim", split_item=0, m=(64, 48), k=(96, 64), n=(80, 48),

@@ -3,7 +3,7 @@
 Inductor lowers a custom op as a plain fallback kernel, which its communication passes take for
 compute: simple_overlap (on by default since torch 2.14) moves a functional collective earlier
 over it, so that the collectives of the compiled code no longer run in program order around the
-op's own all-reduce (pytorch/pytorch issue 189454; tests/test_compile_order.py shows it). On ranks
+op's own all-reduce (pytorch/pytorch#189454; tests/test_compile_order.py shows it). On ranks
 whose graphs differ that pairs unrelated collectives or hangs. Lowering the op as Inductor's
 collective kernel (a fallback kernel of the class those passes recognise and keep in order) makes
 it one of them. The op still returns finished outputs, so nothing waits on it.

@@ -24,105 +24,93 @@ _SCATTER = torch.ops.gmm_allreduce.grouped_mat_mul_reduce_scatter
 _COMPUTE = torch.ops.gmm_allreduce.grouped_mat_mul
 
 
-def grouped_mat_mul_all_reduce(
-    x: Sequence[torch.Tensor],
-    weight: Sequence[torch.Tensor],
-    hcomm: str | dist.ProcessGroup | None = None,
-    *,
-    bias: Sequence[torch.Tensor] | None = None,
-    group_list: Sequence[int] | torch.Tensor | None = None,
-    split_item: int = 0,
-    reduce_op: str = "sum",
-    comm_turn: int = 0,
-    group_list_type: int = 0,
-    check_ranks: bool = False,
-    reduce_dtype: torch.dtype | None = None,
-    async_op: bool = False,
-) -> list[torch.Tensor]:
-    """Grouped matmul, summed over the ranks of a process group.
+def _collective(op, name: str, default_split_item: int, doc: str):
+    """A public collective function over `op`: both collective ops share this signature."""
 
-    With n ranks, rank r holding x_i^r (its K-slice of the activations) and W_i^r (its K-slice of
-    the weights), every rank returns, for every group i::
+    def call(
+        x: Sequence[torch.Tensor],
+        weight: Sequence[torch.Tensor],
+        hcomm: str | dist.ProcessGroup | None = None,
+        *,
+        bias: Sequence[torch.Tensor] | None = None,
+        group_list: Sequence[int] | torch.Tensor | None = None,
+        split_item: int = default_split_item,
+        reduce_op: str = "sum",
+        comm_turn: int = 0,
+        group_list_type: int = 0,
+        check_ranks: bool = False,
+        reduce_dtype: torch.dtype | None = None,
+        async_op: bool = False,
+    ) -> list[torch.Tensor]:
+        return op(*_operands(x, weight, bias, group_list), _int("split_item", split_item),
+                  _group_name(hcomm), _str("reduce_op", reduce_op), _int("comm_turn", comm_turn),
+                  _int("group_list_type", group_list_type), bool(check_ranks),
+                  _dtype("reduce_dtype", reduce_dtype), _async(async_op))
 
-        y_i = sum_r (x_i^r @ W_i^r + bias_i^r / n)
-
-    Args:
-        x: the activations; G tensors (split_item 0, 2) or one [M, K] tensor (1, 3).
-        weight: G tensors [K_i, N_i].
-        hcomm: the process group: its name (``group.group_name``), the group, or None for the
-            default group.
-        bias: None, [] (no bias) or G 1-D tensors [N_i] of any floating dtype.
-        group_list: rows of x per group for split_item 1 and 3: cumulative end offsets
-            (group_list_type=0) or counts (1); a list of ints or a 1-D int64/int32 tensor.
-        split_item: 0: G x, G y; 1: one x, G y; 2: G x, one y; 3: one x, one y.
-        reduce_op: "sum" only.
-        comm_turn: 0: one all-reduce after all compute. k >= 1: the output rows cut into at most
-            k chunks of about equal size (never an empty one); chunk c's all-reduce runs while
-            chunk c + 1 is computed.
-        group_list_type: 0 cumulative offsets, 1 counts.
-        check_ranks: first agree across ranks that every call is valid and alike; on any
-            disagreement every rank raises the same error (costs one small collective).
-        reduce_dtype: None: each rank's partial products are rounded to x's dtype and summed in
-            it (in fp32 between CPU ranks of one host). torch.float32: the partials stay in fp32,
-            the ranks' sum runs in fp32, and each output is rounded once to x's dtype (for fp16
-            and bf16 x: twice the bytes to sum; a no-op for fp32 x; refused for fp64 x). On
-            CUDA it runs one cuBLAS GEMM per group, and a device group_list is read to the host.
-        async_op: True: return once the collective(s) are started; the outputs must not be read
-            before ``gmm_allreduce.wait(outputs)`` (or ``torch.ops._c10d_functional.wait_tensor``
-            on each), which blocks the host on gloo and on shared memory (where the sums are done
-            before the op returns) and orders the current stream on NCCL. Not under
-            torch.compile (a RuntimeError): compiled code keeps the call synchronous.
-
-    Returns:
-        A list of tensors in x's dtype: G of them for split_item 0 and 1, one for 2 and 3.
-    """
-    return _OP(*_collective_args(**locals()))  # every parameter, by name
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = doc
+    return call
 
 
-def grouped_mat_mul_reduce_scatter(
-    x: Sequence[torch.Tensor],
-    weight: Sequence[torch.Tensor],
-    hcomm: str | dist.ProcessGroup | None = None,
-    *,
-    bias: Sequence[torch.Tensor] | None = None,
-    group_list: Sequence[int] | torch.Tensor | None = None,
-    split_item: int = 3,
-    reduce_op: str = "sum",
-    comm_turn: int = 0,
-    group_list_type: int = 0,
-    check_ranks: bool = False,
-    reduce_dtype: torch.dtype | None = None,
-    async_op: bool = False,
-) -> list[torch.Tensor]:
-    """Grouped matmul, summed over the ranks of a process group and scattered by rows: the
-    row-parallel layer of sequence parallelism (Megatron-LM's ``--sequence-parallel``).
+grouped_mat_mul_all_reduce = _collective(_OP, "grouped_mat_mul_all_reduce", 0, doc="""\
+Grouped matmul, summed over the ranks of a process group.
 
-    The same products as grouped_mat_mul_all_reduce (same arguments, checks and bias counted
-    once), for the single-output modes (split_item 2 and 3). With n ranks, the summed output Y
-    ([M, N]) is cut into n blocks of M / n rows, and rank r returns block r, rows
-    ``[r * M / n, (r + 1) * M / n)``: the layout of ``dist.reduce_scatter_tensor`` along dim 0.
-    One collective per call for comm_turn = 0; with comm_turn = k >= 1 each rank's block is cut
-    into at most k runs of rows, run c of every block computed and then reduce-scattered while
-    run c + 1 computes. M not divisible by n, or split_item 0 or 1, is a ValueError before any
-    communication.
+With n ranks, rank r holding x_i^r (its K-slice of the activations) and W_i^r (its K-slice of
+the weights), every rank returns, for every group i::
 
-    Autograd (the sequence-parallel convention): backward all-gathers the output's gradient
-    along the rows once, then computes the same local grouped products as the all-reduce op's
-    backward. reduce_dtype and async_op as for grouped_mat_mul_all_reduce.
+    y_i = sum_r (x_i^r @ W_i^r + bias_i^r / n)
 
-    Returns:
-        A list of one tensor [M / n, N] in x's dtype.
-    """
-    return _SCATTER(*_collective_args(**locals()))  # every parameter, by name
+Args:
+    x: the activations; G tensors (split_item 0, 2) or one [M, K] tensor (1, 3).
+    weight: G tensors [K_i, N_i].
+    hcomm: the process group: its name (``group.group_name``), the group, or None for the
+        default group.
+    bias: None, [] (no bias) or G 1-D tensors [N_i] of any floating dtype.
+    group_list: rows of x per group for split_item 1 and 3: cumulative end offsets
+        (group_list_type=0) or counts (1); a list of ints or a 1-D int64/int32 tensor.
+    split_item: 0: G x, G y; 1: one x, G y; 2: G x, one y; 3: one x, one y.
+    reduce_op: "sum" only.
+    comm_turn: 0: one all-reduce after all compute. k >= 1: the output rows cut into at most
+        k chunks of about equal size (never an empty one); chunk c's all-reduce runs while
+        chunk c + 1 is computed.
+    group_list_type: 0 cumulative offsets, 1 counts.
+    check_ranks: first agree across ranks that every call is valid and alike; on any
+        disagreement every rank raises the same error (costs one small collective).
+    reduce_dtype: None: each rank's partial products are rounded to x's dtype and summed in
+        it (in fp32 between CPU ranks of one host). torch.float32: the partials stay in fp32,
+        the ranks' sum runs in fp32, and each output is rounded once to x's dtype (for fp16
+        and bf16 x: twice the bytes to sum; a no-op for fp32 x; refused for fp64 x). On
+        CUDA it runs one cuBLAS GEMM per group, and a device group_list is read to the host.
+    async_op: True: return once the collective(s) are started; the outputs must not be read
+        before ``gmm_allreduce.wait(outputs)`` (or ``torch.ops._c10d_functional.wait_tensor``
+        on each), which blocks the host on gloo and on shared memory (where the sums are done
+        before the op returns) and orders the current stream on NCCL. Not under
+        torch.compile (a RuntimeError): compiled code keeps the call synchronous.
 
+Returns:
+    A list of tensors in x's dtype: G of them for split_item 0 and 1, one for 2 and 3.
+""")
 
-def _collective_args(x, weight, hcomm, bias, group_list, split_item, reduce_op, comm_turn,
-                     group_list_type, check_ranks, reduce_dtype, async_op) -> tuple:
-    """The schema's arguments of both collective ops, normalised and checked."""
-    return (*_operands(x, weight, bias, group_list), _int("split_item", split_item),
-            _group_name(hcomm), _str("reduce_op", reduce_op), _int("comm_turn", comm_turn),
-            _int("group_list_type", group_list_type), bool(check_ranks),
-            _dtype("reduce_dtype", reduce_dtype), _async(async_op))
+grouped_mat_mul_reduce_scatter = _collective(_SCATTER, "grouped_mat_mul_reduce_scatter", 3, doc="""\
+Grouped matmul, summed over the ranks of a process group and scattered by rows: the
+row-parallel layer of sequence parallelism (Megatron-LM's ``--sequence-parallel``).
+
+The same products as grouped_mat_mul_all_reduce (same arguments, checks and bias counted
+once), for the single-output modes (split_item 2 and 3). With n ranks, the summed output Y
+([M, N]) is cut into n blocks of M / n rows, and rank r returns block r, rows
+``[r * M / n, (r + 1) * M / n)``: the layout of ``dist.reduce_scatter_tensor`` along dim 0.
+One collective per call for comm_turn = 0; with comm_turn = k >= 1 each rank's block is cut
+into at most k runs of rows, run c of every block computed and then reduce-scattered while
+run c + 1 computes. M not divisible by n, or split_item 0 or 1, is a ValueError before any
+communication.
+
+Autograd (the sequence-parallel convention): backward all-gathers the output's gradient
+along the rows once, then computes the same local grouped products as the all-reduce op's
+backward. reduce_dtype and async_op as for grouped_mat_mul_all_reduce.
+
+Returns:
+    A list of one tensor [M / n, N] in x's dtype.
+""")
 
 
 def wait(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -141,7 +129,7 @@ def _async(async_op) -> bool:
     return bool(async_op)
 
 
-# The seed's name: code written for the Ascend op changes only its import and its device.
+# The Ascend op's name: code written for it changes only its import and its device.
 npu_grouped_mat_mul_all_reduce = grouped_mat_mul_all_reduce
 
 

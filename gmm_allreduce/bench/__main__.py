@@ -1,5 +1,5 @@
 """Benchmark the op against the unfused composition, its compute alone and its all-reduce alone,
-over a comm_turn sweep, on the scenarios of benchmarks/shapes.json.
+over a comm_turn sweep, on the scenarios of shapes.json.
 
     python -m gmm_allreduce.bench                                  # CPU scenarios, 2 ranks
     python -m gmm_allreduce.bench --scenarios moe16_cpu --comm-turns 0 1 2 4 8 --plot t.png

@@ -24,7 +24,7 @@ COMMON = ("fused", "unfused", "flat_loop", "grouped_mm", "compute", "comm", "com
 # The best compositions, against which the op is reported (vs_best: paired, the op over the
 # fastest composition of each iteration; for comm_op, over comm).
 COMPOSITIONS = ("flat_loop", "grouped_mm")
-# Beyond the seed (not run by default): rs, the reduce-scatter op (split_item 2 and 3, M divisible
+# Beyond the Ascend op (not run by default): rs, the reduce-scatter op (split_item 2 and 3, M divisible
 # by the world size), against rs_grouped_mm, torch._grouped_mm then one dist.reduce_scatter_tensor;
 # fused_fp32, the op with reduce_dtype=torch.float32 (against fused at comm_turn 0).
 EXTRA = ("rs", "rs_grouped_mm", "fused_fp32")

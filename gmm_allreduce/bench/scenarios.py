@@ -1,4 +1,4 @@
-"""The benchmark scenarios (benchmarks/shapes.json, shapes per rank) as test cases."""
+"""The benchmark scenarios (shapes.json beside this file, shapes per rank) as test cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ..cases import Case
 
-SHAPES = Path(__file__).resolve().parents[2] / "benchmarks" / "shapes.json"
+SHAPES = Path(__file__).resolve().parent / "shapes.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
