@@ -59,14 +59,14 @@ void for_each_block(const Plan& plan, const OpArgs& args, at::Tensor& out, int64
 //   m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kEngine, Collective::kReduceScatter>);
 //   m.impl("grouped_mat_mul", &compute_kernel<&kEngine>);
 template <const Engine* E, Collective C>
-std::vector<at::Tensor> op_kernel(at::TensorList x, at::TensorList weight,
-                                  std::optional<at::TensorList> bias,
-                                  at::OptionalIntArrayRef group_list,
-                                  const std::optional<at::Tensor>& group_list_tensor,
-                                  int64_t split_item, c10::string_view group_name,
-                                  c10::string_view reduce_op, int64_t comm_turn,
-                                  int64_t group_list_type, bool check_ranks,
-                                  std::optional<at::ScalarType> reduce_dtype, bool async_op) {
+std::vector<at::Tensor> op_kernel(
+    at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
+    at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
+    int64_t split_item, c10::string_view group_name, c10::string_view reduce_op, int64_t comm_turn,
+    int64_t group_list_type, bool check_ranks, std::optional<at::ScalarType> reduce_dtype,
+    bool async_op, const std::optional<at::Tensor>& combine_index,
+    const std::optional<at::Tensor>& combine_weight, std::optional<int64_t> num_tokens,
+    const std::optional<at::Tensor>& shared_input) {
   return run_op(*E,
                 {.x = x,
                  .weight = weight,
@@ -78,17 +78,21 @@ std::vector<at::Tensor> op_kernel(at::TensorList x, at::TensorList weight,
                  .comm_turn = comm_turn,
                  .group_list_type = group_list_type,
                  .reduce_dtype = reduce_dtype,
+                 .combine_index = combine_index,
+                 .combine_weight = combine_weight,
+                 .num_tokens = num_tokens,
+                 .shared_input = shared_input,
                  .collective = C},
                 group_name, check_ranks, async_op);
 }
 
 template <const Engine* E>
-std::vector<at::Tensor> compute_kernel(at::TensorList x, at::TensorList weight,
-                                       std::optional<at::TensorList> bias,
-                                       at::OptionalIntArrayRef group_list,
-                                       const std::optional<at::Tensor>& group_list_tensor,
-                                       int64_t split_item, int64_t group_list_type,
-                                       int64_t world_size) {
+std::vector<at::Tensor> compute_kernel(
+    at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
+    at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
+    int64_t split_item, int64_t group_list_type, int64_t world_size,
+    const std::optional<at::Tensor>& combine_index, const std::optional<at::Tensor>& combine_weight,
+    std::optional<int64_t> num_tokens, const std::optional<at::Tensor>& shared_input) {
   return run_compute(*E,
                      {.x = x,
                       .weight = weight,
@@ -96,7 +100,11 @@ std::vector<at::Tensor> compute_kernel(at::TensorList x, at::TensorList weight,
                       .group_list = group_list,
                       .group_list_tensor = group_list_tensor,
                       .split_item = split_item,
-                      .group_list_type = group_list_type},
+                      .group_list_type = group_list_type,
+                      .combine_index = combine_index,
+                      .combine_weight = combine_weight,
+                      .num_tokens = num_tokens,
+                      .shared_input = shared_input},
                      world_size);
 }
 

@@ -284,6 +284,77 @@ void fill_layout(const OpArgs& a, Plan& plan) {
   plan.rows = total_rows;
 }
 
+// The combine's arguments, after the groups' rows are known (plan.rows are the expert rows M);
+// the plan then describes the [num_tokens, N] combined output.
+void plan_combine(const OpArgs& a, Plan& plan) {
+  if (!a.combine_index) {
+    TORCH_CHECK_VALUE(!a.combine_weight, "combine_weight: given without combine_index");
+    TORCH_CHECK_VALUE(!a.shared_input, "shared_input: given without combine_index");
+    TORCH_CHECK_VALUE(!a.num_tokens, "num_tokens: given without combine_index");
+    return;
+  }
+  const at::Device device = a.x[0].device();
+  TORCH_CHECK_VALUE(plan.single_y,
+                    "combine_index: the combine sums expert rows into token rows of "
+                    "one output: expected split_item 2 or 3, got ",
+                    a.split_item);
+  TORCH_CHECK_VALUE(a.num_tokens.has_value(),
+                    "num_tokens: required with combine_index (the combined output's rows)");
+  const int64_t tokens = *a.num_tokens;
+  TORCH_CHECK_VALUE(tokens >= 0, "num_tokens: expected an integer >= 0, got ", tokens);
+  const int64_t m = plan.rows;
+  const at::Tensor& index = *a.combine_index;
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+                   "combine_index: expected an int64 or int32 tensor, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.layout() == at::kStrided, "combine_index: expected a dense tensor");
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == m,
+                    "combine_index: expected a 1-D tensor "
+                    "of ",
+                    m, " values (one per expert row), got shape ", index.sizes());
+  TORCH_CHECK_VALUE(index.device().is_cpu() || index.device() == device,
+                    "combine_index: expected a tensor on cpu or on ", device,
+                    " like x[0], got one on ", index.device());
+  if (a.combine_weight) {
+    const at::Tensor& w = *a.combine_weight;
+    TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()),
+                     "combine_weight: expected a floating-point dtype, got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.layout() == at::kStrided, "combine_weight: expected a dense tensor");
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == m, "combine_weight: expected a 1-D tensor of ",
+                      m, " values (one per expert row), got shape ", w.sizes());
+    TORCH_CHECK_VALUE(w.device() == device, "combine_weight: expected a tensor on ", device,
+                      " like x[0], got one on ", w.device());
+  }
+  const int64_t n = plan.groups[0].n;
+  if (a.shared_input) {
+    const at::Tensor& s = *a.shared_input;
+    TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()),
+                     "shared_input: expected a floating-point dtype, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.layout() == at::kStrided, "shared_input: expected a dense tensor");
+    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == tokens && s.size(1) == n,
+                      "shared_input: expected a tensor [num_tokens, N] = [", tokens, ", ", n,
+                      "], got shape ", s.sizes());
+    TORCH_CHECK_VALUE(s.device() == device, "shared_input: expected a tensor on ", device,
+                      " like x[0], got one on ", s.device());
+  }
+  // Values on the host are checked; on the device they stay unread (a sync), and the engine
+  // drops rows outside [0, tokens).
+  if (index.device().is_cpu()) {
+    const at::Tensor host = index.to(at::kLong).contiguous();
+    const int64_t* v = host.const_data_ptr<int64_t>();
+    for (const auto j : c10::irange(m)) {
+      TORCH_CHECK_VALUE(v[j] >= 0 && v[j] < tokens, name("combine_index", j),
+                        ": expected a token row in [0, num_tokens = ", tokens, "), got ", v[j]);
+    }
+  }
+  plan.combine = true;
+  plan.combine_weighted = a.combine_weight.has_value();
+  plan.combine_shared = a.shared_input.has_value();
+  plan.expert_rows = m;
+  plan.rows = tokens;
+  plan.numel = checked_mul(tokens, n, "the combined output");
+  plan.out_shapes = {{tokens, n}};
+}
+
 }  // namespace
 
 Plan make_plan(const OpArgs& a) {
@@ -312,6 +383,7 @@ Plan make_plan(const OpArgs& a) {
   fill_mk(a, plan.groups);
   fill_n_and_check_weights(a, plan.groups);
   fill_layout(a, plan);
+  plan_combine(a, plan);
   plan.collective = a.collective;
   plan.ranks = a.ranks;
   if (a.collective == Collective::kReduceScatter) {
@@ -319,16 +391,28 @@ Plan make_plan(const OpArgs& a) {
                       "split_item: the reduce-scatter returns one tensor, scattered by rows: "
                       "expected 2 or 3, got ",
                       a.split_item);
-    TORCH_CHECK_VALUE(plan.rows % a.ranks == 0, "x: the output's ", plan.rows,
+    const char* rows = plan.combine ? "num_tokens" : "M";
+    TORCH_CHECK_VALUE(plan.rows % a.ranks == 0, plan.combine ? "num_tokens" : "x",
+                      ": the output's ", plan.rows,
                       " rows cannot be scattered evenly over the group's ", a.ranks,
-                      " ranks (rank r gets rows [r * M / n, (r + 1) * M / n)); pad M to a "
-                      "multiple of ",
-                      a.ranks);
+                      " ranks (rank r ", "gets rows [r * ", rows, " / n, (r + 1) * ", rows,
+                      " / n)); pad ", rows, " to a multiple of ", a.ranks);
     plan.chunks = make_scatter_chunks(plan, a.comm_turn, a.ranks);
   } else {
     plan.chunks = make_chunks(plan, a.comm_turn);
   }
   return plan;
+}
+
+Plan expert_plan(const Plan& plan) {
+  Plan expert = plan;
+  expert.combine = false;
+  expert.rows = plan.expert_rows;
+  expert.numel = plan.expert_rows * plan.groups[0].n;  // checked when the groups were laid out
+  expert.out_shapes = {{plan.expert_rows, plan.groups[0].n}};
+  expert.collective = Collective::kNone;
+  expert.chunks = make_chunks(expert, 0);
+  return expert;
 }
 
 at::Tensor group_x(const Plan& plan, at::TensorList x, size_t i, int64_t r0, int64_t rows) {
@@ -357,12 +441,12 @@ std::vector<Chunk> make_chunks(const Plan& plan, int64_t turns) {
     chunks.push_back(cur);
     cur = Chunk{row, row, elem, elem};
   };
-  // With rows on the device the output is one [rows, n] block, whose group rows the host does not
-  // know.
+  // With rows on the device, or combined, the output is one [rows, n] block whose rows are no
+  // group's.
   const std::vector<GroupPlan> whole{
       GroupPlan{plan.rows, 0, plan.rows ? plan.numel / plan.rows : 0}};
   int64_t c = 1;
-  for (const GroupPlan& g : plan.rows_on_device ? whole : plan.groups) {
+  for (const GroupPlan& g : plan.rows_on_device || plan.combine ? whole : plan.groups) {
     if (g.m == 0 || g.n == 0) continue;
     const int64_t end = g.out_offset + g.m * g.n;
     for (; c < k && target(c) <= end; ++c) {
@@ -398,6 +482,10 @@ std::string Plan::signature() const {
   s << "split_item=" << split_item << " comm_turn=" << comm_turn << " dtype=" << dtype;
   if (reduce_dtype != dtype) s << " reduce_dtype=" << reduce_dtype;
   if (collective == Collective::kReduceScatter) s << " reduce_scatter";
+  if (combine) {
+    s << " combine(expert_rows=" << expert_rows << (combine_weighted ? ", weighted" : "")
+      << (combine_shared ? ", shared_input" : "") << ")";
+  }
   s << " outputs=[";
   for (const auto& shape : out_shapes) s << at::IntArrayRef(shape);
   s << "]";

@@ -37,6 +37,13 @@ struct OpArgs {
   // The dtype of the flat buffer the partials are written into and summed in: none for x's own;
   // float32 keeps 16-bit partials unrounded until the outputs (rounded once, after the sum).
   std::optional<at::ScalarType> reduce_dtype;
+  // The combine (split_item 2, 3): expert row j (of the groups' rows, in order) is scaled by
+  // combine_weight[j] (1 when none) and added into token row combine_index[j] of a
+  // [num_tokens, N] output, with shared_input ([num_tokens, N]) added once; all in fp32.
+  std::optional<at::Tensor> combine_index;
+  std::optional<at::Tensor> combine_weight;
+  std::optional<int64_t> num_tokens;
+  std::optional<at::Tensor> shared_input;
   Collective collective = Collective::kNone;
   int64_t ranks = 1;  // the group's size, for kReduceScatter (its chunks are cut per rank)
   // Set by an engine that computes split_item 3 from group_list_tensor on x's device itself
@@ -77,6 +84,13 @@ struct Plan {
   at::ScalarType reduce_dtype = at::kFloat;  // the flat buffer's: dtype, or float32 (OpArgs)
   at::Device device = at::kCPU;
   bool has_bias = false;
+  // With combine_index: the output is the [tokens, N] combined one (rows, numel, out_shapes and
+  // chunks are the token rows'), and the groups' own rows (GroupPlan::out_row) are expert rows, of
+  // which there are expert_rows; combine_index's values are validated when it is on the host.
+  bool combine = false;
+  bool combine_weighted = false;  // combine_weight given
+  bool combine_shared = false;    // shared_input given
+  int64_t expert_rows = 0;
   // split_item 3 with group_list on the device, left there (OpArgs::keep_group_list_on_device): the
   // output is [rows, n] whatever the groups' rows are, so chunks are cut by rows alone.
   bool rows_on_device = false;
@@ -101,6 +115,10 @@ inline std::pair<int64_t, int64_t> rows_in_chunk(const GroupPlan& g, const Chunk
   return {std::max(chunk.row_begin, g.out_row) - g.out_row,
           std::min(chunk.row_end, g.out_row + g.m) - g.out_row};
 }
+
+// The plan of a combined call's products before the combine: its [expert_rows, N] output rows,
+// one chunk, no collective.
+Plan expert_plan(const Plan& plan);
 
 // Cuts the plan's output rows into at most `turns` chunks of about equal elements (one if turns
 // is 0). Chunks cover every element once, in order; none is empty unless numel is 0.

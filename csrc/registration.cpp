@@ -10,7 +10,8 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   m.def(
       "grouped_mat_mul_all_reduce(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op, int comm_turn, "
-      "int group_list_type, bool check_ranks, ScalarType? reduce_dtype, bool async_op) -> "
+      "int group_list_type, bool check_ranks, ScalarType? reduce_dtype, bool async_op, "
+      "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input) -> "
       "Tensor[]");
   // The same products, summed and scattered by rows over the group's n ranks: rank r gets rows
   // [r * M / n, (r + 1) * M / n) of the one output (split_item 2 and 3).
@@ -18,18 +19,23 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "grouped_mat_mul_reduce_scatter(Tensor[] x, Tensor[] weight, Tensor[]? bias, "
       "int[]? group_list, Tensor? group_list_tensor, int split_item, str group_name, "
       "str reduce_op, int comm_turn, int group_list_type, bool check_ranks, "
-      "ScalarType? reduce_dtype, bool async_op) -> Tensor[]");
+      "ScalarType? reduce_dtype, bool async_op, Tensor? combine_index, Tensor? combine_weight, "
+      "int? num_tokens, Tensor? shared_input) -> Tensor[]");
   // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
   m.def(
       "grouped_mat_mul(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size) -> "
+      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
+      "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input) -> "
       "Tensor[]");
-  // Gradients of x, weight and bias (output_mask picks which), with no collective: the
-  // row-parallel convention, see backward.cpp. bias is passed for its dtypes only.
+  // Gradients of x, weight, bias and combine_weight (output_mask picks which), with no
+  // collective: the row-parallel convention, see backward.cpp. bias is passed for its dtypes (and,
+  // with world_size, for this rank's partial products, which combine_weight's gradient needs:
+  // this rank's part of it, in fp32, for the caller to sum over the group).
   m.def(
       "grouped_mat_mul_all_reduce_backward(Tensor[] grad, Tensor[] x, Tensor[] weight, "
       "Tensor[]? bias, int[]? group_list, Tensor? group_list_tensor, int split_item, "
-      "int group_list_type, bool[3] output_mask) -> (Tensor[], Tensor[], Tensor[])");
+      "int group_list_type, Tensor? combine_index, Tensor? combine_weight, int world_size, "
+      "bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor)");
   // The op's all-reduce alone (comm/ops.cpp): the in-place sum of the contiguous `t` over the
   // group, the way the op sums its buffer (the benchmark's comm_op line).
   m.def("_all_reduce_(Tensor(a!) t, str group_name) -> ()");

@@ -9,11 +9,18 @@ over rows, on every rank.
 The reduce-scatter op (sequence parallelism) returns each rank its own rows of the sum; its backward
 all-gathers the output's gradient along the rows (the one collective of its backward), after which
 every rank holds the whole dy and the same local products follow.
+
+With the combine, dy_j = combine_weight[j] * dout[combine_index[j]] for each expert row, and
+shared_input's gradient is dout itself (the sum's backward is the identity). combine_weight's
+gradient <dout[combine_index[j]], y_j> needs the summed expert row y_j, which no rank holds: each
+rank computes its part from its own partial products and the parts are summed over the group (one
+all-reduce of M values), so that the gradient is exact and the same on every rank.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
 
@@ -32,40 +39,50 @@ def _arguments(op: str, inputs: tuple) -> dict:
 
 
 def _setup_context(ctx, inputs, output):
-    _save(ctx, inputs, _arguments("grouped_mat_mul_all_reduce", inputs), bias_scale=1)
+    args = _arguments("grouped_mat_mul_all_reduce", inputs)
+    _save(ctx, "grouped_mat_mul_all_reduce", args, _world_size(args["group_name"]))
+    ctx.sum_group = args["group_name"]  # combine_weight's gradient: partials summed over the group
 
 
 def _setup_context_scatter(ctx, inputs, output):
     """The reduce-scatter op: backward first all-gathers the output's gradient over the group."""
     args = _arguments("grouped_mat_mul_reduce_scatter", inputs)
-    _save(ctx, inputs, args, bias_scale=1)
-    ctx.gather_group = args["group_name"]
+    _save(ctx, "grouped_mat_mul_reduce_scatter", args, _world_size(args["group_name"]))
+    ctx.gather_group = ctx.sum_group = args["group_name"]
 
 
 def _setup_context_compute(ctx, inputs, output):
-    """grouped_mat_mul adds bias / world_size: its bias gradient is scaled alike."""
+    """grouped_mat_mul adds bias / world_size: its bias gradient is scaled alike; its output is
+    this rank's part, so combine_weight's gradient is this rank's part too (no sum)."""
     args = _arguments("grouped_mat_mul", inputs)
-    _save(ctx, inputs, args, bias_scale=1 / args["world_size"])
+    _save(ctx, "grouped_mat_mul", args, args["world_size"])
+    ctx.bias_scale = 1 / args["world_size"]
 
 
-def _save(ctx, inputs, args, bias_scale):
+def _world_size(group_name: str) -> int:
+    return dist.distributed_c10d._resolve_process_group(group_name).size()
+
+
+def _save(ctx, op, args, world_size):
     x, weight, group_list_tensor = args["x"], args["weight"], args["group_list_tensor"]
-    ctx.n_inputs = len(inputs)
-    ctx.gather_group = None
-    ctx.bias_scale = bias_scale
+    ctx.op, ctx.world_size = op, world_size
+    ctx.gather_group = ctx.sum_group = None
+    ctx.bias_scale = 1
 
     bias = list(args["bias"]) if args["bias"] is not None else []
     ctx.counts = (len(x), len(weight), len(bias))
     ctx.group_list = args["group_list"]
     ctx.bias_given = args["bias"] is not None
-    ctx.has_group_list_tensor = group_list_tensor is not None
     ctx.split_item, ctx.group_list_type = args["split_item"], args["group_list_type"]
+    combine_weight, shared = args["combine_weight"], args["shared_input"]
     ctx.needs = (any(t.requires_grad for t in x), any(t.requires_grad for t in weight),
-                 any(t.requires_grad for t in bias))
-    tensors = [*x, *weight, *bias]
-    if group_list_tensor is not None:
-        tensors.append(group_list_tensor)
-    ctx.save_for_backward(*tensors)
+                 any(t.requires_grad for t in bias),
+                 combine_weight is not None and combine_weight.requires_grad,
+                 shared is not None and shared.requires_grad)
+    # The optional tensors follow the lists, each saved where given (None keeps its place).
+    optional = (group_list_tensor, args["combine_index"], combine_weight)
+    ctx.optional_given = tuple(t is not None for t in optional)
+    ctx.save_for_backward(*x, *weight, *bias, *(t for t in optional if t is not None))
 
 
 def _backward(ctx, grads):
@@ -73,19 +90,31 @@ def _backward(ctx, grads):
     if ctx.gather_group is not None:  # the reduce-scatter op: dy holds this rank's rows only
         grads = [_GATHER(grads[0].contiguous(), ctx.gather_group)]
 
-    saved = ctx.saved_tensors
-    x, weight, bias = saved[:nx], saved[nx:nx + nw], saved[nx + nw:nx + nw + nb]
-    group_list_tensor = saved[-1] if ctx.has_group_list_tensor else None
-    grad_x, grad_w, grad_b = _BACKWARD(
-        list(grads), list(x), list(weight), list(bias) if nb else None, ctx.group_list,
-        group_list_tensor, ctx.split_item, ctx.group_list_type, list(ctx.needs))
+    saved = iter(ctx.saved_tensors)
+    x, weight, bias = ([next(saved) for _ in range(count)] for count in (nx, nw, nb))
+    group_list_tensor, combine_index, combine_weight = (
+        next(saved) if given else None for given in ctx.optional_given)
+    grad_x, grad_w, grad_b, grad_cw = _BACKWARD(
+        list(grads), x, weight, bias if nb else None, ctx.group_list, group_list_tensor,
+        ctx.split_item, ctx.group_list_type, combine_index, combine_weight, ctx.world_size,
+        list(ctx.needs[:4]))
     if ctx.bias_scale != 1:
         grad_b = [g * ctx.bias_scale for g in grad_b]
+    if ctx.needs[3]:
+        if ctx.sum_group is not None:  # the gradient of the summed products: the ranks' parts
+            torch.ops.gmm_allreduce._all_reduce_(grad_cw, ctx.sum_group)
+        grad_cw = grad_cw.to(combine_weight.dtype)
     # One entry per input, shaped like it (autograd matches the structure, lists included).
-    none = [None] * nx, [None] * nw, [None] * nb
-    return (grad_x if ctx.needs[0] else none[0], grad_w if ctx.needs[1] else none[1],
-            (grad_b if ctx.needs[2] else none[2]) if ctx.bias_given else None,
-            *[None] * (ctx.n_inputs - 3))
+    out = dict.fromkeys(_NAMES[ctx.op])
+    out["x"] = grad_x if ctx.needs[0] else [None] * nx
+    out["weight"] = grad_w if ctx.needs[1] else [None] * nw
+    if ctx.bias_given:
+        out["bias"] = grad_b if ctx.needs[2] else [None] * nb
+    if ctx.needs[3]:
+        out["combine_weight"] = grad_cw
+    if ctx.needs[4]:  # the sum's backward is the identity: each rank's part gets dout
+        out["shared_input"] = grads[0]
+    return tuple(out.values())
 
 
 torch.library.register_autograd("gmm_allreduce::grouped_mat_mul_all_reduce", _backward,
@@ -98,9 +127,11 @@ torch.library.register_autograd("gmm_allreduce::grouped_mat_mul", _backward,
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce_backward")
 def _backward_fake(grad, x, weight, bias, group_list, group_list_tensor, split_item,
-                   group_list_type, output_mask):
+                   group_list_type, combine_index, combine_weight, world_size, output_mask):
     def like(tensors, needed):
         return [t.new_empty(t.shape) for t in tensors] if needed else []
 
+    rows = combine_index.shape[0] if combine_index is not None and output_mask[3] else 0
+    opmath = torch.float64 if grad[0].dtype == torch.float64 else torch.float32
     return (like(x, output_mask[0]), like(weight, output_mask[1]),
-            like(bias or [], output_mask[2]))
+            like(bias or [], output_mask[2]), grad[0].new_empty((rows,), dtype=opmath))

@@ -47,6 +47,11 @@ class Case:
     # "contiguous", or "strided": x with a step of 2 along K and weight stored transposed (views
     # of larger or other-order storage, as slices and .t() give them)
     layout: str = "contiguous"
+    # The combine (split_item 2, 3): its num_tokens T (None: no combine); routing weights (float32,
+    # the same on every rank, like combine_index) or none; a shared expert's partial per rank.
+    tokens: int | None = None
+    weighted: bool = True
+    shared: bool = False
 
     @property
     def groups(self) -> int:
@@ -86,7 +91,29 @@ def make_inputs(case: Case, rank: int, world: int) -> dict:
                     for n in case.n]
         else:
             bias = [torch.randn(n, generator=gen).to(case.bias_dtype) for n in case.n]
-    return {"x": x, "weight": weight, "bias": bias, "group_list": group_list(case)}
+    inputs = {"x": x, "weight": weight, "bias": bias, "group_list": group_list(case)}
+    if case.tokens is not None:
+        inputs.update(combine_inputs(case, gen))
+    return inputs
+
+
+def combine_inputs(case: Case, gen: torch.Generator) -> dict:
+    """The combine's arguments: the routing (index and weights) drawn from the seed alone, the same
+    on every rank; shared_input from this rank's generator. Every token row may get any number of
+    expert rows, none included."""
+    route = torch.Generator().manual_seed(case.seed * 7919 + 17)
+    rows, n = sum(case.m), case.n[0]
+    index = torch.randint(0, max(case.tokens, 1), (rows,), generator=route)
+    if case.integers:
+        weight = torch.randint(-1, 2, (rows,), generator=route).float()
+    else:
+        weight = torch.rand(rows, generator=route) + 0.5
+    shared = None
+    if case.shared:
+        shared = (torch.randint(-1, 2, (case.tokens, n), generator=gen).to(case.dtype)
+                  if case.integers else torch.randn(case.tokens, n, generator=gen).to(case.dtype))
+    return {"combine_index": index, "combine_weight": weight if case.weighted else None,
+            "shared_input": shared}
 
 
 def to_device(inputs: dict, device) -> dict:
@@ -125,13 +152,33 @@ def call_kwargs(case: Case, inputs: dict, collective: bool = True) -> dict:
     }
     if collective:
         kw.update(comm_turn=case.comm_turn, check_ranks=case.check_ranks)
+    if case.tokens is not None:
+        kw.update(combine_index=inputs["combine_index"], combine_weight=inputs["combine_weight"],
+                  num_tokens=case.tokens, shared_input=inputs["shared_input"])
     return kw
 
 
 def expected(case: Case, world: int) -> list[torch.Tensor]:
     """The float64 reference for this case at this world size."""
-    return reference([make_inputs(case, r, world) for r in range(world)], case.split_item,
-                     case.group_list_type)
+    inputs = [make_inputs(case, r, world) for r in range(world)]
+    summed = reference(inputs, case.split_item, case.group_list_type)
+    if case.tokens is None:
+        return summed
+    return [combined(summed[0], inputs, case.tokens)]
+
+
+def combined(rows: torch.Tensor, inputs_per_rank, tokens: int) -> torch.Tensor:
+    """The combine of the summed expert rows (it is linear: combining the sum is summing the
+    ranks' combines), plus every rank's shared_input, in float64."""
+    first = inputs_per_rank[0]
+    weight = first["combine_weight"]
+    scaled = rows if weight is None else rows * weight.double()[:, None]
+    out = torch.zeros(tokens, rows.shape[1], dtype=torch.float64)
+    out.index_add_(0, first["combine_index"], scaled)
+    for inputs in inputs_per_rank:
+        if inputs["shared_input"] is not None:
+            out += inputs["shared_input"].double()
+    return out
 
 
 def max_error(outputs, refs) -> float:

@@ -41,11 +41,16 @@ def _collective(op, name: str, default_split_item: int, doc: str):
         check_ranks: bool = False,
         reduce_dtype: torch.dtype | None = None,
         async_op: bool = False,
+        combine_index: torch.Tensor | None = None,
+        combine_weight: torch.Tensor | None = None,
+        num_tokens: int | None = None,
+        shared_input: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         return op(*_operands(x, weight, bias, group_list), _int("split_item", split_item),
                   _group_name(hcomm), _str("reduce_op", reduce_op), _int("comm_turn", comm_turn),
                   _int("group_list_type", group_list_type), bool(check_ranks),
-                  _dtype("reduce_dtype", reduce_dtype), _async(async_op))
+                  _dtype("reduce_dtype", reduce_dtype), _async(async_op),
+                  *_combine(combine_index, combine_weight, num_tokens, shared_input))
 
     call.__name__ = call.__qualname__ = name
     call.__doc__ = doc
@@ -86,9 +91,21 @@ Args:
         on each), which blocks the host on gloo and on shared memory (where the sums are done
         before the op returns) and orders the current stream on NCCL. Not under
         torch.compile (a RuntimeError): compiled code keeps the call synchronous.
+    combine_index: None, or (split_item 2, 3) a 1-D int64/int32 tensor [M]: the token row that
+        expert row j is added into, before the collective. The output is then [num_tokens, N]::
+
+            out = zeros(T, N); out.index_add_(0, combine_index, y * combine_weight[:, None])
+            out += shared_input; dist.all_reduce(out)
+
+        summed in fp32 and rounded once. Values are checked on the host; a device tensor is not
+        read (no sync), and its rows outside [0, num_tokens) are dropped.
+    combine_weight: None (weights of 1) or a 1-D float tensor [M]: expert row j's routing weight.
+    num_tokens: T, the combined output's rows; required with combine_index.
+    shared_input: None or [T, N]: this rank's partial of a shared expert, added before the sum.
 
 Returns:
-    A list of tensors in x's dtype: G of them for split_item 0 and 1, one for 2 and 3.
+    A list of tensors in x's dtype: G of them for split_item 0 and 1, one for 2 and 3 ([T, N]
+    with combine_index).
 """)
 
 grouped_mat_mul_reduce_scatter = _collective(_SCATTER, "grouped_mat_mul_reduce_scatter", 3, doc="""\
@@ -106,10 +123,12 @@ communication.
 
 Autograd (the sequence-parallel convention): backward all-gathers the output's gradient
 along the rows once, then computes the same local grouped products as the all-reduce op's
-backward. reduce_dtype and async_op as for grouped_mat_mul_all_reduce.
+backward. reduce_dtype, async_op and the combine (combine_index, combine_weight, num_tokens,
+shared_input: then the [num_tokens, N] combined output is scattered, num_tokens divisible by n)
+as for grouped_mat_mul_all_reduce.
 
 Returns:
-    A list of one tensor [M / n, N] in x's dtype.
+    A list of one tensor [M / n, N] in x's dtype ([num_tokens / n, N] with combine_index).
 """)
 
 
@@ -142,8 +161,13 @@ def grouped_mat_mul(
     split_item: int = 0,
     group_list_type: int = 0,
     world_size: int = 1,
+    combine_index: torch.Tensor | None = None,
+    combine_weight: torch.Tensor | None = None,
+    num_tokens: int | None = None,
+    shared_input: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """One rank's part of the op, with no collective: x_i @ W_i + bias_i / world_size.
+    """One rank's part of the op, with no collective: x_i @ W_i + bias_i / world_size (combined
+    into token rows with combine_index, as the collective ops do before their sum).
 
     Same arguments, checks and outputs as grouped_mat_mul_all_reduce (same C++ plan and engine).
     """
@@ -152,7 +176,19 @@ def grouped_mat_mul(
         _int("split_item", split_item),
         _int("group_list_type", group_list_type),
         _int("world_size", world_size),
+        *_combine(combine_index, combine_weight, num_tokens, shared_input),
     )
+
+
+def _combine(combine_index, combine_weight, num_tokens, shared_input) -> tuple:
+    """The schema's combine arguments, type-checked (their values are checked in C++)."""
+    for arg, value in (("combine_index", combine_index), ("combine_weight", combine_weight),
+                       ("shared_input", shared_input)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{arg}: expected None or a tensor, got {type(value).__name__}")
+    if num_tokens is not None:
+        num_tokens = _int("num_tokens", num_tokens)
+    return combine_index, combine_weight, num_tokens, shared_input
 
 
 def _operands(x, weight, bias, group_list) -> tuple:
@@ -230,27 +266,29 @@ def _group_name(hcomm) -> str:
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
-def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op="sum",
-          comm_turn=0, group_list_type=0, check_ranks=False, reduce_dtype=None, async_op=False):
+def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op,
+          comm_turn, group_list_type, check_ranks, reduce_dtype, async_op, combine_index,
+          combine_weight, num_tokens, shared_input):
     inductor.register_lowering()  # a graph with the op is being traced: Inductor may lower it
     return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type)
+                         group_list_type, combine_index, num_tokens)
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_reduce_scatter")
 def _fake_scatter(x, weight, bias, group_list, group_list_tensor, split_item, group_name,
-                  reduce_op="sum", comm_turn=0, group_list_type=0, check_ranks=False,
-                  reduce_dtype=None, async_op=False):
+                  reduce_op, comm_turn, group_list_type, check_ranks, reduce_dtype, async_op,
+                  combine_index, combine_weight, num_tokens, shared_input):
     inductor.register_lowering()
     if split_item not in (2, 3):  # the C++ plan's checks, for a traced call
         raise ValueError("split_item: the reduce-scatter returns one tensor, scattered by rows: "
                          f"expected 2 or 3, got {split_item}")
     (y,) = _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type)
+                         group_list_type, combine_index, num_tokens)
     ranks = dist.distributed_c10d._resolve_process_group(group_name).size()
     if y.shape[0] % ranks != 0:
-        raise ValueError(f"x: the output's {y.shape[0]} rows cannot be scattered evenly over the "
-                         f"group's {ranks} ranks")
+        arg = "x" if combine_index is None else "num_tokens"
+        raise ValueError(f"{arg}: the output's {y.shape[0]} rows cannot be scattered evenly over "
+                         f"the group's {ranks} ranks")
     return [y.new_empty((y.shape[0] // ranks, y.shape[1]))]
 
 
@@ -261,13 +299,14 @@ def _fake_gather(t, group_name):
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul")
-def _fake_compute(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type=0,
-                  world_size=1):
+def _fake_compute(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
+                  world_size, combine_index, combine_weight, num_tokens, shared_input):
     return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type)
+                         group_list_type, combine_index, num_tokens)
 
 
-def _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type):
+def _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
+                  combine_index=None, num_tokens=None):
     """The outputs' shapes, as the C++ plan gives them; group_list None means a tensor one."""
     # A call mixing meta and real tensors dispatches here, not to the C++ kernel that checks this.
     for arg, tensors in (("x", x), ("weight", weight), ("bias", bias or [])):
@@ -280,6 +319,13 @@ def _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item, gr
         raise ValueError(f"group_list: expected a tensor on cpu or on {x[0].device} like x[0], "
                          f"got one on {group_list_tensor.device}")
     n = [w.shape[1] for w in weight]
+    if combine_index is not None:  # the C++ plan's checks of what decides the shape
+        if split_item not in (2, 3):
+            raise ValueError("combine_index: the combine sums expert rows into token rows of one "
+                             f"output: expected split_item 2 or 3, got {split_item}")
+        if num_tokens is None:
+            raise ValueError("num_tokens: required with combine_index (the combined output's rows)")
+        return [x[0].new_empty((num_tokens, n[0]))]
     if split_item == 2:
         return [x[0].new_empty((sum(xi.shape[0] for xi in x), n[0]))]
     if split_item == 3:

@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "../combine.h"
 #include "../gemm/blocks.h"
 #include "../gemm/choice.h"
 #include "../op.h"
@@ -117,7 +118,26 @@ void loop_gemm(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor
 }
 
 void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
+                  const Chunk& chunk);
+
+// A combined call: the products of every expert row (bias included) by the GEMM the call gets,
+// into a scratch buffer, then the combine epilogue's ATen ops (an fp32 index_add_, no host read of
+// combine_index), all with the first chunk (Combine::on_device).
+void compute_combined(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
+                      const Chunk& chunk) {
+  const std::optional<Chunk> all = Combine::on_device(plan, chunk);
+  if (!all) return;
+  const Plan expert = expert_plan(plan);
+  at::Tensor products = at::empty({expert.numel}, flat.options().dtype(expert.reduce_dtype));
+  compute_cuda(expert, a, world_size, products, expert.chunks.front());
+  Combine combine(plan, a, world_size, flat, *all);
+  combine.add_all(products.view({expert.rows, expert.groups.front().n}));
+  combine.finish();
+}
+
+void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
                   const Chunk& chunk) {
+  if (plan.combine) return compute_combined(plan, a, world_size, flat, chunk);
   if (chunk.elem_end == chunk.elem_begin) return;
   std::optional<at::Tensor> weight3;
   const Gemm gemm = choose_gemm(plan, a, gemm_device(plan.device), weight3);
