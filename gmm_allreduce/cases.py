@@ -52,6 +52,9 @@ class Case:
     tokens: int | None = None
     weighted: bool = True
     shared: bool = False
+    # top_k: every token gets exactly top_k expert rows (a router's top-k; M = tokens * top_k),
+    # instead of any number
+    top_k: int | None = None
 
     @property
     def groups(self) -> int:
@@ -103,7 +106,10 @@ def combine_inputs(case: Case, gen: torch.Generator) -> dict:
     expert rows, none included."""
     route = torch.Generator().manual_seed(case.seed * 7919 + 17)
     rows, n = sum(case.m), case.n[0]
-    index = torch.randint(0, max(case.tokens, 1), (rows,), generator=route)
+    if case.top_k is not None:  # the expert rows of the tokens' top-k slots, in a random order
+        index = torch.randperm(rows, generator=route) // case.top_k
+    else:
+        index = torch.randint(0, max(case.tokens, 1), (rows,), generator=route)
     if case.integers:
         weight = torch.randint(-1, 2, (rows,), generator=route).float()
     else:
@@ -198,6 +204,8 @@ def check(case: Case, outputs: list[torch.Tensor], world: int) -> float:
         else:
             atol, rtol = TOLERANCE[case.dtype]
             scale = math.sqrt(world)
+            if case.tokens:  # a token sums its rows' rounded products, weighted up to 1.5
+                scale *= 1.5 * math.sqrt(max(1.0, sum(case.m) / case.tokens))
             torch.testing.assert_close(o.double(), r, atol=atol * scale, rtol=rtol,
                                        msg=lambda m, i=i: f"{case.name}[{i}]: {m}")
     return max_error(outputs, refs)

@@ -40,7 +40,8 @@ def parse(argv):
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--shapes", type=Path, default=SHAPES)
-    p.add_argument("--csv", type=Path, default=SHAPES.parent / "results.csv", help="appended to")
+    p.add_argument("--csv", type=Path, default=Path("benchmarks/results.csv"),
+                   help="appended to (default: benchmarks/results.csv under the current directory)")
     p.add_argument("--plot", type=Path, help="PNG: time against comm_turn (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="also print a RESULTS.md table")
     return p.parse_args(argv)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..cases import Case, call_kwargs, check, make_inputs, to_device
+from ..cases import TOLERANCE, Case, call_kwargs, check, expected, make_inputs, to_device
 from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce, grouped_mat_mul_reduce_scatter
 from ..reference import group_operands, unfused
 
@@ -21,9 +21,21 @@ from ..reference import group_operands, unfused
 # - compute: the op without its collective; comm: dist.all_reduce of the op's buffer alone;
 #   comm_op: the op's own all-reduce of that buffer alone (shared memory where it applies).
 COMMON = ("fused", "unfused", "flat_loop", "grouped_mm", "compute", "comm", "comm_op")
+# MoE-layer scenarios (tokens and top_k: the op combines the expert rows into token rows before
+# its collective) get these instead of unfused, flat_loop and grouped_mm, all with one
+# dist.all_reduce of what they reduce:
+# - op_then_combine: the op without the combine (its all-reduce of the [M, N] expert rows), then
+#   the best combine (an fp32 index_add_ of the weighted rows);
+# - grouped_mm_combine: torch._grouped_mm, the weighted rows index_add_-ed in fp32 into [T, N],
+#   rounded, one all-reduce of [T, N];
+# - hf_combine: transformers' own path: torch._grouped_mm, rows scaled, un-permuted to token order,
+#   view(T, top_k, N).sum(1), one all-reduce of [T, N];
+# - loop_combine: grouped_mm_combine with one torch.mm per group into one buffer instead of
+#   torch._grouped_mm (faster on the CPU).
+COMBINE = ("op_then_combine", "grouped_mm_combine", "hf_combine", "loop_combine")
 # The best compositions, against which the op is reported (vs_best: paired, the op over the
 # fastest composition of each iteration; for comm_op, over comm).
-COMPOSITIONS = ("flat_loop", "grouped_mm")
+COMPOSITIONS = ("flat_loop", "grouped_mm", "grouped_mm_combine", "hf_combine", "loop_combine")
 # Beyond the Ascend op (not run by default): rs, the reduce-scatter op (split_item 2 and 3, M divisible
 # by the world size), against rs_grouped_mm, torch._grouped_mm then one dist.reduce_scatter_tensor;
 # fused_fp32, the op with reduce_dtype=torch.float32 (against fused at comm_turn 0).
@@ -50,6 +62,9 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
         w = list(torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1).unbind(0))
         inputs["weight"] = w
     calls: dict[str, Callable] = {}
+    if case.tokens is not None:  # an MoE layer: the combine's baselines replace the plain ones
+        methods = [m for m in methods if m not in ("unfused", "flat_loop", "grouped_mm")]
+        methods += [m for m in COMBINE if m not in methods]
     for method in methods:
         if method == "fused":
             for t in comm_turns:
@@ -60,7 +75,8 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
         elif method == "compute":
             calls[method] = lambda: grouped_mat_mul(x, w, world_size=world, **local_kw)
         elif method in ("comm", "comm_op"):
-            numel = sum(m * n for m, n in zip(case.m, case.n))
+            numel = (case.tokens * case.n[0] if case.tokens is not None
+                     else sum(m * n for m, n in zip(case.m, case.n)))
             flat = torch.zeros(numel, dtype=case.dtype, device=device)
             group = dist.group.WORLD.group_name
             calls[method] = ((lambda flat=flat: dist.all_reduce(flat)) if method == "comm" else
@@ -74,6 +90,8 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
                         else _scatter_composition(case, x, w, world))
             if call is not None:
                 calls[method] = call
+        elif method in COMBINE:
+            calls[method] = _combine_composition(method, case, inputs, world)
         elif method in COMPOSITIONS:
             composed = _composition(method, case, x, w, kw, world)
             if composed is not None:
@@ -86,6 +104,12 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
             raise ValueError(f"--methods: unknown method {method!r}")
     if any(label("fused", t) in calls for t in comm_turns):
         check(case, [y.cpu() for y in calls[label("fused", comm_turns[0])]()], world)
+    for method in COMBINE:  # the baselines compute the same thing, rounding more often (products,
+        if method in calls:  # scaled rows, sums in 16 bits): within 3x the op's tolerance
+            (ref,) = expected(case, world)
+            atol, rtol = TOLERANCE[case.dtype]
+            torch.testing.assert_close(calls[method]().cpu().double(), ref, atol=3 * atol * world,
+                                       rtol=3 * rtol, msg=lambda m, method=method: f"{method}: {m}")
     return calls
 
 
@@ -125,6 +149,55 @@ def _composition(method: str, case: Case, x, w, kw, world: int) -> Callable | No
     if upcast:
         return lambda: all_reduce(torch._grouped_mm(x[0].float(), stacked, offs=offs).to(case.dtype))
     return lambda: all_reduce(torch._grouped_mm(x[0], stacked, offs=offs))
+
+
+def _combine_composition(method: str, case: Case, inputs: dict, world: int) -> Callable:
+    """An MoE layer's down-projection, combine and all-reduce, as MoE stacks write it."""
+    x, w = inputs["x"], inputs["weight"]
+    index, weight = inputs["combine_index"], inputs["combine_weight"]
+    tokens, n = case.tokens, case.n[0]
+    offs = torch.tensor(case.m, device=x[0].device).cumsum(0).to(torch.int32)
+    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)  # K-major
+
+    def all_reduce(out):
+        if world > 1:
+            dist.all_reduce(out)
+        return out
+
+    def index_add(rows):  # the weighted rows summed into token rows in fp32, rounded once
+        out = torch.zeros(tokens, n, dtype=torch.float32, device=rows.device)
+        scaled = rows.float() if weight is None else rows.float() * weight[:, None]
+        return out.index_add_(0, index, scaled).to(case.dtype)
+
+    if method == "op_then_combine":
+        kw = call_kwargs(case, inputs)
+        for arg in ("combine_index", "combine_weight", "num_tokens", "shared_input"):
+            kw.pop(arg)
+        return lambda: index_add(grouped_mat_mul_all_reduce(x, w, **kw)[0])
+    if method == "grouped_mm_combine":
+        return lambda: all_reduce(index_add(torch._grouped_mm(x[0], stacked, offs=offs)))
+    if method == "loop_combine":
+        xs = torch.split(x[0], list(case.m))
+
+        def loop():
+            rows = torch.empty(x[0].shape[0], n, dtype=case.dtype, device=x[0].device)
+            for y, xi, wi in zip(torch.split(rows, list(case.m)), xs, w):
+                torch.mm(xi, wi, out=y)
+            return all_reduce(index_add(rows))
+
+        return loop
+    # transformers' grouped_mm_experts_forward: rows sorted by expert, back in token order (each
+    # token's top_k rows adjacent) by the inverse permutation of its sort, then summed.
+    inverse = torch.argsort(index, stable=True)  # token slot -> expert row
+    w16 = None if weight is None else weight.to(case.dtype)
+
+    def hf():
+        rows = torch._grouped_mm(x[0], stacked, offs=offs)
+        if w16 is not None:
+            rows = rows * w16[:, None]
+        return all_reduce(rows[inverse].view(tokens, case.top_k, n).sum(dim=1))
+
+    return hf
 
 
 # torch 2.13 renamed reduce_scatter_tensor (kept as a deprecated alias).

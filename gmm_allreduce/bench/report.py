@@ -42,7 +42,7 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
             row["speedup_vs_unfused"] = statistics.median(
                 u / t for u, t in zip(slowest["unfused"], slowest[name]))
         best = [slowest[c] for c in COMPOSITIONS if c in slowest]
-        if name.startswith("fused@") and best:  # against the best composition of each iteration
+        if name.startswith(("fused@", "op_then_combine")) and best:  # against the best of each iteration
             row["vs_best"] = statistics.median(t / min(b) for t, *b in zip(slowest[name], *best))
         # Paired against its own baseline: the op's all-reduce against dist.all_reduce, the
         # reduce-scatter op against its composition, reduce_dtype=float32 against the default.
@@ -84,6 +84,7 @@ def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
     """Appends the rows. A file written with other columns is kept aside, renamed
     <name>.<n>.csv, and a new one started."""
     fields = [*meta, *FIELDS]
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         with path.open(newline="") as f:
             header = next(csv.reader(f), None)
