@@ -5,7 +5,12 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPS := $(VENV)/.deps-$(TORCH_VERSION)
+# The test tools, pinned, for every venv.
+TEST_DEPS := numpy pytest hypothesis==6.170.15 ninja "setuptools>=77" wheel matplotlib \
+  transformers==5.18.0
+# Stamps name what was installed: another torch or another TEST_DEPS list reinstalls.
+DEPS_TAG = $(shell echo '$(TEST_DEPS)' | md5sum | cut -c1-8)
+DEPS := $(VENV)/.deps-$(TORCH_VERSION)-$(DEPS_TAG)
 BUILT := $(VENV)/.built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
@@ -57,17 +62,14 @@ CUDA_TORCHES ?= 2.14.1 2.11.0
 ARCHS_2.11.0 := 9.0
 cuda-check: $(addprefix cuda-check-,$(CUDA_TORCHES))
 
-cuda-check-%: .venv-cuda-%/.deps
+cuda-check-%: .venv-cuda-%/.deps-$(DEPS_TAG)
 	bash tools/stage_tree.sh build/cuda-check-$*
 	cd build/cuda-check-$* && $(if $(ARCHS_$*),TORCH_CUDA_ARCH_LIST="$(ARCHS_$*)") GMM_TESTING=1 \
 	  $(abspath .venv-cuda-$*/bin/python) -m pip install -q --no-build-isolation --no-deps -e .
 	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m pytest -q -p no:cacheprovider tests
 	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m gmm_allreduce.demo
 
-# The test tools, pinned, for every venv.
-TEST_DEPS := numpy pytest hypothesis==6.170.15 ninja "setuptools>=77" wheel matplotlib
-
-.venv-cuda-2.14.1/.deps: tools/cuda-constraints.txt
+.venv-cuda-2.14.1/.deps-$(DEPS_TAG): tools/cuda-constraints.txt
 	$(PYTHON) -m venv $(@D)
 	$(@D)/bin/python -m pip install -q --upgrade pip
 	$(@D)/bin/python -m pip install -q -c tools/cuda-constraints.txt torch==2.14.1 $(TEST_DEPS)
@@ -75,7 +77,7 @@ TEST_DEPS := numpy pytest hypothesis==6.170.15 ninja "setuptools>=77" wheel matp
 
 # torch 2.11.0 asks for CUDA 13.0 wheels other than those on disk: the same libraries' versions of
 # the 2.14.1 set serve it (one CUDA major version, one ABI), so that only torch and triton download.
-.venv-cuda-2.11.0/.deps: tools/cuda-constraints.txt
+.venv-cuda-2.11.0/.deps-$(DEPS_TAG): tools/cuda-constraints.txt
 	$(PYTHON) -m venv $(@D)
 	$(@D)/bin/python -m pip install -q --upgrade pip
 	$(@D)/bin/python -m pip install -q -c tools/cuda-constraints.txt torch==2.14.1 $(TEST_DEPS)

@@ -1,0 +1,148 @@
+"""Tensor-parallel MoE experts for Hugging Face transformers (>= 5), through its ExpertsInterface.
+
+transformers dispatches every MoE experts module (``gate_up_proj`` [E, 2I, H], ``down_proj``
+[E, H, I], with ``forward(hidden_states, top_k_index, top_k_weights)``) to the implementation
+named by ``config._experts_implementation``. Importing this module registers ``"gmm_allreduce"``:
+
+- each rank holds the experts split along the intermediate dim: ``gate_up_proj`` column-parallel
+  (its gate and up rows ``[r I/n, (r+1) I/n)``), ``down_proj`` row-parallel (its columns alike);
+- the up projection runs locally (``gmm_allreduce.grouped_mat_mul``, on the rows sorted by expert);
+- the down projection, the combine (each token's top-k rows weighted and summed) and the
+  all-reduce are ONE call of ``grouped_mat_mul_all_reduce``, reducing [T, H].
+
+``shard_experts(model, group)`` turns a loaded model (the same weights on every rank) into that
+layout and selects the implementation. A block with a shared expert (Qwen2-MoE's
+``shared_expert`` and ``shared_expert_gate``) gets it split alike (gate/up column-parallel,
+down row-parallel) and added through ``shared_input``, so that routed and shared experts cost one
+collective. The input of each column-parallel projection goes through ``copy_to_group``, whose
+backward all-reduces the gradient (Megatron-LM's f operator), so that training gives the single
+process's gradients.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers.integrations.moe import ExpertsInterface
+
+from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce
+
+NAME = "gmm_allreduce"
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (every rank's column slice
+    contributes to the input's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group_name):
+        ctx.group_name = group_name
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.ops.gmm_allreduce._all_reduce_(grad, ctx.group_name)
+        return grad, None
+
+
+def copy_to_group(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return _CopyToGroup.apply(x, group.group_name)
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, shared_input: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """The "gmm_allreduce" experts implementation, on a module sharded by shard_experts."""
+    group = self._gmm_group
+    tokens, top_k = top_k_index.shape
+    experts = self.gate_up_proj.shape[0]
+    # The token-expert pairs sorted by expert: expert row j is token order[j] // top_k's.
+    expert_ids = top_k_index.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=experts)
+    x = copy_to_group(hidden_states, group)[order // top_k]
+    (up,) = grouped_mat_mul([x], list(self.gate_up_proj.transpose(1, 2).unbind(0)),
+                            group_list=counts, group_list_type=1, split_item=3)
+    act = self._apply_gate(up)  # this rank's [gate; up] slice: its slice of the activation
+    (out,) = grouped_mat_mul_all_reduce(
+        [act], list(self.down_proj.transpose(1, 2).unbind(0)), group, group_list=counts,
+        group_list_type=1, split_item=3, combine_index=order // top_k,
+        combine_weight=top_k_weights.reshape(-1)[order], num_tokens=tokens,
+        shared_input=shared_input)
+    return out
+
+
+ExpertsInterface.register(NAME, experts_forward)
+
+
+def _shared_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Qwen2-MoE's sparse block with a sharded shared expert, whose partial joins the routed
+    experts' one collective."""
+    batch, sequence, hidden = hidden_states.shape
+    flat = hidden_states.view(-1, hidden)
+    _, routing_weights, selected = self.gate(flat)
+    mlp = self.shared_expert
+    local = copy_to_group(flat, self.experts._gmm_group)
+    partial = mlp.down_proj(mlp.act_fn(mlp.gate_proj(local)) * mlp.up_proj(local))
+    # The gate scales each token's row, so it scales the sum of the ranks' partials alike; its
+    # gradient, dout . partial on each rank, is summed over the group by copy_to_group.
+    gate = copy_to_group(F.sigmoid(self.shared_expert_gate(flat)), self.experts._gmm_group)
+    shared = gate * partial
+    out = self.experts(flat, selected, routing_weights, shared_input=shared)
+    return out.reshape(batch, sequence, hidden)
+
+
+def _slice(t: torch.Tensor, dim: int, rank: int, ranks: int, what: str) -> torch.Tensor:
+    size = t.shape[dim]
+    if size % ranks:
+        raise ValueError(f"{what}: its {size} features along dim {dim} cannot be split evenly over "
+                         f"{ranks} ranks")
+    part = size // ranks
+    return t.narrow(dim, rank * part, part)
+
+
+def _shard_linear(linear: torch.nn.Linear, dim: int, rank: int, ranks: int, what: str) -> None:
+    if linear.bias is not None:
+        raise NotImplementedError(f"{what}: a bias in a sharded projection is not supported")
+    linear.weight = torch.nn.Parameter(_slice(linear.weight.data, dim, rank, ranks, what).clone())
+
+
+def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> torch.nn.Module:
+    """Splits every experts module of `model` (the same weights on every rank) over `group`'s
+    ranks and selects the "gmm_allreduce" experts implementation; returns the model."""
+    group = group if group is not None else dist.group.WORLD
+    rank, ranks = dist.get_rank(group), dist.get_world_size(group)
+    found = 0
+    for name, module in model.named_modules():
+        if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")
+                and getattr(module, "has_gate", False)):
+            continue
+        if module.is_transposed or not module.is_concatenated or module.has_bias:
+            raise NotImplementedError(f"{name}: only [E, 2I, H] concatenated gate_up_proj and "
+                                      "[E, H, I] down_proj without bias are supported")
+        gate, up = module.gate_up_proj.data.chunk(2, dim=1)
+        module.gate_up_proj = torch.nn.Parameter(torch.cat(
+            [_slice(gate, 1, rank, ranks, f"{name}.gate_up_proj"),
+             _slice(up, 1, rank, ranks, f"{name}.gate_up_proj")], dim=1).contiguous())
+        module.down_proj = torch.nn.Parameter(
+            _slice(module.down_proj.data, 2, rank, ranks, f"{name}.down_proj").contiguous())
+        module._gmm_group = group
+        module.config._experts_implementation = NAME
+        found += 1
+    for name, block in model.named_modules():
+        if not (hasattr(block, "shared_expert") and hasattr(block, "experts")
+                and hasattr(block.experts, "_gmm_group")):
+            continue
+        mlp = block.shared_expert
+        _shard_linear(mlp.gate_proj, 0, rank, ranks, f"{name}.shared_expert.gate_proj")
+        _shard_linear(mlp.up_proj, 0, rank, ranks, f"{name}.shared_expert.up_proj")
+        _shard_linear(mlp.down_proj, 1, rank, ranks, f"{name}.shared_expert.down_proj")
+        block.forward = types.MethodType(_shared_block_forward, block)
+    if not found:
+        raise ValueError("model: no experts module (gate_up_proj and down_proj) to shard")
+    model.config._experts_implementation = NAME
+    return model
