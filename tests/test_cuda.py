@@ -412,3 +412,47 @@ def test_reduce_scatter_and_reduce_dtype_on_gpu(pools, world):
             torch.testing.assert_close(rs.double(), ref[rank * rows:(rank + 1) * rows], atol=tol[0],
                                        rtol=tol[1])
             check(case, [fp32], world)
+
+
+@pytest.mark.parametrize("dtype_id", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("split_item", [2, 3], ids=lambda s: f"split{s}")
+def test_combine_matches_reference_nccl_world1(nccl1, split_item, dtype_id):
+    """The combine with combine_index, combine_weight and shared_input on the GPU (the index a
+    device tensor, never read on the host), comm_turn 0 and 3."""
+    from test_combine import cases_for as combine_cases
+
+    for turn in (0, 3):
+        for case in combine_cases(split_item, dtype_id, turn):
+            check(case, call(case, 0, 1, nccl1, stacked=split_item == 3), 1)
+
+
+def test_combine_with_device_index_costs_no_sync_and_drops_bad_rows(nccl1):
+    """split_item 3 with group_list and combine_index on the GPU: no device-to-host sync; rows
+    whose token lies outside [0, T) are dropped, never written out of bounds."""
+    gen = torch.Generator().manual_seed(3)
+    counts, k, n, tokens = [24, 0, 40, 8], 64, 32, 20
+    x = torch.randn(sum(counts), k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(len(counts), k, n, generator=gen).div(8).to(torch.bfloat16)
+    index = torch.randint(0, tokens, (sum(counts),), generator=gen)
+    index[[0, 5, 30]] = torch.tensor([-1, tokens, 10 * tokens])
+    weight = torch.rand(sum(counts), generator=gen)
+    shared = torch.randn(tokens, n, generator=gen).to(torch.bfloat16)
+    rows = torch.cat([xi.double() @ wi.double()
+                      for xi, wi in zip(torch.split(x, counts), w.unbind(0))])
+    keep = (index >= 0) & (index < tokens)
+    want = shared.double().index_add(0, index[keep], rows[keep] * weight.double()[keep, None])
+    dev = torch.device("cuda", 0)
+    kwargs = dict(group_list=torch.tensor(counts, device=dev), group_list_type=1, split_item=3,
+                  combine_index=index.to(dev), combine_weight=weight.to(dev), num_tokens=tokens,
+                  shared_input=shared.to(dev))
+    args = ([x.to(dev)], list(w.to(dev).unbind(0)), nccl1)
+    gmm_allreduce.grouped_mat_mul_all_reduce(*args, **kwargs)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (y,) = gmm_allreduce.grouped_mat_mul_all_reduce(*args, **kwargs)
+        (y3,) = gmm_allreduce.grouped_mat_mul_all_reduce(*args, comm_turn=3, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for out in (y, y3):
+        torch.testing.assert_close(out.double().cpu(), want, atol=6e-2, rtol=3e-2)
