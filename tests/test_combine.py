@@ -94,7 +94,7 @@ def test_all_reduce_matches_reference(pools, world, split_item, dtype_id, comm_t
 
 
 @pytest.mark.parametrize("comm_turn", [0, 2], ids=lambda t: f"turn{t}")
-@pytest.mark.parametrize("dtype_id", ["bf16", "fp32"])
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
 @pytest.mark.parametrize("world", [1, 2, 4, 8], ids=lambda w: f"w{w}")
 def test_reduce_scatter_matches_reference(pools, world, dtype_id, comm_turn):
     cases = cases_for(3, dtype_id, comm_turn) + cases_for(2, dtype_id, comm_turn)
