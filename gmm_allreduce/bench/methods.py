@@ -113,6 +113,14 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
     return calls
 
 
+def _grouped_mm_operands(case: Case, x, w):
+    """The weights stacked K-major ([G, K, N], as torch._grouped_mm wants them) and the groups'
+    end rows as int32 offsets."""
+    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)
+    offs = torch.tensor(case.m, device=x[0].device).cumsum(0).to(torch.int32)
+    return stacked, offs
+
+
 def _composition(method: str, case: Case, x, w, kw, world: int) -> Callable | None:
     """flat_loop or grouped_mm: the groups into one buffer, then one dist.all_reduce. None where
     the method does not apply to the scenario's shapes."""
@@ -142,10 +150,9 @@ def _composition(method: str, case: Case, x, w, kw, world: int) -> Callable | No
         return flat_loop
     if case.split_item not in (1, 3) or len(set(case.n)) != 1 or not hasattr(torch, "_grouped_mm"):
         return None
-    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)  # K-major
+    stacked, offs = _grouped_mm_operands(case, x, w)
     if upcast:
         stacked = stacked.float()
-    offs = torch.tensor(case.m, device=device).cumsum(0).to(torch.int32)
     if upcast:
         return lambda: all_reduce(torch._grouped_mm(x[0].float(), stacked, offs=offs).to(case.dtype))
     return lambda: all_reduce(torch._grouped_mm(x[0], stacked, offs=offs))
@@ -156,8 +163,7 @@ def _combine_composition(method: str, case: Case, inputs: dict, world: int) -> C
     x, w = inputs["x"], inputs["weight"]
     index, weight = inputs["combine_index"], inputs["combine_weight"]
     tokens, n = case.tokens, case.n[0]
-    offs = torch.tensor(case.m, device=x[0].device).cumsum(0).to(torch.int32)
-    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)  # K-major
+    stacked, offs = _grouped_mm_operands(case, x, w)
 
     def all_reduce(out):
         if world > 1:
@@ -206,10 +212,10 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_ten
 
 def _scatter_composition(case: Case, x, w, world: int) -> Callable | None:
     """torch._grouped_mm on the stacked weights, then one dist.reduce_scatter_tensor."""
-    if case.split_item != 3 or len(set(case.n)) != 1 or not hasattr(torch, "_grouped_mm"):
+    if (case.split_item != 3 or len(set(case.n)) != 1 or not hasattr(torch, "_grouped_mm")
+            or case.tokens is not None):  # no combine: not the op's computation
         return None
-    stacked = torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1)
-    offs = torch.tensor(case.m, device=x[0].device).cumsum(0).to(torch.int32)
+    stacked, offs = _grouped_mm_operands(case, x, w)
     upcast = x[0].device.type == "cpu" and case.dtype == torch.float16
     if upcast:
         stacked = stacked.float()
