@@ -40,14 +40,14 @@ def _arguments(op: str, inputs: tuple) -> dict:
 
 def _setup_context(ctx, inputs, output):
     args = _arguments("grouped_mat_mul_all_reduce", inputs)
-    _save(ctx, "grouped_mat_mul_all_reduce", args, _world_size(args["group_name"]))
+    _save(ctx, "grouped_mat_mul_all_reduce", args, args["group_name"])
     ctx.sum_group = args["group_name"]  # combine_weight's gradient: partials summed over the group
 
 
 def _setup_context_scatter(ctx, inputs, output):
     """The reduce-scatter op: backward first all-gathers the output's gradient over the group."""
     args = _arguments("grouped_mat_mul_reduce_scatter", inputs)
-    _save(ctx, "grouped_mat_mul_reduce_scatter", args, _world_size(args["group_name"]))
+    _save(ctx, "grouped_mat_mul_reduce_scatter", args, args["group_name"])
     ctx.gather_group = ctx.sum_group = args["group_name"]
 
 
@@ -59,13 +59,17 @@ def _setup_context_compute(ctx, inputs, output):
     ctx.bias_scale = 1 / args["world_size"]
 
 
-def _world_size(group_name: str) -> int:
-    return dist.distributed_c10d._resolve_process_group(group_name).size()
+def _world_size(world: int | str) -> int:
+    """world_size, or the size of the group of that name (resolved only where backward needs it:
+    combine_weight's gradient recomputes the partial products, bias / world_size included)."""
+    if isinstance(world, int):
+        return world
+    return dist.distributed_c10d._resolve_process_group(world).size()
 
 
-def _save(ctx, op, args, world_size):
+def _save(ctx, op, args, world):
     x, weight, group_list_tensor = args["x"], args["weight"], args["group_list_tensor"]
-    ctx.op, ctx.world_size = op, world_size
+    ctx.op, ctx.world = op, world
     ctx.gather_group = ctx.sum_group = None
     ctx.bias_scale = 1
 
@@ -96,8 +100,8 @@ def _backward(ctx, grads):
         next(saved) if given else None for given in ctx.optional_given)
     grad_x, grad_w, grad_b, grad_cw = _BACKWARD(
         list(grads), x, weight, bias if nb else None, ctx.group_list, group_list_tensor,
-        ctx.split_item, ctx.group_list_type, combine_index, combine_weight, ctx.world_size,
-        list(ctx.needs[:4]))
+        ctx.split_item, ctx.group_list_type, combine_index, combine_weight,
+        _world_size(ctx.world) if ctx.needs[3] else 1, list(ctx.needs[:4]))
     if ctx.bias_scale != 1:
         grad_b = [g * ctx.bias_scale for g in grad_b]
     if ctx.needs[3]:
