@@ -1,7 +1,7 @@
 """Builds gmm_allreduce._C: the C++ op (csrc/), plus csrc/cuda/ when torch has CUDA or FORCE_CUDA=1;
 and, for the tests only, gmm_allreduce._testing (csrc/testing/) when GMM_TESTING=1.
 
-Environment:
+Environment (switches take 1/true/on/yes or 0/false/off/no; anything else is an error):
   CUDA_HOME              the CUDA toolkit (found from nvcc when unset; see cuda_home below)
   TORCH_CUDA_ARCH_LIST   the GPU archs (the visible GPUs' when unset, else DEFAULT_ARCHS)
   FORCE_CUDA=1           build csrc/cuda/ even where torch reports no CUDA
@@ -23,6 +23,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # and our kernels support (the tiled kernel runs on sm_80+), and PTX of the newest, which the driver
 # compiles for GPUs newer still. Generic code only: an "a" arch would run on that one GPU family.
 DEFAULT_ARCHS = "7.5;8.0;9.0;10.0;12.0+PTX"
+
+
+def flag(name: str) -> bool:
+    """A switch from the environment: unset or empty is off; a value not understood, an error."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes"):
+        return True
+    raise SystemExit(f"{name}: expected 1/true/on/yes or 0/false/off/no, got {os.environ[name]!r}")
 
 
 def sources(*patterns):
@@ -49,7 +59,7 @@ def cuda_home():
 cuda_sources = sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
 # Decided from how torch was built, never by querying a GPU: a GPU-less host builds the CUDA
 # extension (FORCE_CUDA=1 where its torch has no CUDA).
-use_cuda = bool(cuda_sources) and (torch.version.cuda is not None or os.environ.get("FORCE_CUDA") == "1")
+use_cuda = bool(cuda_sources) and (torch.version.cuda is not None or flag("FORCE_CUDA"))
 if use_cuda:
     home = cuda_home()
     if home is None:
@@ -88,7 +98,7 @@ else:
                        extra_link_args=link_flags)
 
 exts = [ext]
-if os.environ.get("GMM_TESTING") == "1":
+if flag("GMM_TESTING"):
     # Its undefined symbols are _C's, found at import once _C is loaded globally (tests/conftest.py).
     exts.append(CppExtension("gmm_allreduce._testing", sources("csrc/testing/*.cpp"),
                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags))

@@ -48,7 +48,7 @@ def _collective(op, name: str, default_split_item: int, doc: str):
     ) -> list[torch.Tensor]:
         return op(*_operands(x, weight, bias, group_list), _int("split_item", split_item),
                   _group_name(hcomm), _str("reduce_op", reduce_op), _int("comm_turn", comm_turn),
-                  _int("group_list_type", group_list_type), bool(check_ranks),
+                  _int("group_list_type", group_list_type), _bool("check_ranks", check_ranks),
                   _dtype("reduce_dtype", reduce_dtype), _async(async_op),
                   *_combine(combine_index, combine_weight, num_tokens, shared_input))
 
@@ -141,11 +141,18 @@ def wait(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _async(async_op) -> bool:
+    _bool("async_op", async_op)
     if async_op and torch.compiler.is_compiling():
         raise RuntimeError("async_op=True is not supported under torch.compile: compiled code "
                            "calls the op synchronously (pass async_op=False, and let the compiler "
                            "overlap)")
-    return bool(async_op)
+    return async_op
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):  # "False", [0] or 2 would silently count as True
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
 
 
 # The Ascend op's name: code written for it changes only its import and its device.

@@ -1,6 +1,7 @@
 """Invalid calls (the rules of docs/semantics.md): the right exception type, a message naming the
 argument, raised before any communication, and the caller's tensors left unchanged."""
 
+import re
 import subprocess
 import sys
 
@@ -128,6 +129,11 @@ INVALID = [
     ("weight_item_not_tensor", edit(split0, weight=setitem("weight", 1, 3.0)), TypeError,
      r"^weight\[1\]: expected a tensor, got float"),
     ("split_item_str", edit(split0, split_item="0"), TypeError, r"^split_item: expected an int, got str"),
+    # Flags are bools: "False", [0] or 2 would otherwise count as True.
+    *[(f"{flag}_{tag}", edit(split0, **{flag: value}), TypeError,
+       rf"^{flag}: expected True or False, got {re.escape(repr(value))}")
+      for flag in ("async_op", "check_ranks")
+      for tag, value in (("str", "False"), ("list", [0]), ("int", 2), ("none", None))],
     ("group_list_item_float", edit(split3, group_list=[2, 5.5, 10]), TypeError,
      r"^group_list\[1\]: expected an int, got float"),
 ]
