@@ -111,10 +111,10 @@ std::vector<at::Tensor> scatter_rows(const Engine& engine, const Plan& plan, con
   at::Tensor y = plan.reduce_dtype == plan.dtype
                      ? out.view(shape)
                      : at::empty(shape, out.options().dtype(plan.dtype));
-  auto finish = [convert = plan.reduce_dtype != plan.dtype, y, out,
-                 reduce_scatter = std::move(reduce_scatter)]() mutable {
+  auto finish = [convert = plan.reduce_dtype != plan.dtype, out,
+                 reduce_scatter = std::move(reduce_scatter)](std::vector<at::Tensor>& y) mutable {
     reduce_scatter.wait();
-    if (convert) y.view({-1}).copy_(out);  // one rounding
+    if (convert) y[0].view({-1}).copy_(out);  // one rounding
   };
   return finish_or_defer(std::move(finish), {y}, async_op);
 }
@@ -150,8 +150,8 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
   }
   std::vector<at::Tensor> outputs = make_outputs(plan, flat);
   // The rest of the call, now or at the first wait (async_op); the plan moves in, not copied.
-  auto finish = [plan = std::move(plan), fingerprint = std::move(fingerprint), flat, outputs,
-                 all_reduce = std::move(all_reduce)]() mutable {
+  auto finish = [plan = std::move(plan), fingerprint = std::move(fingerprint), flat,
+                 all_reduce = std::move(all_reduce)](std::vector<at::Tensor>& outputs) mutable {
     all_reduce.wait();
     fingerprint.check(flat);
     fill_outputs(plan, flat, outputs);

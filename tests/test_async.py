@@ -4,6 +4,9 @@ synchronous call's, bitwise, over shared memory and over gloo, for both collecti
 split mode, comm_turn and reduce_dtype. Errors of the deferred part come at the wait; under
 torch.compile async_op is refused."""
 
+import ctypes
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -81,24 +84,69 @@ def test_any_output_finishes_the_call(pools, shm):
     assert pools(2).run(several_outputs, shm) == [True, True]
 
 
-def disagree_at_the_wait():
+def disagree_at_the_wait(split_item):
     """Rank 1 calls with other group rows of the same size: the fingerprint check, deferred, raises
-    at the wait on both ranks, not at the call."""
+    at the wait on both ranks, not at the call; and at every later wait, on any output."""
     group = new_group_with_shm("0")
     x, w = [torch.ones(6, 4)], [torch.ones(4, 3)] * 2
     gl = [2, 6] if dist.get_rank() == 0 else [3, 6]
-    y = gmm_allreduce.grouped_mat_mul_all_reduce(x, w, group, split_item=3, group_list=gl,
+    y = gmm_allreduce.grouped_mat_mul_all_reduce(x, w, group, split_item=split_item, group_list=gl,
                                                  async_op=True)
-    try:
-        gmm_allreduce.wait(y)
-        return "returned"
-    except Exception as e:  # noqa: BLE001  (the test reports what was raised)
-        return f"{type(e).__name__}: {e}"
+    messages = []
+    for outputs in (y, y, y[::-1], y[-1:]):
+        try:
+            gmm_allreduce.wait(outputs)
+            messages.append("returned")
+        except Exception as e:  # noqa: BLE001  (the test reports what was raised)
+            messages.append(f"{type(e).__name__}: {e}")
+    return messages
 
 
-def test_errors_of_the_deferred_part_come_at_the_wait(pools):
-    for message in pools(2).run(disagree_at_the_wait):
-        assert message.startswith("ValueError: ranks disagree on the call"), message
+@pytest.mark.parametrize("split_item", [1, 3])
+def test_errors_of_the_deferred_part_come_at_every_wait(pools, split_item):
+    for messages in pools(2).run(disagree_at_the_wait, split_item):
+        assert messages[0].startswith("ValueError: ranks disagree on the call"), messages
+        assert messages == [messages[0]] * 4, messages
+
+
+def test_unwaited_calls_are_released_once_their_outputs_are_freed(world1):
+    """60 calls with 4 MB outputs, each freed unwaited: each is released at the next async call
+    (c10d's registry of works keeps what is registered until it is waited for), so neither the
+    registry nor the memory grows; a call whose outputs are alive stays, and its wait is right."""
+    registered = torch._C._distributed_c10d._get_work_registry_size
+
+    def resident_bytes():  # with what malloc keeps free handed back first
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    x, w = torch.randn(1024, 64), [torch.randn(64, 1024)]
+
+    def call():
+        return gmm_allreduce.grouped_mat_mul_all_reduce([x], w, world1, split_item=3,
+                                                        group_list=[1024], async_op=True)
+
+    base = registered()
+    gmm_allreduce.wait(call())
+    assert registered() == base  # a waited call leaves nothing registered
+    for _ in range(10):  # the allocators' steady state
+        call()
+    rss = resident_bytes()
+    for _ in range(60):
+        y = call()
+        del y
+    kept = call()
+    assert registered() == base + 1
+    assert resident_bytes() - rss < 100 << 20  # 60 unreleased calls would hold 240 MB more
+    (y,) = gmm_allreduce.wait(kept)
+    torch.testing.assert_close(y, x @ w[0])
+    assert registered() == base
+    # Only a view of the output kept: the call is released, and a wait on the view raises rather
+    # than return what was never written.
+    view = call()[0].view(-1)
+    call()
+    with pytest.raises(RuntimeError, match="this call was released unfinished"):
+        gmm_allreduce.wait([view])
 
 
 def test_world1_gradients_and_compile(world1):

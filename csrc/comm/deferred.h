@@ -3,6 +3,11 @@
 // its outputs. That rest is a c10d::Work registered for every output (c10d::register_work), so
 // that torch.ops._c10d_functional.wait_tensor(output) runs it, as for PyTorch's functional
 // collectives: host-blocking on gloo and shared memory, stream-ordered on NCCL.
+//
+// After it ran: a later wait on any output is a no-op, or, if it failed, raises the same error
+// again. A call whose outputs are all freed unwaited is released at the next async_op call: its
+// buffer at once, its registrations once no view of an output is left (a wait on such a view
+// raises).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,9 +17,9 @@
 
 namespace gmm_allreduce {
 
-// Runs `finish` and returns `outputs`; with async_op, returns `outputs` at once, `finish` left to
-// the first wait_tensor on any of them (later waits: no-op, or the same error again).
-std::vector<at::Tensor> finish_or_defer(std::function<void()> finish,
+// Runs `finish(outputs)` and returns `outputs`; with async_op, returns `outputs` at once, `finish`
+// left to the first wait_tensor on any of them. `finish` must not hold the outputs itself.
+std::vector<at::Tensor> finish_or_defer(std::function<void(std::vector<at::Tensor>&)> finish,
                                         std::vector<at::Tensor> outputs, bool async_op);
 
 }  // namespace gmm_allreduce
