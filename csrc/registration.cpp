@@ -41,6 +41,9 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   m.def("_all_reduce_(Tensor(a!) t, str group_name) -> ()");
   // The reduce-scatter op's backward all-gather: the ranks' t stacked along dim 0.
   m.def("_all_gather_rows(Tensor t, str group_name) -> Tensor");
+  // Releases the shared memory of groups whose ProcessGroup objects are gone (the Python front
+  // calls it when a group object it saw is freed).
+  m.def("_release_destroyed_groups() -> ()");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -8,6 +8,7 @@ schema arguments.
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Sequence
 from itertools import repeat
 
@@ -259,8 +260,14 @@ def _group_list(value) -> tuple[list[int] | None, torch.Tensor | None]:
 
 def _group_name(hcomm) -> str:
     if isinstance(hcomm, str):
+        if not torch.compiler.is_compiling():
+            try:
+                _watch(dist.distributed_c10d._resolve_process_group(hcomm))
+            except (RuntimeError, ValueError):
+                pass  # no such group: the op names hcomm in its error
         return hcomm
     if isinstance(hcomm, dist.ProcessGroup):
+        _watch(hcomm)
         return hcomm.group_name
     if hcomm is None:
         if not dist.is_initialized():
@@ -268,8 +275,28 @@ def _group_name(hcomm) -> str:
                 "hcomm: None means the default process group, but torch.distributed is not "
                 "initialized (call torch.distributed.init_process_group first)"
             )
+        _watch(dist.group.WORLD)
         return dist.group.WORLD.group_name
     raise TypeError(f"hcomm: expected a group name, a ProcessGroup or None, got {type(hcomm).__name__}")
+
+
+_watched: weakref.WeakSet = weakref.WeakSet()  # the groups whose freeing _watch hooks
+
+
+def _watch(group: dist.ProcessGroup) -> None:
+    """Once `group` is freed (destroy_process_group, and no reference left), releases the
+    shared memory the op took for it at once, rather than at the op's next call."""
+    if torch.compiler.is_compiling() or group in _watched:
+        return
+    _watched.add(group)
+    weakref.finalize(group, _release_destroyed_groups)
+
+
+def _release_destroyed_groups() -> None:
+    try:
+        torch.ops.gmm_allreduce._release_destroyed_groups()
+    except Exception:  # noqa: BLE001  (at interpreter exit the op may be gone: nothing to free)
+        pass
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")

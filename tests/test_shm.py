@@ -89,26 +89,91 @@ def test_several_groups_each_on_shared_memory(pools):
     assert segments() == []
 
 
-def turned_off(off_ranks):
-    """GMM_ALLREDUCE_SHM=0 on some ranks: a new group, then whether it took shared memory."""
-    old = os.environ.get("GMM_ALLREDUCE_SHM")
-    if dist.get_rank() in off_ranks:
-        os.environ["GMM_ALLREDUCE_SHM"] = "0"
+def with_setting(ranks, name, value):
+    """`name`=`value` on `ranks`: a new group, then whether it took shared memory and its sum (or
+    the error its setup raised)."""
+    old = os.environ.get(name)
+    if dist.get_rank() in ranks:
+        os.environ[name] = value
     try:
         group = dist.new_group([0, 1])
-        shared = OPS._shared_memory(group.group_name)
+        try:
+            shared = OPS._shared_memory(group.group_name)
+        except ValueError as e:
+            return "ValueError", str(e).splitlines()[0]
         total = all_reduce(torch.ones(10), group.group_name)
         return shared, total.tolist()
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@pytest.mark.parametrize("value", ["0", "false", "Off", "no "])
+@pytest.mark.parametrize("off_ranks", [(0, 1), (1,)], ids=["all", "one"])
+def test_turned_off_on_any_rank_means_off_for_all(pools, off_ranks, value):
+    assert pools(2).run(with_setting, off_ranks, "GMM_ALLREDUCE_SHM", value) == [(False, [2.0] * 10)] * 2
+
+
+@pytest.mark.parametrize("value", ["1", "TRUE", "on", "yes", ""])
+def test_turned_on(pools, value):
+    assert pools(2).run(with_setting, (0, 1), "GMM_ALLREDUCE_SHM", value) == [(True, [2.0] * 10)] * 2
+
+
+@pytest.mark.parametrize("name, value", [("GMM_ALLREDUCE_SHM", "maybe"), ("GMM_ALLREDUCE_SHM", "2"),
+                                         ("GMM_ALLREDUCE_SHM_BYTES", "lots"),
+                                         ("GMM_ALLREDUCE_SHM_BYTES", "1k")])
+def test_a_setting_not_understood_raises_on_every_rank(pools, name, value):
+    """Set on rank 1 only: rank 1 names the variable and its value; rank 0 names rank 1; neither
+    waits for the other."""
+    (exc0, msg0), (exc1, msg1) = pools(2).run(with_setting, (1,), name, value, timeout=60)
+    assert exc0 == exc1 == "ValueError"
+    assert msg1.startswith(f"{name}: expected") and repr(value)[1:-1] in msg1, msg1
+    assert msg0.startswith("rank 1 of the group could not read its settings"), msg0
+
+
+def first_calls_from_two_threads(shm):
+    """Two groups of the same two ranks, each first called from a thread of its own: rank 0 starts
+    group a's call, then b's; rank 1 the other way round. Each group's setup is its own: neither
+    waits for the other."""
+    import threading
+    import time
+
+    group = {k: dist.new_group([0, 1], timeout=timedelta(seconds=15)) for k in "ab"}
+    order = "ab" if dist.get_rank() == 0 else "ba"
+    results = {}
+
+    def call(key):
+        try:
+            results[key] = all_reduce(torch.ones(1000), group[key].group_name).eq(2).all().item()
+        except RuntimeError as e:
+            results[key] = str(e).splitlines()[0]
+
+    old = os.environ.get("GMM_ALLREDUCE_SHM")
+    os.environ["GMM_ALLREDUCE_SHM"] = shm
+    start = time.monotonic()
+    try:
+        threads = []
+        for key in order:
+            threads.append(threading.Thread(target=call, args=(key,)))
+            threads[-1].start()
+            time.sleep(0.5)
+        for t in threads:
+            t.join()
     finally:
         if old is None:
             os.environ.pop("GMM_ALLREDUCE_SHM", None)
         else:
             os.environ["GMM_ALLREDUCE_SHM"] = old
+    return results, time.monotonic() - start, [OPS._shared_memory(group[k].group_name) for k in "ab"]
 
 
-@pytest.mark.parametrize("off_ranks", [(0, 1), (1,)], ids=["all", "one"])
-def test_turned_off_on_any_rank_means_off_for_all(pools, off_ranks):
-    assert pools(2).run(turned_off, off_ranks) == [(False, [2.0] * 10)] * 2
+@pytest.mark.parametrize("shm", ["1", "0"], ids=["shm", "gloo"])
+def test_two_threads_set_up_two_groups_at_once(pools, shm):
+    for results, seconds, shared in pools(2).run(first_calls_from_two_threads, shm, timeout=90):
+        assert results == {"a": True, "b": True} and seconds < 5, (results, seconds)
+        assert shared == [shm == "1"] * 2
 
 
 def late_rank():
@@ -154,9 +219,9 @@ def test_ranks_with_other_sizes_raise(pools):
         assert "check_ranks=True" in message
 
 
-def run_script(*args, wrap=()):
+def run_script(*args, wrap=(), env=None, timeout=240):
     out = subprocess.run([*wrap, sys.executable, SCRIPT, "launch", *args], capture_output=True,
-                         text=True, timeout=240)
+                         text=True, timeout=timeout, env=None if env is None else {**os.environ, **env})
     reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     ranks = sorted((r for r in reports if "rank" in r), key=lambda r: r["rank"])
     end = next(r for r in reports if "segments_at_end" in r)
@@ -180,6 +245,13 @@ needs_unshare = pytest.mark.skipif(
     reason="needs root and unshare (a mount namespace with a /dev/shm of its own)")
 
 
+def private_dev_shm(size="64m"):
+    """The command prefix that runs a command in a mount namespace with a tmpfs of its own on
+    /dev/shm, open to every user as the real one is."""
+    return ["unshare", "-m", "sh", "-c",
+            f'mount -t tmpfs -o size={size},mode=1777 tmpfs /dev/shm && exec "$0" "$@"']
+
+
 @needs_unshare
 @pytest.mark.parametrize("private", ["1", "0,1"], ids=["one", "both"])
 def test_ranks_without_a_common_dev_shm_fall_back(private):
@@ -193,12 +265,62 @@ def test_ranks_without_a_common_dev_shm_fall_back(private):
 
 
 @needs_unshare
-def test_a_dev_shm_without_room_falls_back():
-    """Both ranks in a 12 MiB /dev/shm: the second segment (8 MiB) does not fit; setup finds it at
-    once (the memory is reserved there) and both take the process group."""
-    wrap = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=12m tmpfs /dev/shm && exec "$0" "$@"']
-    ranks, left, log = run_script("sum", "2", "", wrap=wrap)
+def test_a_dev_shm_without_room_refuses_only_the_calls_that_do_not_fit():
+    """Both ranks in a 4 MiB /dev/shm: setup needs a page each; a 400 KB sum, 1 MiB per rank; a
+    4 MB sum would need 8 MiB per rank, which no rank can reserve (posix_fallocate says so, not
+    SIGBUS), so every rank takes the process group for it; and a small sum still goes through
+    shared memory."""
+    ranks, left, log = run_script("room", "2", "", wrap=private_dev_shm("4m"))
     assert [r["rank"] for r in ranks] == [0, 1], log
     for r in ranks:
-        assert not r["shared"] and r["sum_ok"], r
+        assert r["shared"] and r["sum_ok"] and r["big_ok"] and r["small_ok"], r
+        pinned, refused = r["stats"]
+        assert refused == 1 and pinned == 4096 + 2 * (512 << 10), r
     assert left == []
+
+
+@needs_unshare
+@pytest.mark.parametrize("cap", [None, "1m"], ids=["default", "capped"])
+def test_a_group_pins_what_it_needs_and_frees_it_when_destroyed(cap):
+    """/dev/shm in use, measured in a private tmpfs at world 2: a page per rank after setup; then
+    what the largest sum so far needed, in powers of two, up to 8 MiB per rank (or the cap); and,
+    once the group is destroyed and freed, nothing, without any later call."""
+    env = {} if cap is None else {"GMM_ALLREDUCE_SHM_BYTES": cap}
+    ranks, left, log = run_script("memory", "2", "", wrap=private_dev_shm(), env=env)
+    assert [r["rank"] for r in ranks] == [0, 1], log
+    limit = 8 << 20 if cap is None else 1 << 20
+    for r in ranks:
+        assert r["shared"] and all(r[f"sum_ok_{n}"] for n in (1000, 100_000, 3_000_000)), r
+        grown = [r[k] - r["before"] for k in ("setup", "after_1000", "after_100000",
+                                              "after_3000000")]
+        assert grown[0] <= 2 * 8192, r
+        assert grown == sorted(grown) and grown[3] <= 2 * limit, r
+        assert r["pinned_1000"] == 4096 + 2 * (64 << 10), r
+        assert r["pinned_100000"] == 4096 + 2 * min(512 << 10, (limit - 8192) // 2), r
+        assert limit // 2 < r["pinned_3000000"] <= limit, r
+        assert r["destroyed"] == r["before"], r
+    assert left == []
+
+
+@needs_unshare
+def test_a_kill_during_setup_leaves_nothing():
+    """Every rank killed the instant a segment appears in /dev/shm (mid-setup), three times: the
+    segment bears a whole header from its first instant, so the next job's setup removes it."""
+    ranks, left, log = run_script("setupkill", "2", wrap=private_dev_shm())
+    killed = [json.loads(line) for line in log.splitlines() if line.startswith('{"left_by_kill"')]
+    assert len(killed) == 3 and all(k["left_by_kill"] for k in killed), log
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["shared"] and r["sum_ok"] for r in ranks)
+    assert left == [], log
+
+
+@needs_unshare
+def test_files_planted_by_another_user_neither_block_nor_crash_setup():
+    """An unprivileged user plants, under this user's prefix, a FIFO (an open of it would block
+    forever), a symlink to a FIFO, and a file whose size keeps changing (a mapping of it would
+    fault); this user has one such file too. Setup skips them all: the job takes shared memory
+    and sums right, well within its timeout."""
+    ranks, left, log = run_script("hostile", "2", wrap=private_dev_shm(), timeout=120)
+    assert [r["rank"] for r in ranks] == [0, 1], log
+    for r in ranks:
+        assert r["shared"] and r["sum_ok"], r
+    assert left == [], log

@@ -16,29 +16,60 @@ std::chrono::milliseconds timeout_of(c10d::ProcessGroup& group) {
   }
 }
 
-// The group's shared-memory all-reduce, set up at its first use; nullptr where it cannot serve.
-// Cached per ProcessGroup object: a group destroyed and another made (even under its name, even at
-// its address) sets up afresh. Setup is a collective, run under the cache's lock.
-std::shared_ptr<SameHostGroup> shm_of(const GroupPtr& group) {
-  struct Entry {
-    c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
+// The groups' shared-memory all-reduces, each set up at its group's first use; an entry is
+// dropped once its ProcessGroup object is gone (a group destroyed and another made, even under its
+// name, even at its address, sets up afresh). The cache's lock guards the list only: each group's
+// setup, a collective, runs under that group's own once-flag, so that threads setting up two
+// groups at once cannot wait for each other across ranks.
+struct Cache {
+  struct Setup {
+    std::once_flag once;
     std::shared_ptr<SameHostGroup> shm;
   };
-  static std::mutex mutex;
-  static std::vector<Entry> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  cache.erase(
-      std::remove_if(cache.begin(), cache.end(), [](const Entry& e) { return e.group.expired(); }),
-      cache.end());
-  for (const Entry& e : cache) {
-    if (e.group.lock().get() == group.get()) return e.shm;
+  struct Entry {
+    c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
+    std::shared_ptr<Setup> setup;
+  };
+  std::mutex mutex;
+  std::vector<Entry> entries;
+
+  static Cache& get() {
+    static Cache* cache = new Cache();  // never destroyed: groups may outlive static destructors
+    return *cache;
   }
-  std::shared_ptr<SameHostGroup> shm = SameHostGroup::create(*group, timeout_of(*group));
-  cache.push_back({c10::weak_intrusive_ptr<c10d::ProcessGroup>(group), shm});
-  return shm;
+
+  // The entries of destroyed groups, taken out under the lock, released by the caller.
+  std::vector<Entry> take_destroyed() {
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto gone = std::stable_partition(entries.begin(), entries.end(),
+                                      [](const Entry& e) { return !e.group.expired(); });
+    std::vector<Entry> out(std::make_move_iterator(gone), std::make_move_iterator(entries.end()));
+    entries.erase(gone, entries.end());
+    return out;
+  }
+
+  std::shared_ptr<Setup> setup_of(const GroupPtr& group) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : entries) {
+      if (e.group.lock().get() == group.get()) return e.setup;
+    }
+    entries.push_back(
+        {c10::weak_intrusive_ptr<c10d::ProcessGroup>(group), std::make_shared<Setup>()});
+    return entries.back().setup;
+  }
+};
+
+std::shared_ptr<SameHostGroup> shm_of(const GroupPtr& group) {
+  release_destroyed_groups();
+  const std::shared_ptr<Cache::Setup> setup = Cache::get().setup_of(group);
+  std::call_once(setup->once,
+                 [&] { setup->shm = SameHostGroup::create(*group, timeout_of(*group)); });
+  return setup->shm;
 }
 
 }  // namespace
+
+void release_destroyed_groups() { Cache::get().take_destroyed(); }
 
 std::shared_ptr<SameHostGroup> shared_memory_of(const GroupPtr& group, const at::Tensor& like) {
   return group->getSize() > 1 && like.is_cpu() ? shm_of(group) : nullptr;
@@ -49,10 +80,7 @@ AllReduce::AllReduce(const GroupPtr& group, const at::Tensor& like)
 
 void AllReduce::start(const at::Tensor& flat) {
   if (group_->getSize() == 1 || flat.numel() == 0) return;  // a sum over one rank, or of nothing
-  if (shm_) {
-    shm_->sum(flat);
-    return;
-  }
+  if (shm_ && shm_->sum(flat)) return;  // else no room in /dev/shm for it: the process group
   std::vector<at::Tensor> tensors{flat};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::SUM;

@@ -21,6 +21,10 @@ class SameHostGroup;
 // rank reaches at the same call); nullptr otherwise.
 std::shared_ptr<SameHostGroup> shared_memory_of(const GroupPtr& group, const at::Tensor& like);
 
+// Releases the shared memory of the groups whose ProcessGroup objects are gone (each call of the
+// op does so too; the Python front calls this when a group object it saw is freed).
+void release_destroyed_groups();
+
 class AllReduce {
  public:
   // The sums of tensors like `like` (its device decides) over `group`. The first one of a CPU

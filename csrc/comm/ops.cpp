@@ -1,5 +1,6 @@
 // The communication layer as ops of its own: the op's all-reduce alone (the benchmark's comm_op
-// line) and the reduce-scatter op's backward all-gather (schemas in registration.cpp).
+// line), the reduce-scatter op's backward all-gather, and the release of destroyed groups' shared
+// memory (schemas in registration.cpp).
 #include <torch/library.h>
 
 #include "all_reduce.h"
@@ -25,6 +26,10 @@ at::Tensor gather_rows(const at::Tensor& t, c10::string_view group_name) {
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
   m.impl("_all_reduce_", &all_reduce);
   m.impl("_all_gather_rows", &gather_rows);
+}
+
+TORCH_LIBRARY_IMPL(gmm_allreduce, CatchAll, m) {
+  m.impl("_release_destroyed_groups", &release_destroyed_groups);
 }
 
 }  // namespace gmm_allreduce

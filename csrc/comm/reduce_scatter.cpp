@@ -39,10 +39,7 @@ void ReduceScatter::start(const at::Tensor& in, const at::Tensor& out) {
     out.copy_(in);
     return;
   }
-  if (shm_) {
-    shm_->reduce_scatter(in.view({group_->getSize(), -1}).unbind(0), out);
-    return;
-  }
+  if (shm_ && shm_->reduce_scatter(in.view({group_->getSize(), -1}).unbind(0), out)) return;
   at::Tensor input = in;
   at::Tensor output = out;
   pending_.push_back(reduce_scatter_one(*group_, output, input));
@@ -55,10 +52,7 @@ void ReduceScatter::start(const std::vector<at::Tensor>& pieces, const at::Tenso
     out.copy_(pieces[0]);
     return;
   }
-  if (shm_) {
-    shm_->reduce_scatter(pieces, out);
-    return;
-  }
+  if (shm_ && shm_->reduce_scatter(pieces, out)) return;
   std::vector<at::Tensor> outputs{out};
   std::vector<std::vector<at::Tensor>> inputs{pieces};
   c10d::ReduceScatterOptions opts;

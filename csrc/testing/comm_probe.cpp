@@ -1,8 +1,10 @@
 // Test-only: whether a group's CPU sums go through the same-host group (shared memory) or through
-// the process group, for tests/test_shm.py and the other tests that run both paths.
+// the process group, for tests/test_shm.py and the other tests that run both paths; and what its
+// segment holds in /dev/shm now and how many calls it refused for want of room.
 #include <torch/library.h>
 
 #include "../comm/all_reduce.h"
+#include "../comm/shm/same_host_group.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -11,12 +13,22 @@ bool shared_memory(c10::string_view group_name) {
   return AllReduce(resolve_group(std::string(group_name)), at::empty({0})).shared_memory();
 }
 
+std::vector<int64_t> shm_stats(c10::string_view group_name) {
+  const auto shm = shared_memory_of(resolve_group(std::string(group_name)), at::empty({0}));
+  if (!shm) return {0, 0};
+  return {shm->pinned_bytes(), shm->refused_calls()};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) { m.def("_shared_memory(str group_name) -> bool"); }
+TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
+  m.def("_shared_memory(str group_name) -> bool");
+  m.def("_shm_stats(str group_name) -> int[]");
+}
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeImplicitAutograd, m) {
   m.impl("_shared_memory", &shared_memory);
+  m.impl("_shm_stats", &shm_stats);
 }
 
 }  // namespace gmm_allreduce

@@ -19,52 +19,74 @@
 #include <sstream>
 #include <thread>
 
+#include "../../env.h"
 #include "rank_sum.h"
 
 namespace gmm_allreduce {
 namespace {
 
-constexpr uint64_t kMagic = 0x32726d6873'6d6d67;  // "gmmshmr2", the layout below
-// Bytes of one buffer of a segment: a round moves at most this much per rank. Two buffers per
-// rank: 8 MiB of /dev/shm per rank (reserved at setup: a /dev/shm too small refuses it there).
-constexpr int64_t kSlotBytes = int64_t{4} << 20;
+constexpr uint64_t kMagic = 0x33726d6873'6d6d67;  // "gmmshmr3", the layout below
+constexpr const char* kShmDir = "/dev/shm";
+// The header's bytes; the two slots follow it.
+constexpr int64_t kHeaderBytes = 4096;
+// A segment's bytes at most unless GMM_ALLREDUCE_SHM_BYTES says otherwise, and at least.
+constexpr int64_t kDefaultSegmentBytes = int64_t{8} << 20;
+constexpr int64_t kMinSegmentBytes = int64_t{64} << 10;
+// Slots are reserved in /dev/shm in steps of powers of two from this size.
+constexpr int64_t kFirstReserve = int64_t{64} << 10;
 // Rounds up to this size are summed whole by every rank (one barrier); larger ones are
 // reduce-scattered and all-gathered (two barriers, each rank reading 1/world of the data).
 constexpr int64_t kSmallBytes = int64_t{256} << 10;
+// Entries under this user's prefix that one setup's sweep examines at most.
+constexpr int kMaxSweep = 64;
 
-struct alignas(64) Slot {
-  int64_t bytes;  // this round's size and type: ranks that disagree raise
-  int32_t dtype;
-  alignas(64) char data[kSlotBytes];
-};
-
-}  // namespace
-
-// One rank's segment. Its sequence words are written by their owner only, read by all.
-struct SameHostGroup::Segment {
+// Who made a segment, and its shape: the start of its header, read by the sweep with pread.
+struct Identity {
   uint64_t magic;
   uint64_t nonce;  // the random number the segment's name carries
   int32_t rank;
   int32_t world;
   int32_t pid;
+  int32_t unused;
   int64_t start_time;  // of the owner process (/proc/PID/stat), to watch it safely
   uint64_t pid_ns;     // the owner's pid namespace (the inode of /proc/self/ns/pid)
+  int64_t slot_bytes;  // each of its two slots' size
+};
+
+struct SlotHeader {
+  int64_t bytes;  // this round's size and type: ranks that disagree raise
+  int32_t dtype;
+  int32_t room;  // 0: the owner found no room for this round; every rank refuses it
+};
+
+}  // namespace
+
+// One rank's segment's header; its two slots follow at kHeaderBytes. Its sequence words are
+// written by their owner only, read by all.
+struct SameHostGroup::Segment {
+  Identity id;
   alignas(64) std::atomic<uint64_t> copied;   // the last round whose data the owner copied in
   alignas(64) std::atomic<uint64_t> reduced;  // the last round whose part the owner summed
   std::atomic<int32_t> aborted;               // the owner gave up (a timeout, a dead peer)
-  Slot slot[2];                               // rounds alternate between them
+  alignas(64) SlotHeader slot[2];             // rounds alternate between the two slots
 };
 
 namespace {
 
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "atomics across processes");
+static_assert(sizeof(SameHostGroup::Segment) <= kHeaderBytes);
+
+char* slot_data(SameHostGroup::Segment* s, uint64_t seq) {
+  return reinterpret_cast<char*>(s) + kHeaderBytes +
+         static_cast<int64_t>(seq % 2) * s->id.slot_bytes;
+}
 
 // The names of this user's segments in /dev/shm.
-std::string segment_prefix() { return "gmm_allreduce." + std::to_string(getuid()) + "."; }
+std::string segment_prefix() { return "gmm_allreduce." + std::to_string(geteuid()) + "."; }
 
-std::string segment_name(uint64_t nonce) {
+std::string segment_path(uint64_t nonce) {
   std::ostringstream s;
-  s << "/" << segment_prefix() << std::hex << nonce;
+  s << kShmDir << "/" << segment_prefix() << std::hex << nonce;
   return s.str();
 }
 
@@ -91,88 +113,66 @@ uint64_t pid_namespace() {
   return stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
 }
 
-bool enabled() {
-  const char* v = std::getenv("GMM_ALLREDUCE_SHM");
-  return v == nullptr || std::string(v) != "0";
+// Opens `name` in the directory `dir` without blocking (a FIFO) or following a link, and reads
+// the identity at its start if it is a regular file of this user at least `min_size` long: no
+// mapping, so a file another process truncates cannot fault this one. -1 otherwise.
+int open_checked(int dir, const char* name, int flags, Identity* id, struct stat* st) {
+  const int fd = openat(dir, name, flags | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) return -1;
+  const bool ok = fstat(fd, st) == 0 && S_ISREG(st->st_mode) && st->st_uid == geteuid() &&
+                  st->st_size >= kHeaderBytes &&
+                  pread(fd, id, sizeof(Identity), 0) == static_cast<ssize_t>(sizeof(Identity));
+  if (!ok) {
+    close(fd);
+    return -1;
+  }
+  return fd;
 }
 
-// Maps the segment of `fd` (read-write); nullptr on failure.
-SameHostGroup::Segment* map_segment(int fd) {
-  void* p =
-      mmap(nullptr, sizeof(SameHostGroup::Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+SameHostGroup::Segment* map_segment(int fd, int64_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   return p == MAP_FAILED ? nullptr : static_cast<SameHostGroup::Segment*>(p);
 }
 
-void unmap(SameHostGroup::Segment* s) {
-  if (s != nullptr) munmap(s, sizeof(SameHostGroup::Segment));
-}
-
-// Creates and maps this rank's segment, its memory reserved (posix_fallocate: a full /dev/shm
-// fails here, not with SIGBUS on a later write). nullptr, and nothing left behind, on failure.
-SameHostGroup::Segment* create_segment(uint64_t nonce, int rank, int world) {
-  const std::string name = segment_name(nonce);
-  const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, S_IRUSR | S_IWUSR);
-  if (fd < 0) return nullptr;
-  SameHostGroup::Segment* s = nullptr;
-  if (posix_fallocate(fd, 0, sizeof(SameHostGroup::Segment)) == 0) s = map_segment(fd);
-  close(fd);
-  if (s == nullptr) {
-    shm_unlink(name.c_str());
-    return nullptr;
-  }
-  s->magic = kMagic;
-  s->nonce = nonce;
-  s->rank = rank;
-  s->world = world;
-  s->pid = static_cast<int32_t>(getpid());
-  s->start_time = start_time_of(getpid());
-  s->pid_ns = pid_namespace();
-  s->copied.store(0);
-  s->reduced.store(0);
-  s->aborted.store(0);
-  return s;
-}
-
 // Unlinks the segments of this user that a process of this pid namespace left behind when it died
-// during a setup (between creating its segment and the end of setup, where it unlinks it).
+// during a setup (between naming its segment and the end of setup, where it unlinks it).
 void sweep_stale_segments() {
   const std::string prefix = segment_prefix();
-  DIR* dir = opendir("/dev/shm");
+  DIR* dir = opendir(kShmDir);
   if (dir == nullptr) return;
   const uint64_t ns = pid_namespace();
+  int examined = 0;
   while (const dirent* e = readdir(dir)) {
     const std::string name = e->d_name;
     if (name.rfind(prefix, 0) != 0) continue;
-    const int fd = shm_open(("/" + name).c_str(), O_RDONLY, 0);
-    if (fd < 0) continue;
+    if (++examined > kMaxSweep) break;
+    Identity id{};
     struct stat st{};
-    void* p = nullptr;
-    if (fstat(fd, &st) == 0 && st.st_size >= static_cast<off_t>(sizeof(SameHostGroup::Segment))) {
-      p = mmap(nullptr, sizeof(SameHostGroup::Segment), PROT_READ, MAP_SHARED, fd, 0);
-    }
+    const int fd = open_checked(dirfd(dir), name.c_str(), O_RDONLY, &id, &st);
+    if (fd < 0) continue;
     close(fd);
-    if (p == nullptr || p == MAP_FAILED) continue;
-    const auto* s = static_cast<const SameHostGroup::Segment*>(p);
     const bool stale =
-        s->magic == kMagic && ns != 0 && s->pid_ns == ns && start_time_of(s->pid) != s->start_time;
-    munmap(p, sizeof(SameHostGroup::Segment));
-    if (stale) shm_unlink(("/" + name).c_str());
+        id.magic == kMagic && ns != 0 && id.pid_ns == ns && start_time_of(id.pid) != id.start_time;
+    if (stale) unlinkat(dirfd(dir), name.c_str(), 0);
   }
   closedir(dir);
 }
 
-// Opens and maps rank `rank`'s segment, checking that it is the one that rank created.
-SameHostGroup::Segment* open_segment(uint64_t nonce, int rank, int world) {
+// Opens and maps rank `rank`'s segment, checking that it is the one that rank created; nullptr
+// otherwise, and `bytes` the mapping's size.
+SameHostGroup::Segment* open_segment(uint64_t nonce, int rank, int world, int64_t* bytes) {
   if (nonce == 0) return nullptr;  // that rank failed to create one
-  const int fd = shm_open(segment_name(nonce).c_str(), O_RDWR, 0);
+  Identity id{};
+  struct stat st{};
+  const int fd = open_checked(AT_FDCWD, segment_path(nonce).c_str(), O_RDWR, &id, &st);
   if (fd < 0) return nullptr;  // another host's /dev/shm (or container's)
-  SameHostGroup::Segment* s = map_segment(fd);
-  close(fd);
-  if (s != nullptr &&
-      (s->magic != kMagic || s->nonce != nonce || s->rank != rank || s->world != world)) {
-    unmap(s);
-    s = nullptr;
+  SameHostGroup::Segment* s = nullptr;
+  if (id.magic == kMagic && id.nonce == nonce && id.rank == rank && id.world == world &&
+      id.slot_bytes > 0 && st.st_size == kHeaderBytes + 2 * id.slot_bytes) {
+    s = map_segment(fd, st.st_size);
+    *bytes = st.st_size;
   }
+  close(fd);
   return s;
 }
 
@@ -197,41 +197,67 @@ std::unique_ptr<SameHostGroup> SameHostGroup::create(c10d::ProcessGroup& group,
                                                      std::chrono::milliseconds timeout) {
   const int rank = group.getRank();
   const int world = group.getSize();
+  // This rank's settings. One it does not understand is raised on every rank, once all have
+  // said so below: no rank is left waiting for one that raised.
+  bool on = false;
+  int64_t slot_bytes = 0;
+  std::string env_error;
+  try {
+    on = env_flag("GMM_ALLREDUCE_SHM").value_or(true);
+    const int64_t cap = env_bytes("GMM_ALLREDUCE_SHM_BYTES").value_or(kDefaultSegmentBytes);
+    TORCH_CHECK_VALUE(cap >= kMinSegmentBytes, "GMM_ALLREDUCE_SHM_BYTES: expected at least 64k (",
+                      kMinSegmentBytes, " bytes), got \"", std::getenv("GMM_ALLREDUCE_SHM_BYTES"),
+                      "\"");
+    slot_bytes = (cap - kHeaderBytes) / 2 / kHeaderBytes * kHeaderBytes;
+  } catch (const c10::Error& e) {
+    env_error = e.what_without_backtrace();
+    on = false;
+  }
   std::unique_ptr<SameHostGroup> shm(new SameHostGroup(rank, world, timeout));
   shm->segments_.assign(world, nullptr);  // unmapped by the destructor, whatever happens
+  shm->mapped_.assign(world, 0);
   // This rank's segment's name goes when setup ends, whatever happens: by then every rank has
   // mapped every segment it could.
   struct Unlink {
-    std::string name;
+    std::string path;
     ~Unlink() {
-      if (!name.empty()) shm_unlink(name.c_str());
+      if (!path.empty()) unlink(path.c_str());
     }
   } own;
   // 1. This rank's segment, under a random name (0: none).
   uint64_t nonce = 0;
-  if (enabled()) {
+  if (on) {
     sweep_stale_segments();
     std::random_device rd;
     nonce = ((uint64_t{rd()} << 32) ^ rd()) & ~(uint64_t{1} << 63);
     nonce = nonce == 0 ? 1 : nonce;
-    shm->segments_[rank] = create_segment(nonce, rank, world);
-    if (shm->segments_[rank] == nullptr) {
-      nonce = 0;
+    if (shm->create_own(nonce, slot_bytes)) {
+      own.path = segment_path(nonce);
     } else {
-      own.name = segment_name(nonce);
+      nonce = 0;
     }
   }
-  // 2. Every rank's name, exchanged.
-  at::Tensor names = at::zeros({world}, at::kLong);
-  names.data_ptr<int64_t>()[rank] = static_cast<int64_t>(nonce);
-  group_sum(group, names);
-  const int64_t* v = names.const_data_ptr<int64_t>();
+  // 2. Every rank's name, slot size and whether its settings were understood, exchanged.
+  at::Tensor said = at::zeros({3, world}, at::kLong);
+  auto at = [&](int row, int r) -> int64_t& { return said.data_ptr<int64_t>()[row * world + r]; };
+  at(0, rank) = static_cast<int64_t>(nonce);
+  at(1, rank) = slot_bytes;
+  at(2, rank) = env_error.empty() ? 0 : 1;
+  group_sum(group, said);
+  for (int r = 0; r < world; ++r) {
+    TORCH_CHECK_VALUE(at(2, r) == 0 || r != rank, env_error);
+    TORCH_CHECK_VALUE(at(2, r) == 0, "rank ", r, " of the group could not read its settings of ",
+                      "the shared-memory all-reduce (GMM_ALLREDUCE_SHM, GMM_ALLREDUCE_SHM_BYTES); ",
+                      "its error names the variable");
+  }
   // 3. The others' segments, opened and checked: a segment found under its random name, holding
   // that name's nonce, proves one /dev/shm.
   bool ok = nonce != 0;
+  shm->round_bytes_ = slot_bytes;
   for (int r = 0; r < world && ok; ++r) {
+    shm->round_bytes_ = std::min(shm->round_bytes_, at(1, r));
     if (r != rank) {
-      shm->segments_[r] = open_segment(static_cast<uint64_t>(v[r]), r, world);
+      shm->segments_[r] = open_segment(static_cast<uint64_t>(at(0, r)), r, world, &shm->mapped_[r]);
       ok = shm->segments_[r] != nullptr;
     }
   }
@@ -241,19 +267,83 @@ std::unique_ptr<SameHostGroup> SameHostGroup::create(c10d::ProcessGroup& group,
   // A peer is watched for death where its pid names its process here (the same pid namespace).
   shm->pids_.assign(world, 0);
   for (int r = 0; r < world; ++r) {
-    const Segment* s = shm->segments_[r];
-    if (r != rank && s->start_time >= 0 && start_time_of(s->pid) == s->start_time) {
-      shm->pids_[r] = s->pid;
+    const Identity& id = shm->segments_[r]->id;
+    if (r != rank && id.start_time >= 0 && start_time_of(id.pid) == id.start_time) {
+      shm->pids_[r] = id.pid;
     }
   }
   return shm;
 }
 
+// Creates and maps this rank's segment: an unnamed file in /dev/shm, its header reserved and
+// written, then linked under its name. A kill at any moment leaves either nothing or a named
+// segment whose header names its dead owner (the sweep's to remove). False, and nothing left
+// behind, on failure (no O_TMPFILE, no room, no /proc).
+bool SameHostGroup::create_own(uint64_t nonce, int64_t slot_bytes) {
+  const int fd = open(kShmDir, O_TMPFILE | O_RDWR | O_CLOEXEC, S_IRUSR | S_IWUSR);
+  if (fd < 0) return false;
+  const int64_t bytes = kHeaderBytes + 2 * slot_bytes;
+  Segment* s = nullptr;
+  if (ftruncate(fd, bytes) == 0 && posix_fallocate(fd, 0, kHeaderBytes) == 0) {
+    s = map_segment(fd, bytes);
+  }
+  if (s != nullptr) {
+    s->id = Identity{.magic = kMagic,
+                     .nonce = nonce,
+                     .rank = rank_,
+                     .world = world_,
+                     .pid = static_cast<int32_t>(getpid()),
+                     .unused = 0,
+                     .start_time = start_time_of(getpid()),
+                     .pid_ns = pid_namespace(),
+                     .slot_bytes = slot_bytes};
+    s->copied.store(0);
+    s->reduced.store(0);
+    s->aborted.store(0);
+    const std::string proc = "/proc/self/fd/" + std::to_string(fd);
+    if (linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, segment_path(nonce).c_str(), AT_SYMLINK_FOLLOW) !=
+        0) {
+      munmap(s, bytes);
+      s = nullptr;
+    }
+  }
+  if (s == nullptr) {
+    close(fd);
+    return false;
+  }
+  segments_[rank_] = s;
+  mapped_[rank_] = bytes;
+  fd_ = fd;
+  return true;
+}
+
+// Reserves `bytes` of each of this rank's slots in /dev/shm (posix_fallocate: a full /dev/shm
+// answers here, not with SIGBUS at a write), growing by powers of two; false when there is no
+// room.
+bool SameHostGroup::reserve(int64_t bytes) {
+  if (bytes <= reserved_) return true;
+  const int64_t slot = segments_[rank_]->id.slot_bytes;
+  int64_t want = std::max(reserved_, kFirstReserve);
+  while (want < bytes) want *= 2;
+  want = std::min(want, slot);
+  if (posix_fallocate(fd_, kHeaderBytes, want) != 0 ||
+      posix_fallocate(fd_, kHeaderBytes + slot, want) != 0) {
+    return false;
+  }
+  reserved_ = want;
+  return true;
+}
+
+int64_t SameHostGroup::pinned_bytes() const { return kHeaderBytes + 2 * reserved_; }
+
 SameHostGroup::SameHostGroup(int rank, int world, std::chrono::milliseconds timeout)
     : rank_(rank), world_(world), timeout_(timeout) {}
 
 SameHostGroup::~SameHostGroup() {
-  for (Segment* s : segments_) unmap(s);
+  for (size_t r = 0; r < segments_.size(); ++r) {
+    if (segments_[r] != nullptr) munmap(segments_[r], mapped_[r]);
+  }
+  if (fd_ >= 0) close(fd_);
 }
 
 void SameHostGroup::fail(const std::string& why) {
@@ -305,24 +395,29 @@ void SameHostGroup::wait_for(uint64_t seq, bool reduced) {
   }
 }
 
-std::vector<const char*> SameHostGroup::exchange(uint64_t seq, int64_t bytes,
-                                                 at::ScalarType dtype) {
-  Slot& mine = segments_[rank_]->slot[seq % 2];
+std::vector<const char*> SameHostGroup::exchange(uint64_t seq, int64_t bytes, at::ScalarType dtype,
+                                                 bool room) {
+  SlotHeader& mine = segments_[rank_]->slot[seq % 2];
   mine.bytes = bytes;
   mine.dtype = static_cast<int32_t>(dtype);
+  mine.room = room ? 1 : 0;
   segments_[rank_]->copied.store(seq, std::memory_order_release);
   wait_for(seq, false);
   std::vector<const char*> in(world_);
   bool agree = true;
   for (int r = 0; r < world_; ++r) {
-    const Slot& s = segments_[r]->slot[seq % 2];
+    const SlotHeader& s = segments_[r]->slot[seq % 2];
+    if (s.room == 0) {  // every rank sees it, and refuses the round
+      ++refused_;
+      return {};
+    }
     agree = agree && s.bytes == bytes && s.dtype == static_cast<int32_t>(dtype);
-    in[r] = s.data;
+    in[r] = slot_data(segments_[r], seq);
   }
   if (!agree) {  // the same message on every rank
     std::string sizes;
     for (int r = 0; r < world_; ++r) {
-      const Slot& s = segments_[r]->slot[seq % 2];
+      const SlotHeader& s = segments_[r]->slot[seq % 2];
       sizes += (r ? ", " : "") + std::to_string(s.bytes) + " bytes of " +
                c10::toString(static_cast<at::ScalarType>(s.dtype));
     }
@@ -333,24 +428,26 @@ std::vector<const char*> SameHostGroup::exchange(uint64_t seq, int64_t bytes,
   return in;
 }
 
-void SameHostGroup::round(char* data, int64_t count, at::ScalarType dtype) {
+bool SameHostGroup::round(char* data, int64_t count, at::ScalarType dtype) {
   const uint64_t seq = ++seq_;
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   const int64_t bytes = count * elem;
-  Slot& mine = segments_[rank_]->slot[seq % 2];
-  std::memcpy(mine.data, data, bytes);
-  const std::vector<const char*> in = exchange(seq, bytes, dtype);
+  char* mine = slot_data(segments_[rank_], seq);
+  const bool room = reserve(bytes);
+  if (room) std::memcpy(mine, data, bytes);
+  const std::vector<const char*> in = exchange(seq, bytes, dtype, room);
+  if (in.empty()) return false;
   const std::vector<const void*> ins(in.begin(), in.end());
   auto sum = [&](char* out, int64_t begin, int64_t end) { rank_sum(out, ins, dtype, begin, end); };
   if (bytes <= kSmallBytes) {  // every rank sums it all, in the same order
     sum(data, 0, count);
-    return;
+    return true;
   }
   // Reduce-scatter: rank r sums part r into its own slot (only rank r reads part r before the
   // barrier below), then all-gather: every rank copies each part from its owner's slot.
   auto part = [&](int r) { return std::make_pair(count * r / world_, count * (r + 1) / world_); };
   const auto [b, e] = part(rank_);
-  sum(mine.data, b, e);
+  sum(mine, b, e);
   segments_[rank_]->reduced.store(seq, std::memory_order_release);
   wait_for(seq, true);
   check_peers();
@@ -358,24 +455,46 @@ void SameHostGroup::round(char* data, int64_t count, at::ScalarType dtype) {
     const auto [pb, pe] = part(r);
     std::memcpy(data + pb * elem, in[r] + pb * elem, (pe - pb) * elem);
   }
+  return true;
 }
 
-void SameHostGroup::scatter_round(const std::vector<at::Tensor>& pieces, int64_t begin,
+bool SameHostGroup::scatter_round(const std::vector<at::Tensor>& pieces, int64_t begin,
                                   int64_t count, char* out, at::ScalarType dtype) {
   const uint64_t seq = ++seq_;
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
-  Slot& mine = segments_[rank_]->slot[seq % 2];
-  for (int r = 0; r < world_; ++r) {  // part r of this rank's input, for rank r
-    std::memcpy(mine.data + r * count * elem,
+  char* mine = slot_data(segments_[rank_], seq);
+  const bool room = reserve(world_ * count * elem);
+  for (int r = 0; r < world_ && room; ++r) {  // part r of this rank's input, for rank r
+    std::memcpy(mine + r * count * elem,
                 static_cast<const char*>(pieces[r].const_data_ptr()) + begin * elem, count * elem);
   }
-  const std::vector<const char*> in = exchange(seq, world_ * count * elem, dtype);
+  const std::vector<const char*> in = exchange(seq, world_ * count * elem, dtype, room);
+  if (in.empty()) return false;
   std::vector<const void*> parts(world_);  // every rank's part for this rank
   for (int r = 0; r < world_; ++r) parts[r] = in[r] + rank_ * count * elem;
   rank_sum(out, parts, dtype, 0, count);
+  return true;
 }
 
-void SameHostGroup::reduce_scatter(const std::vector<at::Tensor>& pieces, const at::Tensor& out) {
+namespace {
+
+// Runs `round(begin, count)` over [0, numel) in rounds of at most `per_round` elements. Only the
+// first round, the largest, can find no room (the reservation never shrinks): then nothing has
+// changed, and false goes back to the caller.
+template <typename Round>
+bool in_rounds(int64_t numel, int64_t per_round, Round round) {
+  for (int64_t done = 0; done < numel; done += per_round) {
+    if (!round(done, std::min(per_round, numel - done))) {
+      TORCH_INTERNAL_ASSERT(done == 0, "shared-memory all-reduce: a later round found no room");
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+bool SameHostGroup::reduce_scatter(const std::vector<at::Tensor>& pieces, const at::Tensor& out) {
   RECORD_FUNCTION("gmm_allreduce::shm_reduce_scatter", std::vector<c10::IValue>());
   TORCH_CHECK(failed_.empty(), failed_,
               " (an earlier call failed; the group's shared-memory "
@@ -389,15 +508,13 @@ void SameHostGroup::reduce_scatter(const std::vector<at::Tensor>& pieces, const 
                 "shared-memory reduce-scatter: contiguous pieces like the output expected");
   }
   const int64_t elem = static_cast<int64_t>(out.element_size());
-  const int64_t per_round = kSlotBytes / elem / world_;  // of each piece
   char* data = static_cast<char*>(out.data_ptr());
-  for (int64_t done = 0; done < out.numel(); done += per_round) {
-    scatter_round(pieces, done, std::min(per_round, out.numel() - done), data + done * elem,
-                  out.scalar_type());
-  }
+  return in_rounds(out.numel(), round_bytes_ / elem / world_, [&](int64_t begin, int64_t count) {
+    return scatter_round(pieces, begin, count, data + begin * elem, out.scalar_type());
+  });
 }
 
-void SameHostGroup::sum(const at::Tensor& flat) {
+bool SameHostGroup::sum(const at::Tensor& flat) {
   RECORD_FUNCTION("gmm_allreduce::same_host_sum", std::vector<c10::IValue>());
   TORCH_CHECK(failed_.empty(), failed_,
               " (an earlier call failed; the group's shared-memory "
@@ -406,11 +523,10 @@ void SameHostGroup::sum(const at::Tensor& flat) {
               "shared-memory all-reduce: a contiguous CPU "
               "tensor expected");
   const int64_t elem = static_cast<int64_t>(flat.element_size());
-  const int64_t per_round = kSlotBytes / elem;
   char* data = static_cast<char*>(flat.data_ptr());
-  for (int64_t done = 0; done < flat.numel(); done += per_round) {
-    round(data + done * elem, std::min(per_round, flat.numel() - done), flat.scalar_type());
-  }
+  return in_rounds(flat.numel(), round_bytes_ / elem, [&](int64_t begin, int64_t count) {
+    return round(data + begin * elem, count, flat.scalar_type());
+  });
 }
 
 }  // namespace gmm_allreduce
