@@ -115,6 +115,7 @@ std::vector<at::Tensor> scatter_rows(const Engine& engine, const Plan& plan, con
                  reduce_scatter = std::move(reduce_scatter)](std::vector<at::Tensor>& y) mutable {
     reduce_scatter.wait();
     if (convert) y[0].view({-1}).copy_(out);  // one rounding
+    record_on_current_stream(out);            // read here, on the waiting stream
   };
   return finish_or_defer(std::move(finish), {y}, async_op);
 }
@@ -155,6 +156,7 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args, std::string_vi
     all_reduce.wait();
     fingerprint.check(flat);
     fill_outputs(plan, flat, outputs);
+    record_on_current_stream(flat);  // read here, on the waiting stream
   };
   return finish_or_defer(std::move(finish), std::move(outputs), async_op);
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <exception>
 #include <mutex>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
@@ -38,6 +39,7 @@ class Deferred : public c10d::Work {
       try {
         std::vector<at::Tensor> outputs = live_outputs();
         finish(outputs);
+        for (const at::Tensor& t : outputs) record_on_current_stream(t);
       } catch (...) {
         error_ = std::current_exception();
       }
@@ -158,6 +160,12 @@ class Unfinished {
 };
 
 }  // namespace
+
+void record_on_current_stream(const at::Tensor& t) {
+  if (!t.defined() || t.is_cpu() || t.is_meta()) return;
+  const c10::Device device = t.device();
+  t.record_stream(c10::impl::getDeviceGuardImpl(device.type())->getStream(device));
+}
 
 std::vector<at::Tensor> finish_or_defer(std::function<void(std::vector<at::Tensor>&)> finish,
                                         std::vector<at::Tensor> outputs, bool async_op) {

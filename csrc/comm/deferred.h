@@ -22,4 +22,10 @@ namespace gmm_allreduce {
 std::vector<at::Tensor> finish_or_defer(std::function<void(std::vector<at::Tensor>&)> finish,
                                         std::vector<at::Tensor> outputs, bool async_op);
 
+// On a device with streams (CUDA): marks `t` as used by the current stream, so that the caching
+// allocator does not hand its memory to another stream before the work queued here is done (a
+// deferred finish runs on the waiting stream, which need not be the one `t` was allocated on). A
+// no-op for CPU tensors.
+void record_on_current_stream(const at::Tensor& t);
+
 }  // namespace gmm_allreduce
