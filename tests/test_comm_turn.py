@@ -94,3 +94,31 @@ def test_chunks_balance_elements_not_rows(world1):
         y = gmm_allreduce.grouped_mat_mul_all_reduce(x, w, world1, comm_turn=turn)
         for a, b in zip(y, ref):
             torch.testing.assert_close(a, b)
+
+
+def test_the_world_size_1_switch_issues_every_chunk_collective(world1):
+    """The test-only switch that GPU tests use to run NCCL on one GPU: at world size 1 the op then
+    issues one collective per non-empty chunk, as at world size 2 (none without it), for both ops,
+    with the same results."""
+    from torch.profiler import profile
+
+    def collectives(call):
+        with profile() as prof:
+            call()
+        return sum(1 for e in prof.events() if e.name.startswith("c10d::") and "reduce" in e.name)
+
+    x, w = [torch.randn(10, 3), torch.randn(6, 3)], [torch.randn(3, 4), torch.randn(3, 4)]
+    rows = [torch.cat(x)]
+    calls = [lambda: gmm_allreduce.grouped_mat_mul_all_reduce(x, w, world1, comm_turn=4),
+             lambda: gmm_allreduce.grouped_mat_mul_reduce_scatter(rows, w, world1, split_item=3,
+                                                                  group_list=[10, 16], comm_turn=4)]
+    plain = [[t.clone() for t in call()] for call in calls]
+    assert [collectives(call) for call in calls] == [0, 0]
+    torch.ops.gmm_allreduce._collectives_at_world_size_1(True)
+    try:
+        assert [collectives(call) for call in calls] == [4, 4]
+        for call, want in zip(calls, plain):
+            for a, b in zip(call(), want):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
+    finally:
+        torch.ops.gmm_allreduce._collectives_at_world_size_1(False)

@@ -5,6 +5,7 @@ for split_item 3 with a device group_list; CUDA-graph capture; launches that do 
 group count; and a clear error for inputs on the wrong device."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -86,6 +87,10 @@ def test_every_strategy_matches_reference(strategy):
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, GMM_CUDA_GEMM=strategy))
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
+    ran = json.loads(out.stdout.split(maxsplit=1)[1])
+    # The forced GEMM served the calls it can take (the grouped one only on sm_90 and sm_100).
+    if strategy != "grouped" or capability() in (9, 10):
+        assert ran.get(strategy, 0) > 0, ran
 
 
 def test_tiled_kernel_matches_reference_nccl_world1(nccl1):
@@ -456,3 +461,93 @@ def test_combine_with_device_index_costs_no_sync_and_drops_bad_rows(nccl1):
         torch.cuda.set_sync_debug_mode(0)
     for out in (y, y3):
         torch.testing.assert_close(out.double().cpu(), want, atol=6e-2, rtol=3e-2)
+
+
+# NCCL at world size 1, the op's collectives issued (the test-only switch): what a single GPU can
+# show of the stream order, graph capture and async waits that several would need otherwise.
+@pytest.fixture
+def nccl1_issuing(nccl1):
+    torch.ops.gmm_allreduce._collectives_at_world_size_1(True)
+    yield nccl1
+    torch.ops.gmm_allreduce._collectives_at_world_size_1(False)
+
+
+def nccl_collectives(fn) -> int:
+    return sum(1 for name in kernel_names(fn) if "nccl" in name.lower())
+
+
+@pytest.mark.parametrize("comm_turn", [0, 1, 3, 8])
+def test_comm_turn_chunks_go_through_nccl(nccl1_issuing, comm_turn):
+    """Each chunk's all-reduce is an NCCL kernel of its own, and the result is the reference."""
+    x, weight, kwargs = moe_call(seed=4, groups=8, rows=512, n=256)
+    kwargs["group_list"] = kwargs["group_list"].tolist()  # host rows: the chunks are known
+    expected = reference_of(x, weight, dict(kwargs, group_list=torch.tensor(kwargs["group_list"])))
+    fn = lambda: gmm_allreduce.grouped_mat_mul_all_reduce(  # noqa: E731
+        x, weight, nccl1_issuing, comm_turn=comm_turn, **kwargs)
+    assert nccl_collectives(fn) == max(comm_turn, 1)
+    (y,) = fn()
+    torch.testing.assert_close(y.double(), expected, atol=5e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("comm_turn", [0, 3])
+def test_cuda_graph_captures_the_collective(nccl1_issuing, comm_turn):
+    """split_item 3 with a device group_list, captured with its NCCL all-reduce(s) and replayed
+    with other group rows and x: each replay equals the eager call."""
+    x, weight, kwargs = moe_call(seed=5)
+    static_x, static_gl = x[0], kwargs["group_list"]
+    call = lambda: gmm_allreduce.grouped_mat_mul_all_reduce(  # noqa: E731
+        [static_x], weight, nccl1_issuing, comm_turn=comm_turn, **kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        (captured,) = call()
+    for seed in (6, 7):
+        new_x, _, new_kwargs = moe_call(seed=seed)
+        static_x.copy_(new_x[0])
+        static_gl.copy_(new_kwargs["group_list"])
+        captured.fill_(float("nan"))
+        graph.replay()
+        (eager,) = call()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, eager, atol=0, rtol=0)
+
+
+def slow_nccl_stream(group, sleep_cycles=200_000_000):
+    """Queues on NCCL's stream an all-reduce that waits behind ~0.1 s of a busy other stream:
+    whatever the op then queues on that NCCL stream finishes after it. Returns the events recorded
+    before and after the busy wait."""
+    busy = torch.cuda.Stream()
+    start, slept = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(busy):
+        start.record()
+        torch.cuda._sleep(sleep_cycles)
+        slept.record()
+        dist.all_reduce(torch.ones(1 << 20, device="cuda"), group=group, async_op=True)
+    return start, slept
+
+
+@pytest.mark.parametrize("async_op", [False, True], ids=["sync", "async"])
+def test_consumers_wait_for_a_slow_collective(nccl1_issuing, async_op):
+    """The op's all-reduce is queued behind a slow one on NCCL's stream. Work queued after the op
+    (after its wait, with async_op, made on a second stream) must start only once the op's
+    collective is done: its event comes after the slow one's end, not before."""
+    x, weight, kwargs = moe_call(seed=8)
+    expected = reference_of(x, weight, kwargs)
+    start, slept = slow_nccl_stream(nccl1_issuing)
+    caller, waiter = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(caller):
+        out = gmm_allreduce.grouped_mat_mul_all_reduce(x, weight, nccl1_issuing, comm_turn=2,
+                                                      async_op=async_op, **kwargs)
+    with torch.cuda.stream(caller if not async_op else waiter):
+        (y,) = gmm_allreduce.wait(out)
+        doubled = y * 2
+        after = torch.cuda.Event(enable_timing=True)
+        after.record()
+    torch.cuda.synchronize()
+    assert start.elapsed_time(after) >= start.elapsed_time(slept)
+    torch.testing.assert_close(doubled.double(), expected * 2, atol=1e-1, rtol=3e-2)

@@ -1,6 +1,7 @@
 #include "all_reduce.h"
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 
 #include "shm/same_host_group.h"
@@ -71,6 +72,14 @@ std::shared_ptr<SameHostGroup> shm_of(const GroupPtr& group) {
 
 void release_destroyed_groups() { Cache::get().take_destroyed(); }
 
+namespace {
+std::atomic<bool> at_world_size_1{false};
+}  // namespace
+
+void set_collectives_at_world_size_1(bool on) { at_world_size_1.store(on); }
+
+bool collectives_at_world_size_1() { return at_world_size_1.load(); }
+
 std::shared_ptr<SameHostGroup> shared_memory_of(const GroupPtr& group, const at::Tensor& like) {
   return group->getSize() > 1 && like.is_cpu() ? shm_of(group) : nullptr;
 }
@@ -79,7 +88,8 @@ AllReduce::AllReduce(const GroupPtr& group, const at::Tensor& like)
     : group_(group), shm_(shared_memory_of(group, like)) {}
 
 void AllReduce::start(const at::Tensor& flat) {
-  if (group_->getSize() == 1 || flat.numel() == 0) return;  // a sum over one rank, or of nothing
+  const bool alone = group_->getSize() == 1 && !collectives_at_world_size_1();
+  if (alone || flat.numel() == 0) return;  // a sum over one rank, or of nothing
   if (shm_ && shm_->sum(flat)) return;  // else no room in /dev/shm for it: the process group
   std::vector<at::Tensor> tensors{flat};
   c10d::AllreduceOptions opts;

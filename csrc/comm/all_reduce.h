@@ -21,6 +21,12 @@ class SameHostGroup;
 // rank reaches at the same call); nullptr otherwise.
 std::shared_ptr<SameHostGroup> shared_memory_of(const GroupPtr& group, const at::Tensor& like);
 
+// Test-only (the testing library sets it): whether the collectives are issued even over a group
+// of one rank, which they otherwise skip (a sum over one rank is the tensor itself), so that GPU
+// tests exercise NCCL's stream order, graph capture and async waits on a single GPU.
+void set_collectives_at_world_size_1(bool on);
+bool collectives_at_world_size_1();
+
 // Releases the shared memory of the groups whose ProcessGroup objects are gone (each call of the
 // op does so too; the Python front calls this when a group object it saw is freed).
 void release_destroyed_groups();

@@ -35,7 +35,7 @@ ReduceScatter::ReduceScatter(const GroupPtr& group, const at::Tensor& like)
 
 void ReduceScatter::start(const at::Tensor& in, const at::Tensor& out) {
   if (out.numel() == 0) return;  // every rank's parts are empty alike
-  if (group_->getSize() == 1) {  // a sum over one rank
+  if (group_->getSize() == 1 && !collectives_at_world_size_1()) {  // a sum over one rank
     out.copy_(in);
     return;
   }
@@ -48,7 +48,7 @@ void ReduceScatter::start(const at::Tensor& in, const at::Tensor& out) {
 void ReduceScatter::start(const std::vector<at::Tensor>& pieces, const at::Tensor& out) {
   TORCH_INTERNAL_ASSERT(static_cast<int64_t>(pieces.size()) == group_->getSize());
   if (out.numel() == 0) return;
-  if (pieces.size() == 1) {
+  if (pieces.size() == 1 && !collectives_at_world_size_1()) {
     out.copy_(pieces[0]);
     return;
   }

@@ -1,6 +1,7 @@
 // Test-only: whether a group's CPU sums go through the same-host group (shared memory) or through
 // the process group, for tests/test_shm.py and the other tests that run both paths; and what its
-// segment holds in /dev/shm now and how many calls it refused for want of room.
+// segment holds in /dev/shm now and how many calls it refused for want of room; and the switch
+// that makes the op issue its collectives at world size 1 (NCCL on one GPU, for test_cuda).
 #include <torch/library.h>
 
 #include "../comm/all_reduce.h"
@@ -24,6 +25,11 @@ std::vector<int64_t> shm_stats(c10::string_view group_name) {
 TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
   m.def("_shared_memory(str group_name) -> bool");
   m.def("_shm_stats(str group_name) -> int[]");
+  m.def("_collectives_at_world_size_1(bool on) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gmm_allreduce, CatchAll, m) {
+  m.impl("_collectives_at_world_size_1", &set_collectives_at_world_size_1);
 }
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeImplicitAutograd, m) {
