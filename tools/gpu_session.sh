@@ -1,64 +1,83 @@
 #!/usr/bin/env bash
-# Everything the CUDA engine still has to show, in one run on a GPU machine (written without a GPU
-# and never run yet: it logs each step's start time in steps.log, to size it). Run from the
-# repository root:
+# What the CUDA engine has to show, in one run of at most ~8 minutes on a GPU machine, in order of
+# information per minute. Run from the repository root:
 #
 #     bash tools/gpu_session.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu_out
 #
-# It builds the extension against the machine's CUDA torch (for its GPU's arch), runs
-# tests/test_cuda.py, runs compute-sanitizer (memcheck on the three GEMM strategies, initcheck and
-# racecheck on the tiled kernel), and benchmarks the GPU scenarios at world
-# size 1 over NCCL (the op next to torch._grouped_mm, the per-group loop and a dense mm; then the
-# op under each forced strategy, to calibrate the rule in csrc/gemm/choice.h) and at world sizes
-# 2 and 4 over gloo with a comm_turn sweep. Logs, CSVs and Markdown tables land in OUT_DIR.
+# Every step runs under `timeout` (its budget in seconds below) and a failed step does not stop the
+# next ones, except the build. After every step the logs so far are packed into OUT_DIR, which
+# holds at most four files whatever happens: steps.log (each step's exit code and seconds),
+# logs.tgz (every log), bench.md and bench.csv (the benchmark). Environment: PYTHON (default
+# python3), ARCH (default 9.0: the H200's sm_90, and nothing else, to build fast).
+#
+#  step          budget  what
+#  versions          20  GPU, driver, torch, CUDA, nvcc; the C++ standard the build passes
+#  build            300  the extension for $ARCH only, with the test-only ops, MAX_JOBS=16
+#  smoke             60  one call per GEMM (loop, tiled, grouped), printing the rule's choice and
+#                        the GEMM kernel that ran
+#  test_inproc      150  test_cuda's in-process tests (pytest --timeout 90 each)
+#  memcheck         150  ONE compute-sanitizer memcheck process, caching allocator off, over a
+#                        handful of small cases that reach all three GEMMs
+#  test_rest        180  the rest of test_cuda: a process per forced GEMM, gloo ranks on one GPU
+#  bench            120  world size 1 over NCCL, the four GPU anchors, few runs, 16-thread reference
 set -uo pipefail
 out="${1:-${OUT:-gpu_out}}"
 mkdir -p "$out"
-py="${PYTHON:-python}"
-step() { echo "== $* ($(date +%T))" | tee -a "$out/steps.log"; }
+out=$(cd "$out" && pwd)
+py="${PYTHON:-python3}"
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+started=$(date +%s)
 
-step "device and versions"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-"$py" -c "import torch; print(torch.__version__, torch.version.cuda)" | tee -a "$out/device.txt"
+# step NAME BUDGET COMMAND...: runs COMMAND under timeout, its output in $logs/NAME.log (and the
+# last lines on the console), then packs the logs into $out.
+step() {
+  local name=$1 budget=$2 t0 rc
+  shift 2
+  t0=$(date +%s)
+  echo "== $name (budget ${budget}s, at +$((t0 - started))s)"
+  timeout --kill-after=10 "$budget" "$@" >"$logs/$name.log" 2>&1
+  rc=$?
+  tail -15 "$logs/$name.log"
+  printf '%-12s exit %3d  %4ds  (budget %ds)\n' "$name" "$rc" "$(($(date +%s) - t0))" "$budget" \
+    | tee -a "$out/steps.log"
+  tar czf "$out/logs.tgz" -C "$logs" .
+  return "$rc"
+}
 
-step "build"
-GMM_TESTING=1 MAX_JOBS=16 "$py" -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 \
-  || { tail -50 "$out/build.log"; exit 1; }
+versions() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -2
+  grep -o -- '-std=c++[0-9]*' setup.py | sort -u
+}
 
-step "tests/test_cuda.py"
-"$py" -m pytest -q tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" | tail -30
+build() {
+  TORCH_CUDA_ARCH_LIST="${ARCH:-9.0}" MAX_JOBS=16 GMM_TESTING=1 \
+    "$py" setup.py build_ext --inplace && grep -o -- '-std=c++[0-9]*' -r build/ 2>/dev/null | sort -u
+}
 
-step "compute-sanitizer: memcheck on every strategy, initcheck and racecheck on the tiled kernel"
-if command -v compute-sanitizer >/dev/null; then
-  for run in memcheck:loop memcheck:tiled memcheck:grouped initcheck:tiled racecheck:tiled; do
-    tool=${run%%:*} s=${run##*:}
-    GMM_CUDA_GEMM=$s compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      "$py" tests/cuda_gemm_main.py >"$out/${tool}_$s.log" 2>&1
-    echo "$tool $s: exit $?" | tee -a "$out/steps.log"
+smoke() {
+  for gemm in loop tiled grouped; do
+    GMM_CUDA_GEMM=$gemm "$py" tests/cuda_gemm_main.py smoke || echo "GMM_CUDA_GEMM=$gemm: failed"
   done
-else
-  echo "no compute-sanitizer on PATH" | tee -a "$out/steps.log"
-fi
+}
 
-bench() { "$py" -m gmm_allreduce.bench --device cuda --markdown --runs 50 --warmup 5 "$@"; }
+# test_cuda's tests that start processes of their own (a forced GEMM per process, gloo ranks).
+SPAWNING="every_strategy or gloo_on_one_gpu or reduce_scatter_and_reduce_dtype"
 
-step "GPU scenarios, world size 1, NCCL: the op and the library baselines"
-bench --backend nccl --world-size 1 --methods fused flat_loop grouped_mm mm_loop dense \
-  --csv "$out/gpu_w1.csv" >"$out/gpu_w1.md" 2>"$out/gpu_w1.err"
-tail -25 "$out/gpu_w1.md"
-
-for s in loop tiled grouped; do
-  step "world size 1, GMM_CUDA_GEMM=$s"
-  GMM_CUDA_GEMM=$s bench --backend nccl --world-size 1 --methods fused \
-    --csv "$out/gpu_w1_$s.csv" >"$out/gpu_w1_$s.md" 2>"$out/gpu_w1_$s.err"
-  tail -8 "$out/gpu_w1_$s.md"
-done
-
-for w in 2 4; do
-  step "world size $w on the one GPU over gloo, comm_turn sweep"
-  bench --backend gloo --world-size "$w" --comm-turns 0 1 2 4 8 --runs 20 \
-    --scenarios moe8_big moe64_ffn moe64_small \
-    --csv "$out/gpu_w$w.csv" >"$out/gpu_w$w.md" 2>"$out/gpu_w$w.err"
-  tail -20 "$out/gpu_w$w.md"
-done
-step "done"
+: >"$out/steps.log"
+step versions 20 versions
+step build 300 build || { echo "the build failed: see logs.tgz"; exit 1; }
+step smoke 60 smoke
+step test_inproc 150 "$py" -m pytest -q -p no:cacheprovider --timeout 90 tests/test_cuda.py \
+  -k "not ($SPAWNING)"
+step memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+  --error-exitcode 9 "$py" tests/cuda_gemm_main.py memcheck
+step test_rest 180 "$py" -m pytest -q -p no:cacheprovider --timeout 170 tests/test_cuda.py \
+  -k "$SPAWNING"
+step bench 120 "$py" -m gmm_allreduce.bench --device cuda --backend nccl --world-size 1 \
+  --scenarios moe8_big moe64_ffn moe64_small moe64_tiny --methods fused grouped_mm flat_loop dense \
+  --runs 10 --warmup 3 --threads 16 --markdown --csv "$out/bench.csv"
+sed -n '/^|/,$p' "$logs/bench.log" >"$out/bench.md"
+echo "total $(($(date +%s) - started))s" | tee -a "$out/steps.log"
