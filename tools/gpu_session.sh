@@ -8,7 +8,8 @@
 # next ones, except the build. After every step the logs so far are packed into OUT_DIR, which
 # holds at most four files whatever happens: steps.log (each step's exit code and seconds),
 # logs.tgz (every log), bench.md and bench.csv (the benchmark). Environment: PYTHON (default
-# python3), ARCH (default 9.0: the H200's sm_90, and nothing else, to build fast).
+# python3), ARCH (default 9.0: the H200's sm_90, and nothing else, to build fast), BUILT=1 (the
+# extension is already built in place: a rerun on a machine still warm skips the build).
 #
 #  step          budget  what
 #  versions          20  GPU, driver, torch, CUDA, nvcc; the C++ standard the build passes
@@ -24,7 +25,7 @@ set -uo pipefail
 out="${1:-${OUT:-gpu_out}}"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-py="${PYTHON:-python3}"
+export py="${PYTHON:-python3}"
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 started=$(date +%s)
@@ -58,18 +59,22 @@ build() {
 }
 
 smoke() {
+  local failed=0
   for gemm in loop tiled grouped; do
-    GMM_CUDA_GEMM=$gemm "$py" tests/cuda_gemm_main.py smoke || echo "GMM_CUDA_GEMM=$gemm: failed"
+    GMM_CUDA_GEMM=$gemm "$py" tests/cuda_gemm_main.py smoke || { echo "$gemm: failed"; failed=1; }
   done
+  return $failed
 }
+
+export -f versions build smoke  # for `timeout bash -c NAME`
 
 # test_cuda's tests that start processes of their own (a forced GEMM per process, gloo ranks).
 SPAWNING="every_strategy or gloo_on_one_gpu or reduce_scatter_and_reduce_dtype"
 
 : >"$out/steps.log"
-step versions 20 versions
-step build 300 build || { echo "the build failed: see logs.tgz"; exit 1; }
-step smoke 60 smoke
+step versions 20 bash -c versions
+[ "${BUILT:-0}" = 1 ] || step build 300 bash -c build || { echo "the build failed: see logs.tgz"; exit 1; }
+step smoke 60 bash -c smoke
 step test_inproc 150 "$py" -m pytest -q -p no:cacheprovider --timeout 90 tests/test_cuda.py \
   -k "not ($SPAWNING)"
 step memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
