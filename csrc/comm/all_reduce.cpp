@@ -90,7 +90,8 @@ AllReduce::AllReduce(const GroupPtr& group, const at::Tensor& like)
 void AllReduce::start(const at::Tensor& flat) {
   const bool alone = group_->getSize() == 1 && !collectives_at_world_size_1();
   if (alone || flat.numel() == 0) return;  // a sum over one rank, or of nothing
-  if (shm_ && shm_->sum(flat)) return;  // else no room in /dev/shm for it: the process group
+  // Shared memory, unless it found no room in /dev/shm for this call: then the process group.
+  if (shm_ && shm_->sum(flat)) return;
   std::vector<at::Tensor> tensors{flat};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::SUM;
