@@ -137,7 +137,8 @@ def test_unwaited_calls_are_released_once_their_outputs_are_freed(world1):
         del y
     kept = call()
     assert registered() == base + 1
-    assert resident_bytes() - rss < 100 << 20  # 60 unreleased calls would hold 240 MB more
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):  # ASan holds freed memory a while
+        assert resident_bytes() - rss < 100 << 20  # 60 unreleased calls would hold 240 MB more
     (y,) = gmm_allreduce.wait(kept)
     torch.testing.assert_close(y, x @ w[0])
     assert registered() == base
