@@ -16,8 +16,9 @@ MODE:
             GMM_ALLREDUCE_SHM_BYTES, and after the group is destroyed (no other call)
   setupkill the launcher kills every rank the moment a segment appears in /dev/shm (during setup),
             then runs a "sum" job, whose setup must remove what the dead left
-  hostile   an unprivileged user plants a FIFO, a symlink to a FIFO and files whose size keeps
-            changing under this user's prefix before a "sum" job
+  hostile   an unprivileged user plants under this user's prefix a FIFO and a symlink to a FIFO
+            (PRIVATE_RANKS: "fifo"), or a file whose size keeps changing ("truncated"), before a
+            "sum" job
 """
 
 import json
@@ -166,15 +167,50 @@ def kill_during_setup(world: int, tries: int) -> None:
             print(json.dumps({"left_by_kill": segments()}))
 
 
-# As another user (a shell, which that user can run, unlike this user's Python): a FIFO, a symlink
-# to a FIFO and a file that keeps changing size, under the prefix of the user who runs the tests,
-# until the file $1 exists.
+# As another user (a shell, which that user can run, unlike this user's Python), under the prefix of
+# the user who runs the tests, until the file $1 exists: "fifo" ($2), a FIFO and a symlink to a
+# FIFO; "truncated", a file whose size keeps changing (past a segment's: 0 to 16 MiB, sparse).
 PLANT = f"""
-cd /dev/shm && mkfifo {SEGMENT_PREFIX}fifo elsewhere && ln -s elsewhere {SEGMENT_PREFIX}link
-while [ ! -e "$1" ]; do
-  for size in 0 4096 65536 1048576; do truncate -s $size {SEGMENT_PREFIX}grow; done
-done
+cd /dev/shm
+if [ "$2" = fifo ]; then
+  mkfifo {SEGMENT_PREFIX}fifo elsewhere && ln -s elsewhere {SEGMENT_PREFIX}link
+  touch {SEGMENT_PREFIX}planted
+  while [ ! -e "$1" ]; do sleep 0.05; done
+else
+  touch {SEGMENT_PREFIX}planted
+  while [ ! -e "$1" ]; do
+    for size in 0 4096 16777216; do truncate -s $size {SEGMENT_PREFIX}grow; done
+  done
+fi
 """
+
+
+def hostile(world: int, kind: str) -> None:
+    """A "sum" job while another user's files of `kind` sit under this user's prefix (and, for
+    "truncated", one of this user's too)."""
+    stop = tempfile.mktemp()
+    planter = subprocess.Popen(["sh", "-c", PLANT, "plant", stop, kind], user=NOBODY, group=NOBODY,
+                               extra_groups=[], cwd="/")
+    while not os.path.exists(f"/dev/shm/{SEGMENT_PREFIX}planted"):
+        time.sleep(0.01)
+    own = None
+    if kind == "truncated":  # another job's, or a careless one
+        own = subprocess.Popen([sys.executable, "-c", (
+            "import os, sys\n"
+            f"f = open('/dev/shm/{SEGMENT_PREFIX}mine', 'wb')\n"
+            "size = 0\n"
+            "while not os.path.exists(sys.argv[1]):\n"
+            "    size = (1 << 24) - size\n"
+            "    f.truncate(size)\n"), stop])
+    try:
+        launch("sum", world, set())
+    finally:
+        open(stop, "w").close()
+        planter.wait(timeout=30)
+        if own is not None:
+            own.wait(timeout=30)
+            os.unlink(f"/dev/shm/{SEGMENT_PREFIX}mine")
+        os.unlink(stop)
 
 
 if __name__ == "__main__":
@@ -184,27 +220,7 @@ if __name__ == "__main__":
         kill_during_setup(int(sys.argv[3]), 3)
         launch("sum", int(sys.argv[3]), set())
     elif sys.argv[2] == "hostile":
-        stop = tempfile.mktemp()
-        planter = subprocess.Popen(["sh", "-c", PLANT, "plant", stop], user=NOBODY, group=NOBODY,
-                                   extra_groups=[], cwd="/")
-        while not os.path.exists(f"/dev/shm/{SEGMENT_PREFIX}grow"):
-            time.sleep(0.01)
-        # Also a file of this user that keeps changing size (another job's, or a careless one).
-        own = subprocess.Popen([sys.executable, "-c", (
-            "import os, sys\n"
-            f"f = open('/dev/shm/{SEGMENT_PREFIX}mine', 'wb')\n"
-            "size = 0\n"
-            "while not os.path.exists(sys.argv[1]):\n"
-            "    size = (size + 4096) % (1 << 20)\n"
-            "    f.truncate(size)\n"), stop])
-        try:
-            launch("sum", int(sys.argv[3]), set())
-        finally:
-            open(stop, "w").close()
-            planter.wait(timeout=30)
-            own.wait(timeout=30)
-            os.unlink(f"/dev/shm/{SEGMENT_PREFIX}mine")
-            os.unlink(stop)
+        hostile(int(sys.argv[3]), sys.argv[4])
     else:
         launch(sys.argv[2], int(sys.argv[3]), {int(r) for r in sys.argv[4].split(",") if r})
     print(json.dumps({"segments_at_end": segments(os.getuid())}))

@@ -314,12 +314,13 @@ def test_a_kill_during_setup_leaves_nothing():
 
 
 @needs_unshare
-def test_files_planted_by_another_user_neither_block_nor_crash_setup():
-    """An unprivileged user plants, under this user's prefix, a FIFO (an open of it would block
-    forever), a symlink to a FIFO, and a file whose size keeps changing (a mapping of it would
-    fault); this user has one such file too. Setup skips them all: the job takes shared memory
-    and sums right, well within its timeout."""
-    ranks, left, log = run_script("hostile", "2", wrap=private_dev_shm(), timeout=120)
+@pytest.mark.parametrize("kind", ["fifo", "truncated"])
+def test_files_planted_by_another_user_neither_block_nor_crash_setup(kind):
+    """An unprivileged user plants under this user's prefix a FIFO and a symlink to a FIFO (an
+    open of either would block for good), or a file whose size keeps changing (a mapping of it
+    would fault; this user has one such file too). Setup skips them all: the job takes shared
+    memory and sums right, well within its timeout."""
+    ranks, left, log = run_script("hostile", "2", kind, wrap=private_dev_shm(), timeout=120)
     assert [r["rank"] for r in ranks] == [0, 1], log
     for r in ranks:
         assert r["shared"] and r["sum_ok"], r
