@@ -1,0 +1,195 @@
+#include "int8_weight.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GMM_INT8_WEIGHT_AVX512 1
+#define GMM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+// Loops over a tile's registers, unrolled before GCC places the registers (else they live on
+// the stack).
+#define GMM_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace gmm_allreduce {
+namespace {
+
+#ifdef GMM_INT8_WEIGHT_AVX512
+
+// The first `count` of 16 lanes (all for count >= 16, none for count <= 0).
+GMM_AVX512 inline __mmask16 lanes(int64_t count) {
+  return count >= 16 ? __mmask16{0xFFFF}
+                     : (count <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << count) - 1));
+}
+
+// 16 int8 weights (the mask's lanes; zero elsewhere) as fp32.
+GMM_AVX512 inline __m512 widen(__mmask16 m, const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// v[0..15]'s lane sums, in order, as one vector: a tree of cross-lane shuffles and adds (46
+// instructions, where 16 reductions of one vector each take 128).
+GMM_AVX512 inline __m512 lane_sums(const __m512 (&v)[16]) {
+  __m512 u[8], w[4], x[2];
+  GMM_UNROLL
+  for (int i = 0; i < 8; ++i) {  // u[i]: v[2i]'s 8 partial sums, then v[2i + 1]'s
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  }
+  GMM_UNROLL
+  for (int i = 0; i < 4; ++i) {  // w[i]: 4 partial sums of each of v[4i .. 4i + 3]
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  }
+  GMM_UNROLL
+  for (int i = 0; i < 2; ++i) {  // x[i]: in quarter q, 2 of v[8i + q]'s, then 2 of v[8i + 4 + q]'s
+    x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+  }
+  // Lane 4q + j: v[4j + q]'s sum.
+  const __m512 y =
+      _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD));
+  return _mm512_permutexvar_ps(
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), y);
+}
+
+// Rows of the weight ahead of the one read that are fetched into the cache: each row of a tile
+// is on another page, where the hardware's prefetcher stops.
+constexpr int64_t kPrefetchRows = 8;
+
+// Rows of the weight contiguous ([k, n], w[kk * ldw + c]): y[r, n0 + c] for R rows and 16 * B
+// columns (`cols` of them valid), one fp32 FMA per weight and row, the weights widened once for all
+// R rows.
+template <int R, int B>
+GMM_AVX512 void rows_tile(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k,
+                          float* y, int64_t ldy, int64_t n0, int64_t cols) {
+  __m512 acc[R][B];
+  __mmask16 m[B];
+  GMM_UNROLL
+  for (int b = 0; b < B; ++b) {
+    m[b] = lanes(cols - 16 * b);
+    GMM_UNROLL
+    for (int r = 0; r < R; ++r) acc[r][b] = _mm512_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int8_t* wr = w + kk * ldw + n0;
+    _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * ldw), _MM_HINT_T0);
+    __m512 wv[B];
+    GMM_UNROLL
+    for (int b = 0; b < B; ++b) wv[b] = widen(m[b], wr + 16 * b);
+    GMM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
+      GMM_UNROLL
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_fmadd_ps(xb, wv[b], acc[r][b]);
+    }
+  }
+  GMM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    GMM_UNROLL
+    for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(y + r * ldy + n0 + 16 * b, m[b], acc[r][b]);
+  }
+}
+
+// Columns of the weight contiguous ([n, k] rows, w[c * ldw + kk]): y[r, n0 + c] for R rows and C
+// columns (`cols` of them valid) as dot products over k, 16 lanes at a time.
+template <int R, int C>
+GMM_AVX512 void cols_tile(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k,
+                          float* y, int64_t ldy, int64_t n0, int64_t cols) {
+  static_assert(R * C <= 16, "one vector of sums per tile");
+  __m512 acc[16];  // row r, column c: acc[r * C + c]; the rest zero
+  GMM_UNROLL
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; kk += 16) {
+    const __mmask16 m = lanes(k - kk);
+    __m512 xv[R];
+    GMM_UNROLL
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, x + r * ldx + kk);
+    GMM_UNROLL
+    for (int c = 0; c < C; ++c) {  // past `cols`: the last column again, not stored
+      const int8_t* wc = w + (n0 + std::min<int64_t>(c, cols - 1)) * ldw + kk;
+      _mm_prefetch(reinterpret_cast<const char*>(wc + C * ldw), _MM_HINT_T0);  // the next tile
+      const __m512 wv = widen(m, wc);
+      GMM_UNROLL
+      for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(xv[r], wv, acc[r * C + c]);
+    }
+  }
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, lane_sums(acc));
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C && c < cols; ++c) y[r * ldy + n0 + c] = sums[r * C + c];
+  }
+}
+
+// At least 8 independent accumulators (an FMA's latency times its throughput), at most 16.
+template <int R>
+constexpr int kBlocks = R >= 4 ? 2 : 8 / R;
+
+// y[0:R, :] from x's R rows, the weight's column tiles split between threads.
+template <int R>
+void rows_mm(const float* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) {
+  const int64_t k = w.size(0);
+  const auto* wp = w.const_data_ptr<int8_t>();
+  const bool rows = w.stride(1) == 1;
+  const int64_t ldw = rows ? w.stride(0) : w.stride(1);
+  const int64_t width = rows ? 16 * kBlocks<R> : kBlocks<R>;
+  const int64_t tiles = (n + width - 1) / width;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k * width, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * width;
+      const int64_t cols = std::min(width, n - n0);
+      if (rows) {
+        rows_tile<R, kBlocks<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
+      } else {
+        cols_tile<R, kBlocks<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
+      }
+    }
+  });
+}
+
+template <int... R>
+void mm_rows(int64_t r, const float* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n,
+             std::integer_sequence<int, R...>) {
+  ((r == R + 1 ? rows_mm<R + 1>(x, ldx, w, y, n) : void()), ...);
+}
+
+#endif  // GMM_INT8_WEIGHT_AVX512
+
+}  // namespace
+
+bool int8_weight_mm_available() {
+#ifdef GMM_INT8_WEIGHT_AVX512
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(int8_weight_mm_available(), "int8_weight_mm: needs an x86-64 CPU with AVX-512");
+  TORCH_CHECK(x.is_cpu() && w.is_cpu() && w.scalar_type() == at::kChar && x.dim() == 2 &&
+                  w.dim() == 2 && x.size(1) == w.size(0),
+              "int8_weight_mm: expected x [r, k] and an int8 weight [k, n] on the CPU");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor wc = w.stride(0) == 1 || w.stride(1) == 1 ? w : w.contiguous();
+  const int64_t r = x.size(0);
+  const int64_t k = w.size(0);
+  const int64_t n = w.size(1);
+  at::Tensor y = at::empty({r, n}, x.options().dtype(at::kFloat));
+#ifdef GMM_INT8_WEIGHT_AVX512
+  constexpr int64_t kRows = 8;  // rows per pass over the weight: 16 accumulators and 2 weights
+  for (int64_t r0 = 0; r0 < r; r0 += kRows) {
+    mm_rows(std::min(kRows, r - r0), xf.const_data_ptr<float>() + r0 * k, k, wc,
+            y.mutable_data_ptr<float>() + r0 * n, n, std::make_integer_sequence<int, kRows>{});
+  }
+#endif
+  return y;
+}
+
+}  // namespace gmm_allreduce
