@@ -17,23 +17,26 @@
 namespace gmm_allreduce {
 namespace {
 
-// The comm-free op, without combine.
+// The comm-free op, without combine or quantisation.
 std::vector<at::Tensor> grouped_mat_mul(at::TensorList x, at::TensorList weight,
                                         std::optional<at::TensorList> bias,
                                         at::OptionalIntArrayRef group_list,
                                         const std::optional<at::Tensor>& group_list_tensor,
                                         int64_t split_item, int64_t group_list_type,
                                         int64_t world_size) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("gmm_allreduce::grouped_mat_mul", "")
-          .typed<std::vector<at::Tensor>(
-              at::TensorList, at::TensorList, std::optional<at::TensorList>,
-              at::OptionalIntArrayRef, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              std::optional<int64_t>, const std::optional<at::Tensor>&)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gmm_allreduce::grouped_mat_mul", "")
+                       .typed<std::vector<at::Tensor>(
+                           at::TensorList, at::TensorList, std::optional<at::TensorList>,
+                           at::OptionalIntArrayRef, const std::optional<at::Tensor>&, int64_t,
+                           int64_t, int64_t, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, std::optional<int64_t>,
+                           const std::optional<at::Tensor>&, std::optional<at::TensorList>,
+                           const std::optional<at::Tensor>&, std::optional<at::TensorList>,
+                           std::optional<at::TensorList>, std::optional<at::ScalarType>)>();
   return op.call(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
-                 world_size, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+                 world_size, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                 std::nullopt, std::nullopt, std::nullopt, std::nullopt);
 }
 
 std::vector<at::Tensor> grouped_mat_mul(at::TensorList x, at::TensorList weight,

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 #include <vector>
 
@@ -65,5 +66,16 @@ class Combine {
   at::Tensor weight_;             // combine_weight in the accumulation dtype, or undefined
   std::vector<at::Tensor> bias_;  // bias_i / world_size in the accumulation dtype (host_ only)
 };
+
+// An engine's products of group i's rows `x` ([r, K]): rows [r0, r0 + r) of the group, or the
+// listed `rows` (counted from the group's first row) when defined; [r, N], rows contiguous, without
+// the bias.
+using GroupProducts = c10::function_ref<at::Tensor(size_t i, const at::Tensor& x, int64_t r0,
+                                                   const at::Tensor& rows)>;
+
+// A combined chunk computed a group and a block of rows at a time (the products of those whose
+// token is in the chunk, or on a device all of them with the first chunk), handed to the combine.
+void combine_groups(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
+                    const Chunk& chunk, GroupProducts products);
 
 }  // namespace gmm_allreduce

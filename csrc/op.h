@@ -66,7 +66,9 @@ std::vector<at::Tensor> op_kernel(
     int64_t group_list_type, bool check_ranks, std::optional<at::ScalarType> reduce_dtype,
     bool async_op, const std::optional<at::Tensor>& combine_index,
     const std::optional<at::Tensor>& combine_weight, std::optional<int64_t> num_tokens,
-    const std::optional<at::Tensor>& shared_input) {
+    const std::optional<at::Tensor>& shared_input, std::optional<at::TensorList> scale,
+    const std::optional<at::Tensor>& per_token_scale, std::optional<at::TensorList> antiquant_scale,
+    std::optional<at::TensorList> antiquant_offset, std::optional<at::ScalarType> output_dtype) {
   return run_op(*E,
                 {.x = x,
                  .weight = weight,
@@ -82,6 +84,11 @@ std::vector<at::Tensor> op_kernel(
                  .combine_weight = combine_weight,
                  .num_tokens = num_tokens,
                  .shared_input = shared_input,
+                 .scale = scale,
+                 .per_token_scale = per_token_scale,
+                 .antiquant_scale = antiquant_scale,
+                 .antiquant_offset = antiquant_offset,
+                 .output_dtype = output_dtype,
                  .collective = C},
                 group_name, check_ranks, async_op);
 }
@@ -92,7 +99,10 @@ std::vector<at::Tensor> compute_kernel(
     at::OptionalIntArrayRef group_list, const std::optional<at::Tensor>& group_list_tensor,
     int64_t split_item, int64_t group_list_type, int64_t world_size,
     const std::optional<at::Tensor>& combine_index, const std::optional<at::Tensor>& combine_weight,
-    std::optional<int64_t> num_tokens, const std::optional<at::Tensor>& shared_input) {
+    std::optional<int64_t> num_tokens, const std::optional<at::Tensor>& shared_input,
+    std::optional<at::TensorList> scale, const std::optional<at::Tensor>& per_token_scale,
+    std::optional<at::TensorList> antiquant_scale, std::optional<at::TensorList> antiquant_offset,
+    std::optional<at::ScalarType> output_dtype) {
   return run_compute(*E,
                      {.x = x,
                       .weight = weight,
@@ -104,7 +114,12 @@ std::vector<at::Tensor> compute_kernel(
                       .combine_index = combine_index,
                       .combine_weight = combine_weight,
                       .num_tokens = num_tokens,
-                      .shared_input = shared_input},
+                      .shared_input = shared_input,
+                      .scale = scale,
+                      .per_token_scale = per_token_scale,
+                      .antiquant_scale = antiquant_scale,
+                      .antiquant_offset = antiquant_offset,
+                      .output_dtype = output_dtype},
                      world_size);
 }
 

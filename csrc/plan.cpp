@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <sstream>
 
+#include "quant.h"
+
 namespace gmm_allreduce {
 namespace {
 
@@ -60,10 +62,6 @@ void check_operand_layout(const std::string& arg, const at::Tensor& t, int64_t r
                     ".contiguous() to make that copy explicit");
 }
 
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
 void check_scalars(const OpArgs& a) {
   TORCH_CHECK_VALUE(a.split_item >= 0 && a.split_item <= 3,
                     "split_item: expected 0, 1, 2 or 3, got ", a.split_item);
@@ -86,17 +84,17 @@ void check_tensor_list(const char* arg, at::TensorList list) {
   }
 }
 
-// dtype and device of every tensor against x[0]'s.
-void check_dtypes_and_devices(const OpArgs& a) {
+// dtype and device of every tensor against x[0]'s (and weight[0]'s, for int8 weights).
+void check_dtypes_and_devices(const OpArgs& a, Quant q) {
   const at::Tensor& ref = a.x[0];
-  TORCH_CHECK_TYPE(is_supported_float(ref.scalar_type()),
-                   "x[0]: expected float16, bfloat16, float32 or float64, got ", ref.scalar_type());
-  auto check = [&](const char* arg, at::TensorList list, bool same_dtype) {
+  const at::ScalarType w_dtype = weight_dtype(q, ref.scalar_type());
+  auto check = [&](const char* arg, at::TensorList list, std::optional<at::ScalarType> dtype) {
     for (const auto i : c10::irange(list.size())) {
       const at::Tensor& t = list[i];
-      if (same_dtype) {
-        TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name(arg, i), ": expected dtype ",
-                         ref.scalar_type(), " like x[0], got ", t.scalar_type());
+      if (dtype) {
+        TORCH_CHECK_TYPE(t.scalar_type() == *dtype, name(arg, i), ": expected dtype ", *dtype,
+                         " like ", *dtype == ref.scalar_type() ? "x[0]" : "weight[0]", ", got ",
+                         t.scalar_type());
       } else {
         TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name(arg, i),
                          ": expected a floating-point dtype, got ", t.scalar_type());
@@ -105,9 +103,9 @@ void check_dtypes_and_devices(const OpArgs& a) {
                         ref.device(), " like x[0], got one on ", t.device());
     }
   };
-  check("x", a.x, true);
-  check("weight", a.weight, true);
-  if (a.bias) check("bias", *a.bias, false);
+  check("x", a.x, ref.scalar_type());
+  check("weight", a.weight, w_dtype);
+  if (a.bias) check("bias", *a.bias, std::nullopt);
 }
 
 void check_list_counts(const OpArgs& a, size_t groups) {
@@ -364,14 +362,16 @@ Plan make_plan(const OpArgs& a) {
   if (a.bias) check_tensor_list("bias", *a.bias);
   const size_t groups = a.weight.size();
   check_list_counts(a, groups);
-  check_dtypes_and_devices(a);
+  const Quant quant = quant_kind(a);
+  check_dtypes_and_devices(a, quant);
 
   Plan plan;
   plan.split_item = a.split_item;
   plan.single_x = single_x(a.split_item);
   plan.single_y = single_y(a.split_item);
   plan.comm_turn = a.comm_turn;
-  plan.dtype = a.x[0].scalar_type();
+  plan.quant = quant;
+  plan.dtype = output_dtype(a, quant);
   TORCH_CHECK_VALUE(!a.reduce_dtype || plan.dtype != at::kDouble,
                     "reduce_dtype: float32 would sum the float64 partials of x's dtype in less "
                     "precision; pass None");
@@ -383,6 +383,7 @@ Plan make_plan(const OpArgs& a) {
   fill_mk(a, plan.groups);
   fill_n_and_check_weights(a, plan.groups);
   fill_layout(a, plan);
+  check_quant_args(a, plan);
   plan_combine(a, plan);
   plan.collective = a.collective;
   plan.ranks = a.ranks;
@@ -481,6 +482,7 @@ std::string Plan::signature() const {
   std::ostringstream s;
   s << "split_item=" << split_item << " comm_turn=" << comm_turn << " dtype=" << dtype;
   if (reduce_dtype != dtype) s << " reduce_dtype=" << reduce_dtype;
+  if (quant != Quant::kNone) s << " quant=(" << quant_name(quant) << ")";
   if (collective == Collective::kReduceScatter) s << " reduce_scatter";
   if (combine) {
     s << " combine(expert_rows=" << expert_rows << (combine_weighted ? ", weighted" : "")

@@ -22,6 +22,10 @@ inline bool single_y(int64_t split_item) { return split_item == 2 || split_item 
 // (reduce-scatter: single-output split modes, M divisible by n).
 enum class Collective { kNone, kAllReduce, kReduceScatter };
 
+// The kind of call by its inputs' dtypes (quant.h): float, int8 x and weight (W8A8), fp8 e4m3 x
+// and weight (W8A8), float x with int8 weights (weight-only).
+enum class Quant : int8_t { kNone, kInt8, kFp8, kWeightInt8 };
+
 // The op's arguments, as the schema in registration.cpp passes them. Built with designated
 // initialisers ({.x = x, .weight = weight, ...}), never by position.
 struct OpArgs {
@@ -44,6 +48,14 @@ struct OpArgs {
   std::optional<at::Tensor> combine_weight;
   std::optional<int64_t> num_tokens;
   std::optional<at::Tensor> shared_input;
+  // Quantised inputs (quant.h): per group the weight's per-output-channel scale [N_i] and x's
+  // per-row scale [M] (all groups' rows, in group order) for int8 and fp8 x; per group the int8
+  // weight's scale and offset [N_i] for float x (weight-only); the outputs' dtype for int8/fp8 x.
+  std::optional<at::TensorList> scale;
+  std::optional<at::Tensor> per_token_scale;
+  std::optional<at::TensorList> antiquant_scale;
+  std::optional<at::TensorList> antiquant_offset;
+  std::optional<at::ScalarType> output_dtype;
   Collective collective = Collective::kNone;
   int64_t ranks = 1;  // the group's size, for kReduceScatter (its chunks are cut per rank)
   // Set by an engine that computes split_item 3 from group_list_tensor on x's device itself
@@ -80,7 +92,8 @@ struct Plan {
   bool single_x = false;  // single_x(split_item)
   bool single_y = false;  // single_y(split_item)
   int64_t comm_turn = 0;
-  at::ScalarType dtype = at::kFloat;         // x's, the outputs'
+  at::ScalarType dtype = at::kFloat;  // the outputs': x's, or output_dtype (quant.h)
+  Quant quant = Quant::kNone;
   at::ScalarType reduce_dtype = at::kFloat;  // the flat buffer's: dtype, or float32 (OpArgs)
   at::Device device = at::kCPU;
   bool has_bias = false;

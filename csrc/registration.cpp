@@ -11,8 +11,9 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "grouped_mat_mul_all_reduce(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op, int comm_turn, "
       "int group_list_type, bool check_ranks, ScalarType? reduce_dtype, bool async_op, "
-      "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input) -> "
-      "Tensor[]");
+      "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input, "
+      "Tensor[]? scale, Tensor? per_token_scale, Tensor[]? antiquant_scale, "
+      "Tensor[]? antiquant_offset, ScalarType? output_dtype) -> Tensor[]");
   // The same products, summed and scattered by rows over the group's n ranks: rank r gets rows
   // [r * M / n, (r + 1) * M / n) of the one output (split_item 2 and 3).
   m.def(
@@ -20,13 +21,16 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "int[]? group_list, Tensor? group_list_tensor, int split_item, str group_name, "
       "str reduce_op, int comm_turn, int group_list_type, bool check_ranks, "
       "ScalarType? reduce_dtype, bool async_op, Tensor? combine_index, Tensor? combine_weight, "
-      "int? num_tokens, Tensor? shared_input) -> Tensor[]");
+      "int? num_tokens, Tensor? shared_input, Tensor[]? scale, Tensor? per_token_scale, "
+      "Tensor[]? antiquant_scale, Tensor[]? antiquant_offset, ScalarType? output_dtype) -> "
+      "Tensor[]");
   // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
   m.def(
       "grouped_mat_mul(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
-      "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input) -> "
-      "Tensor[]");
+      "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input, "
+      "Tensor[]? scale, Tensor? per_token_scale, Tensor[]? antiquant_scale, "
+      "Tensor[]? antiquant_offset, ScalarType? output_dtype) -> Tensor[]");
   // Gradients of x, weight, bias and combine_weight (output_mask picks which), with no
   // collective: the row-parallel convention, see backward.cpp. bias is passed for its dtypes (and,
   // with world_size, for this rank's partial products, which combine_weight's gradient needs:

@@ -11,6 +11,7 @@ from .ops import (
     npu_grouped_mat_mul_all_reduce,
     wait,
 )
+from .quant import quantize_per_token, quantize_weights
 
 __all__ = ["grouped_mat_mul", "grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter",
-           "npu_grouped_mat_mul_all_reduce", "wait"]
+           "npu_grouped_mat_mul_all_reduce", "quantize_per_token", "quantize_weights", "wait"]

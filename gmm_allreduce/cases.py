@@ -49,6 +49,9 @@ class Case:
     layout: str = "contiguous"
     # The combine (split_item 2, 3): its num_tokens T (None: no combine); routing weights (float32,
     # the same on every rank, like combine_index) or none; a shared expert's partial per rank.
+    # Quantised benchmark scenarios (the bench quantises the float inputs): "int8" (W8A8: x per
+    # row, weights per channel) or "weight_int8" (weight-only int8); None: a float call.
+    quant: str | None = None
     tokens: int | None = None
     weighted: bool = True
     shared: bool = False

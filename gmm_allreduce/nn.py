@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .ops import grouped_mat_mul_all_reduce, grouped_mat_mul_reduce_scatter
+from .quant import quantize_per_token, quantize_weights
 
 
 class GroupedRowParallelLinear(torch.nn.Module):
@@ -49,6 +50,7 @@ class GroupedRowParallelLinear(torch.nn.Module):
             torch.empty(num_groups, in_features_per_rank, out_features, **factory))
         self.bias = (torch.nn.Parameter(torch.empty(num_groups, out_features, **factory))
                      if bias else None)
+        self.quantized: str | None = None  # None, "weight_only" or "w8a8"
         self.reset_parameters(rank)
 
     @torch.no_grad()
@@ -61,6 +63,19 @@ class GroupedRowParallelLinear(torch.nn.Module):
         if self.bias is not None:
             self.bias.copy_(torch.empty(self.num_groups, self.out_features).uniform_(-bound, bound))
 
+    @torch.no_grad()
+    def quantize_weights(self, activations: bool = False) -> None:
+        """Replaces the weight by its int8 quantisation (a buffer [G, K_local, N], each group's
+        the transpose of an [N, K_local] tensor) and weight_scale ([G, N], fp32): inference only.
+        activations=True: forward also quantises x per row (W8A8); else weight-only."""
+        if self.quantized is not None:
+            raise RuntimeError(f"the weights are quantised already ({self.quantized})")
+        q, scale = quantize_weights(list(self.weight.unbind(0)))
+        del self.weight
+        self.register_buffer("weight", torch.stack([t.t() for t in q]).transpose(1, 2))
+        self.register_buffer("weight_scale", torch.stack(scale))
+        self.quantized = "w8a8" if activations else "weight_only"
+
     def forward(self, x: torch.Tensor, group_list, group_list_type: int = 0,
                 async_op: bool = False) -> torch.Tensor:
         """x: [M, K_local], rows sorted by group; group_list: rows per group as cumulative end
@@ -68,12 +83,24 @@ class GroupedRowParallelLinear(torch.nn.Module):
         the collective is started; read the output after gmm_allreduce.wait([y])."""
         bias = list(self.bias.unbind(0)) if self.bias is not None else None
         op = grouped_mat_mul_reduce_scatter if self.sequence_parallel else grouped_mat_mul_all_reduce
+        quant = {}
+        if self.quantized is not None:
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise RuntimeError("quantised calls are inference-only: x requires grad")
+            scale = list(self.weight_scale.unbind(0))
+            if self.quantized == "w8a8":
+                dtype = x.dtype
+                x, per_token = quantize_per_token(x)
+                quant = dict(scale=scale, per_token_scale=per_token, output_dtype=dtype)
+            else:
+                quant = dict(antiquant_scale=scale)
         return op([x], list(self.weight.unbind(0)), self.hcomm, bias=bias, group_list=group_list,
                   split_item=3, group_list_type=group_list_type, reduce_dtype=self.reduce_dtype,
-                  async_op=async_op)[0]
+                  async_op=async_op, **quant)[0]
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, in_features={self.in_features} "
                 f"({self.in_features_per_rank} per rank), out_features={self.out_features}, "
                 f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}"
-                + (f", reduce_dtype={self.reduce_dtype}" if self.reduce_dtype is not None else ""))
+                + (f", reduce_dtype={self.reduce_dtype}" if self.reduce_dtype is not None else "")
+                + (f", quantized={self.quantized}" if self.quantized is not None else ""))

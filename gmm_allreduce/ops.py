@@ -46,12 +46,20 @@ def _collective(op, name: str, default_split_item: int, doc: str):
         combine_weight: torch.Tensor | None = None,
         num_tokens: int | None = None,
         shared_input: torch.Tensor | None = None,
+        scale: Sequence[torch.Tensor] | None = None,
+        per_token_scale: torch.Tensor | None = None,
+        antiquant_scale: Sequence[torch.Tensor] | None = None,
+        antiquant_offset: Sequence[torch.Tensor] | None = None,
+        output_dtype: torch.dtype | None = None,
     ) -> list[torch.Tensor]:
-        return op(*_operands(x, weight, bias, group_list), _int("split_item", split_item),
+        operands = _operands(x, weight, bias, group_list)
+        quant = _quant(*operands[:3], scale, per_token_scale, antiquant_scale, antiquant_offset,
+                       output_dtype)
+        return op(*operands, _int("split_item", split_item),
                   _group_name(hcomm), _str("reduce_op", reduce_op), _int("comm_turn", comm_turn),
                   _int("group_list_type", group_list_type), _bool("check_ranks", check_ranks),
                   _dtype("reduce_dtype", reduce_dtype), _async(async_op),
-                  *_combine(combine_index, combine_weight, num_tokens, shared_input))
+                  *_combine(combine_index, combine_weight, num_tokens, shared_input), *quant)
 
     call.__name__ = call.__qualname__ = name
     call.__doc__ = doc
@@ -126,6 +134,7 @@ Autograd (the sequence-parallel convention): backward all-gathers the output's g
 along the rows once, then computes the same local grouped products as the all-reduce op's
 backward. reduce_dtype, async_op and the combine (combine_index, combine_weight, num_tokens,
 shared_input: then the [num_tokens, N] combined output is scattered, num_tokens divisible by n)
+and the quantised inputs (scale, per_token_scale, antiquant_scale, antiquant_offset, output_dtype)
 as for grouped_mat_mul_all_reduce.
 
 Returns:
@@ -173,18 +182,27 @@ def grouped_mat_mul(
     combine_weight: torch.Tensor | None = None,
     num_tokens: int | None = None,
     shared_input: torch.Tensor | None = None,
+    scale: Sequence[torch.Tensor] | None = None,
+    per_token_scale: torch.Tensor | None = None,
+    antiquant_scale: Sequence[torch.Tensor] | None = None,
+    antiquant_offset: Sequence[torch.Tensor] | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """One rank's part of the op, with no collective: x_i @ W_i + bias_i / world_size (combined
     into token rows with combine_index, as the collective ops do before their sum).
 
     Same arguments, checks and outputs as grouped_mat_mul_all_reduce (same C++ plan and engine).
     """
+    operands = _operands(x, weight, bias, group_list)
+    quant = _quant(*operands[:3], scale, per_token_scale, antiquant_scale, antiquant_offset,
+                   output_dtype)
     return _COMPUTE(
-        *_operands(x, weight, bias, group_list),
+        *operands,
         _int("split_item", split_item),
         _int("group_list_type", group_list_type),
         _int("world_size", world_size),
         *_combine(combine_index, combine_weight, num_tokens, shared_input),
+        *quant,
     )
 
 
@@ -197,6 +215,32 @@ def _combine(combine_index, combine_weight, num_tokens, shared_input) -> tuple:
     if num_tokens is not None:
         num_tokens = _int("num_tokens", num_tokens)
     return combine_index, combine_weight, num_tokens, shared_input
+
+
+def _quant(x, weight, bias, scale, per_token_scale, antiquant_scale, antiquant_offset,
+           output_dtype) -> tuple:
+    """The schema's quantisation arguments, type-checked (their values are checked in C++); a
+    quantised call whose inputs require grad is refused before any communication."""
+    lists = tuple(_tensors(arg, v) if v is not None else None for arg, v in
+                  (("scale", scale), ("antiquant_scale", antiquant_scale),
+                   ("antiquant_offset", antiquant_offset)))
+    if per_token_scale is not None and not isinstance(per_token_scale, torch.Tensor):
+        raise TypeError(f"per_token_scale: expected None or a tensor, got "
+                        f"{type(per_token_scale).__name__}")
+    scale, antiquant_scale, antiquant_offset = lists
+    quantised = any(v is not None for v in (*lists, per_token_scale)) or any(
+        t.dtype in _QUANTISED for t in (*x, *weight))
+    if quantised and torch.is_grad_enabled():
+        inputs = [*x, *weight, *(bias or []), *(scale or []), *(antiquant_scale or []),
+                  *(antiquant_offset or []), per_token_scale]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            raise RuntimeError("quantised calls (int8 or float8 x or weight) are inference-only: "
+                               "an input requires grad (call under torch.no_grad(), or detach it)")
+    return scale, per_token_scale, antiquant_scale, antiquant_offset, _dtype("output_dtype",
+                                                                             output_dtype)
+
+
+_QUANTISED = (torch.int8, torch.float8_e4m3fn)
 
 
 def _operands(x, weight, bias, group_list) -> tuple:
@@ -302,22 +346,24 @@ def _release_destroyed_groups() -> None:
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
 def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op,
           comm_turn, group_list_type, check_ranks, reduce_dtype, async_op, combine_index,
-          combine_weight, num_tokens, shared_input):
+          combine_weight, num_tokens, shared_input, scale, per_token_scale, antiquant_scale,
+          antiquant_offset, output_dtype):
     inductor.register_lowering()  # a graph with the op is being traced: Inductor may lower it
     return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type, combine_index, num_tokens)
+                         group_list_type, combine_index, num_tokens, output_dtype)
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_reduce_scatter")
 def _fake_scatter(x, weight, bias, group_list, group_list_tensor, split_item, group_name,
                   reduce_op, comm_turn, group_list_type, check_ranks, reduce_dtype, async_op,
-                  combine_index, combine_weight, num_tokens, shared_input):
+                  combine_index, combine_weight, num_tokens, shared_input, scale, per_token_scale,
+                  antiquant_scale, antiquant_offset, output_dtype):
     inductor.register_lowering()
     if split_item not in (2, 3):  # the C++ plan's checks, for a traced call
         raise ValueError("split_item: the reduce-scatter returns one tensor, scattered by rows: "
                          f"expected 2 or 3, got {split_item}")
     (y,) = _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type, combine_index, num_tokens)
+                         group_list_type, combine_index, num_tokens, output_dtype)
     ranks = dist.distributed_c10d._resolve_process_group(group_name).size()
     if y.shape[0] % ranks != 0:
         arg = "x" if combine_index is None else "num_tokens"
@@ -334,14 +380,26 @@ def _fake_gather(t, group_name):
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul")
 def _fake_compute(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
-                  world_size, combine_index, combine_weight, num_tokens, shared_input):
+                  world_size, combine_index, combine_weight, num_tokens, shared_input, scale,
+                  per_token_scale, antiquant_scale, antiquant_offset, output_dtype):
     return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type, combine_index, num_tokens)
+                         group_list_type, combine_index, num_tokens, output_dtype)
 
 
 def _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
-                  combine_index=None, num_tokens=None):
-    """The outputs' shapes, as the C++ plan gives them; group_list None means a tensor one."""
+                  combine_index=None, num_tokens=None, output_dtype=None):
+    """The outputs' shapes and dtype, as the C++ plan gives them; group_list None means a tensor
+    one."""
+    dtype = x[0].dtype
+    if dtype in _QUANTISED:  # W8A8: output_dtype, bf16 when None
+        dtype = output_dtype or torch.bfloat16
+    return [t.to(dtype) if t.dtype != dtype else t for t in _fake_shapes(
+        x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
+        combine_index, num_tokens)]
+
+
+def _fake_shapes(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
+                 combine_index, num_tokens):
     # A call mixing meta and real tensors dispatches here, not to the C++ kernel that checks this.
     for arg, tensors in (("x", x), ("weight", weight), ("bias", bias or [])):
         for i, t in enumerate(tensors):

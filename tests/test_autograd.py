@@ -162,5 +162,6 @@ def test_opcheck(world1, split_item):
     gl = inputs["group_list"]
     args = (leaves[:nx], leaves[nx:nx + nw], leaves[nx + nw:], gl if isinstance(gl, list) else None,
             gl if isinstance(gl, torch.Tensor) else None, split_item, world1.group_name, "sum", 0,
-            case.group_list_type, False, None, False, None, None, None, None)
+            case.group_list_type, False, None, False, None, None, None, None, None, None, None,
+            None, None)
     torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce.default, args)

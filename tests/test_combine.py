@@ -372,7 +372,7 @@ def test_opcheck_and_compile(world1):
     kw = call_kwargs(case, inputs)
     args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["group_list"], None, 3,
             world1.group_name, "sum", 0, 0, False, None, False, kw["combine_index"],
-            kw["combine_weight"], kw["num_tokens"], kw["shared_input"])
+            kw["combine_weight"], kw["num_tokens"], kw["shared_input"], None, None, None, None, None)
     torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce, args)
     compiled = torch.compile(
         lambda x, w: gmm_allreduce.grouped_mat_mul_all_reduce(x, w, world1, **kw), fullgraph=True)

@@ -551,3 +551,30 @@ def test_consumers_wait_for_a_slow_collective(nccl1_issuing, async_op):
     torch.cuda.synchronize()
     assert start.elapsed_time(after) >= start.elapsed_time(slept)
     torch.testing.assert_close(doubled.double(), expected * 2, atol=1e-1, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8", "wo_bf16", "wo_fp16_offset"])
+def test_quantised_calls_match_reference_nccl_world1(nccl1, kind):
+    """int8 through torch._int_mm where cuBLASLt takes the shape (more than 16 rows, K and N
+    multiples of 8; else the exact fp64 GEMM), e4m3 through torch._scaled_mm (multiples of 16),
+    weight-only through the dequantised weight; every split mode, bias, the combine."""
+    from test_quant import QCase, cases_for, make
+    from test_quant import check as check_quant
+    from test_quant import expected as expected_quant
+
+    def cuda(v):
+        if isinstance(v, torch.Tensor):
+            return v.cuda()
+        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            return [t.cuda() for t in v]
+        return v
+
+    aligned = [QCase(kind, 3, m=(16, 32, 0, 48), integers=i, bias=True,
+                     output_dtype=torch.float32 if i else None) for i in (True, False)]
+    for case in cases_for(kind) + aligned:
+        x, w, kw, _, _ = make(case, 0)
+        ys = gmm_allreduce.grouped_mat_mul_all_reduce(
+            cuda(x), cuda(w), nccl1, split_item=case.split_item, comm_turn=case.comm_turn,
+            **{k: cuda(v) for k, v in kw.items()})
+        assert all(y.is_cuda for y in ys), case.name
+        check_quant(case, [y.cpu() for y in ys], expected_quant(case, 1))

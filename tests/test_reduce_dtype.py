@@ -93,7 +93,7 @@ def test_opcheck_and_gradients(world1):
     x = torch.randn(6, 4, dtype=torch.bfloat16, requires_grad=True)
     w = [torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
     args = ([x], w, None, [2, 6], None, 3, world1.group_name, "sum", 0, 0, False, torch.float32, False,
-            None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
     torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce.default, args)
     (y,) = gmm_allreduce.grouped_mat_mul_all_reduce([x], w, world1, group_list=[2, 6],
                                                     split_item=3, reduce_dtype=torch.float32)

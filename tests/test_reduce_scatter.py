@@ -197,7 +197,7 @@ def test_opcheck_and_compile(world1):
     x = torch.randn(6, 4, requires_grad=True)
     w = [torch.randn(4, 3, requires_grad=True) for _ in range(2)]
     args = ([x], w, None, [2, 6], None, 3, world1.group_name, "sum", 0, 0, False, None, False, None,
-            None, None, None)
+            None, None, None, None, None, None, None, None)
     torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul_reduce_scatter.default, args)
 
     def fn(x, w0, w1):

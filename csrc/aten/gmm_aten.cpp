@@ -9,6 +9,7 @@
 
 #include "../combine.h"
 #include "../op.h"
+#include "../quant.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -54,37 +55,20 @@ void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const 
   }
 }
 
-// A combined call's chunk of token rows: each group's products a block of rows at a time (those
-// whose token is in the chunk), handed to the combine epilogue, which adds the bias, scales by the
-// routing weights and sums into the token rows in fp32. The products are fp32 where the GEMM runs
-// in fp32 anyway (fp32 x, fp16 on the CPU, reduce_dtype float32), else x's dtype (one rounding).
+// A combined call's chunk: the combine epilogue over each group's products a block of rows at a
+// time, which adds the bias, scales by the routing weights and sums into the token rows in fp32.
+// The products are fp32 where the GEMM runs in fp32 anyway (fp32 x, fp16 on the CPU, reduce_dtype
+// float32), else x's dtype (one rounding).
 void compute_combined(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
                       const Chunk& chunk, bool upcast) {
-  std::optional<Chunk> mine = chunk;
-  if (!plan.device.is_cpu()) mine = Combine::on_device(plan, chunk);
-  if (!mine) return;
-  Combine combine(plan, args, world_size, flat, *mine);
-  for (size_t i = 0; i < plan.groups.size(); ++i) {
-    const GroupPlan& g = plan.groups[i];
-    if (g.m == 0 || g.n == 0) continue;
-    const at::Tensor w = upcast ? args.weight[i].to(at::kFloat) : args.weight[i];
-    auto product = [&](const at::Tensor& x) { return at::mm(upcast ? x.to(at::kFloat) : x, w); };
-    const int64_t rows = block_rows(g.k + g.n, int64_t{1} << 20);
-    if (combine.whole()) {
-      for (int64_t r = 0; r < g.m; r += rows) {
-        const int64_t count = std::min(rows, g.m - r);
-        combine.add(i, product(group_x(plan, args.x, i, r, count)), r);
-      }
-      continue;
-    }
-    const at::Tensor mine = combine.rows_of(i);  // this chunk's rows of the group
-    const at::Tensor x = group_x(plan, args.x, i);
-    for (int64_t r = 0; r < mine.numel(); r += rows) {
-      const at::Tensor some = mine.narrow(0, r, std::min(rows, mine.numel() - r));
-      combine.add(i, product(x.index_select(0, some)), some);
-    }
-  }
-  combine.finish();
+  size_t upcast_group = plan.groups.size();  // the group whose weight w32 holds
+  at::Tensor w32;
+  combine_groups(plan, args, world_size, flat, chunk,
+                 [&](size_t i, const at::Tensor& x, int64_t, const at::Tensor&) {
+                   if (!upcast) return at::mm(x, args.weight[i]);
+                   if (upcast_group != i) w32 = args.weight[i].to(at::kFloat), upcast_group = i;
+                   return at::mm(x.to(at::kFloat), w32);
+                 });
 }
 
 void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
@@ -97,6 +81,7 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
   // 16-bit inputs with an fp32 output) writes the unrounded partials into the fp32 buffer.
   const bool upcast =
       (plan.device.is_cpu() && plan.dtype == at::kHalf) || plan.reduce_dtype != plan.dtype;
+  if (plan.quant != Quant::kNone) return compute_quantized(plan, args, world_size, flat, chunk);
   if (plan.combine) return compute_combined(plan, args, world_size, flat, chunk, upcast);
 
   for_each_block(plan, args, flat, 0, chunk, [&](size_t i, at::Tensor& y, const at::Tensor& x) {

@@ -27,6 +27,7 @@
 #include "../gemm/blocks.h"
 #include "../gemm/choice.h"
 #include "../op.h"
+#include "../quant.h"
 #include "launches.h"
 
 namespace gmm_allreduce::cuda {
@@ -63,8 +64,10 @@ GemmDevice gemm_device(c10::Device device) {
 bool takes_device_group_list(const OpArgs& a) {
   if (!a.group_list_tensor || !a.group_list_tensor->defined() ||
       a.group_list_tensor->device().is_cpu() || a.x.size() != 1 || !a.x[0].defined() ||
-      !a.x[0].is_cuda())
-    return false;
+      !a.x[0].is_cuda() || !at::isFloatingType(a.x[0].scalar_type()) ||
+      a.x[0].scalar_type() == at::kFloat8_e4m3fn || a.weight.empty() || !a.weight[0].defined() ||
+      a.weight[0].scalar_type() == at::kChar)
+    return false;  // quantised calls (quant.h) plan their rows on the host
   return serves_device_group_list(a, gemm_device(a.x[0].device()));
 }
 
@@ -137,6 +140,8 @@ void compute_combined(const Plan& plan, const OpArgs& a, int64_t world_size, at:
 
 void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
                   const Chunk& chunk) {
+  // Quantised calls: ATen's int8 and fp8 GEMMs per group (quant.h).
+  if (plan.quant != Quant::kNone) return compute_quantized(plan, a, world_size, flat, chunk);
   if (plan.combine) return compute_combined(plan, a, world_size, flat, chunk);
   if (chunk.elem_end == chunk.elem_begin) return;
   std::optional<at::Tensor> weight3;

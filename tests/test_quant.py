@@ -1,0 +1,394 @@
+"""Quantised inputs: int8 W8A8 (scale, per_token_scale, output_dtype), float8_e4m3fn W8A8 and
+weight-only int8 (antiquant_scale, antiquant_offset). Against a float64 reference of the
+dequantised math at world sizes 1, 2 and 4 (exact for small integers and power-of-two scales), every
+split mode, with and without bias, the combine, the reduce-scatter, comm_turn, async_op,
+check_ranks and reduce_dtype; the weight-only kernel on both sides of its row crossover; errors
+before any communication; inference only; opcheck and torch.compile; the helpers and the layer."""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gmm_allreduce
+from gmm_allreduce.nn import GroupedRowParallelLinear
+
+KINDS = ("int8", "fp8", "wo_bf16", "wo_fp16_offset", "wo_fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class QCase:
+    kind: str
+    split_item: int
+    m: tuple = (3, 0, 40, 5)  # 40 rows: the weight-only dequantise-then-GEMM path; <= 32: ours
+    k: int = 32
+    n: int = 16
+    bias: bool = False
+    integers: bool = True
+    combine: bool = False
+    tokens: int = 8
+    comm_turn: int = 0
+    output_dtype: torch.dtype | None = torch.float32
+    seed: int = 0
+
+    @property
+    def name(self):
+        return (f"{self.kind}-s{self.split_item}-b{int(self.bias)}-i{int(self.integers)}"
+                f"-c{int(self.combine)}-t{self.comm_turn}-{self.output_dtype}")
+
+
+def _x_dtype(kind):
+    return {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "wo_bf16": torch.bfloat16,
+            "wo_fp16_offset": torch.float16, "wo_fp32": torch.float32}[kind]
+
+
+def make(case, rank):
+    """This rank's inputs: dequantised float64 operands and the call's quantised ones."""
+    g = torch.Generator().manual_seed(case.seed * 1000 + rank)
+    groups, k, n = len(case.m), case.k, case.n
+    rows = sum(case.m)
+
+    def ints(*shape, lo=-4, hi=5):
+        return torch.randint(lo, hi, shape, generator=g).double()
+
+    def pow2(*shape):  # exact scales
+        return torch.pow(2.0, ints(*shape, lo=-3, hi=2))
+
+    def rand(*shape):
+        return torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+
+    xq = ints(rows, k) if case.integers else torch.randint(-127, 128, (rows, k), generator=g).double()
+    wq = [ints(k, n) if case.integers else torch.randint(-127, 128, (k, n), generator=g).double()
+          for _ in range(groups)]
+    col = [pow2(n) if case.integers else rand(n).abs() / 64 + 1e-3 for _ in range(groups)]
+    bias = [ints(n) for _ in range(groups)] if case.bias else None
+    kw = {}
+    if case.kind in ("int8", "fp8"):
+        if case.kind == "fp8":  # e4m3: small integers exact; random ones within its 3 mantissa bits
+            xq = xq.clamp(-15, 15)
+            wq = [w.clamp(-15, 15) for w in wq]
+        row = pow2(rows) if case.integers else rand(rows).abs() / 64 + 1e-3
+        dx = xq * row[:, None]
+        dw = [w * s for w, s in zip(wq, col)]
+        qt = _x_dtype(case.kind)
+        x_all = xq.to(qt)
+        weight = [w.to(qt) for w in wq]
+        kw.update(scale=[s.float() for s in col], per_token_scale=row.float(),
+                  output_dtype=case.output_dtype)
+    else:
+        xt = _x_dtype(case.kind)
+        x_all = (ints(rows, k) if case.integers else rand(rows, k)).to(xt)
+        dx = x_all.double()
+        offset = [ints(n, lo=-2, hi=3) for _ in range(groups)] if "offset" in case.kind else None
+        dw = [(w + (offset[i] if offset else 0)) * col[i] for i, w in enumerate(wq)]
+        # Half of the weights as transposes of [N, K] tensors (quantize_weights' layout).
+        weight = [w.to(torch.int8) if i % 2 else w.t().contiguous().to(torch.int8).t()
+                  for i, w in enumerate(wq)]
+        kw.update(antiquant_scale=[s.float() for s in col],
+                  antiquant_offset=[o.float() for o in offset] if offset else None)
+    ends = torch.tensor(case.m).cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    if case.split_item in (1, 3):
+        x = [x_all]
+        kw["group_list"] = ends
+    else:
+        x = [x_all[a:b] for a, b in zip(starts, ends)]
+    if bias is not None:
+        kw["bias"] = [b.float() for b in bias]
+    if case.combine:
+        kw.update(combine_index=torch.randint(0, case.tokens, (rows,), generator=torch.Generator()
+                                              .manual_seed(case.seed)),
+                  combine_weight=torch.pow(2.0, torch.randint(-1, 2, (rows,), generator=torch.Generator()
+                                                              .manual_seed(case.seed + 1)).float()),
+                  num_tokens=case.tokens)
+    parts = [dx[a:b] @ dw[i] for i, (a, b) in enumerate(zip(starts, ends))]
+    return x, weight, kw, parts, bias
+
+
+def expected(case, world):
+    """The float64 sum over ranks of each rank's dequantised products, bias counted once."""
+    total = None
+    for r in range(world):
+        _, _, kw, parts, bias = make(case, r)
+        if bias is not None:
+            parts = [p + b / world for p, b in zip(parts, bias)]
+        total = parts if total is None else [t + p for t, p in zip(total, parts)]
+    if case.combine:
+        rows = torch.cat(total)
+        out = torch.zeros(case.tokens, case.n, dtype=torch.float64)
+        out.index_add_(0, kw["combine_index"], rows * kw["combine_weight"].double()[:, None])
+        return [out]
+    return [torch.cat(total)] if case.split_item in (2, 3) else total
+
+
+def run(cases, op="all_reduce", extra=None):
+    rank = dist.get_rank()
+    fn = {"all_reduce": gmm_allreduce.grouped_mat_mul_all_reduce,
+          "reduce_scatter": gmm_allreduce.grouped_mat_mul_reduce_scatter}[op]
+    out = []
+    for case in cases:
+        x, weight, kw, _, _ = make(case, rank)
+        before = [t.clone() for t in (*x, *weight)]
+        ys = fn(x, weight, dist.group.WORLD, split_item=case.split_item, comm_turn=case.comm_turn,
+                **kw, **(extra or {}))
+        if (extra or {}).get("async_op"):
+            ys = gmm_allreduce.wait(ys)
+        assert all(torch.equal(a, b) for a, b in zip(before, (*x, *weight))), case.name
+        out.append([y.clone() for y in ys])
+    return out
+
+
+def check(case, outputs, want, rows=None):
+    assert len(outputs) == len(want), case.name
+    out_dtype = case.output_dtype or torch.bfloat16
+    for y, w in zip(outputs, want):
+        if rows is not None:
+            w = w[rows]
+        expect_dtype = out_dtype if case.kind in ("int8", "fp8") else _x_dtype(case.kind)
+        assert y.dtype == expect_dtype, case.name
+        assert tuple(y.shape) == tuple(w.shape), case.name
+        if case.integers and y.dtype == torch.float32:
+            assert torch.equal(y.double(), w), case.name
+        else:  # one rounding to the output dtype, and ATen's bf16/fp16 scales and GEMMs
+            tol = 2 ** -6 if y.dtype in (torch.bfloat16, torch.float16) else 1e-5
+            torch.testing.assert_close(y.double(), w, atol=tol * float(w.abs().max()) + 1e-6 if w.numel() else 0,
+                                       rtol=tol, msg=case.name)
+
+
+def cases_for(kind):
+    out = []
+    for split_item in range(4):
+        for bias in (False, True):
+            for integers in (True, False):
+                out.append(QCase(kind, split_item, bias=bias, integers=integers,
+                                 comm_turn=2 * integers,
+                                 output_dtype=torch.float32 if integers else None))
+    out.append(QCase(kind, 1, k=24, bias=True))  # K that ATen's int8-weight kernel does not take
+    for split_item in (2, 3):
+        out.append(QCase(kind, split_item, bias=True, combine=True))
+        out.append(QCase(kind, split_item, combine=True, integers=False, output_dtype=None,
+                         comm_turn=3))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("world", [1, 2, 4], ids=lambda w: f"w{w}")
+def test_all_reduce_matches_reference(pools, world, kind):
+    cases = cases_for(kind)
+    per_rank = pools(world).run(run, cases)
+    for case, outputs in zip(cases, per_rank[0]):
+        check(case, outputs, expected(case, world))
+    for rank_outputs in per_rank[1:]:
+        for a, b in zip(per_rank[0], rank_outputs):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kind", ("int8", "wo_bf16"))
+@pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"w{w}")
+def test_reduce_scatter_matches_reference(pools, world, kind):
+    cases = [c for c in cases_for(kind) if c.split_item in (2, 3)]
+    cases = [dataclasses.replace(c, m=(3, 0, 9, 4)) for c in cases]  # 16 rows, 8 tokens
+    per_rank = pools(world).run(run, cases, "reduce_scatter")
+    for rank, outputs in enumerate(per_rank):
+        for case, ys in zip(cases, outputs):
+            (want,) = expected(case, world)
+            block = want.shape[0] // world
+            check(case, ys, [want], rows=slice(rank * block, (rank + 1) * block))
+
+
+def test_async_check_ranks_and_reduce_dtype(pools):
+    cases = [QCase("int8", 3, bias=True, integers=False, output_dtype=None),
+             QCase("wo_bf16", 2, bias=True, integers=False, combine=True)]
+    pool = pools(2)
+    sync = pool.run(run, cases)
+    for extra in ({"async_op": True}, {"check_ranks": True}):
+        again = pool.run(run, cases, "all_reduce", extra)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(sync[0], again[0]))
+    fp32 = pool.run(run, cases, "all_reduce", {"reduce_dtype": torch.float32})
+    for case, outputs in zip(cases, fp32[0]):
+        check(case, outputs, expected(case, 2))
+
+
+def test_weight_layouts_and_the_row_crossover_agree(world1):
+    """The weight-only call reads [K, N] weights in either layout (rows or columns contiguous, or
+    neither), at M below and above the crossover, K and N of whole and partial vector tiles, with
+    the same result (exact small integers, fp32 x)."""
+    torch.manual_seed(0)
+    for m, k, n in itertools.product((1, 3, 8, 9, 32, 33), (16, 37), (24, 150)):
+        x = torch.randint(-4, 5, (m, k)).float()
+        wq = torch.randint(-4, 5, (k, n), dtype=torch.int8)
+        s, o = torch.pow(2.0, torch.randint(-2, 2, (n,)).float()), torch.randint(-2, 3, (n,)).float()
+        want = x.double() @ ((wq.double() + o.double()) * s.double())
+        wide = torch.zeros(k, 2 * n, dtype=torch.int8)
+        wide[:, ::2] = wq
+        for w in (wq, wq.t().contiguous().t(), wide[:, ::2]):
+            (y,) = gmm_allreduce.grouped_mat_mul_all_reduce([x], [w], world1, antiquant_scale=[s],
+                                                            antiquant_offset=[o])
+            assert torch.equal(y.double(), want), (m, k, n, w.stride())
+
+
+# ---- errors: clear, naming the argument, before any communication ----
+
+def _int8_call(world1, **over):
+    x, w = [torch.ones(6, 4, dtype=torch.int8)], [torch.ones(4, 3, dtype=torch.int8)] * 2
+    kw = dict(group_list=[2, 6], split_item=3, scale=[torch.ones(3)] * 2,
+              per_token_scale=torch.ones(6))
+    kw.update(over)
+    x = kw.pop("x", x)
+    w = kw.pop("weight", w)
+    return gmm_allreduce.grouped_mat_mul_all_reduce(x, w, world1, **kw)
+
+
+def _wo_call(world1, **over):
+    x, w = [torch.ones(6, 4, dtype=torch.bfloat16)], [torch.ones(4, 3, dtype=torch.int8)] * 2
+    kw = dict(group_list=[2, 6], split_item=3, antiquant_scale=[torch.ones(3)] * 2)
+    kw.update(over)
+    x = kw.pop("x", x)
+    w = kw.pop("weight", w)
+    return gmm_allreduce.grouped_mat_mul_all_reduce(x, w, world1, **kw)
+
+
+@pytest.mark.parametrize("call, over, error, match", [
+    (_int8_call, dict(per_token_scale=None), ValueError, "per_token_scale: required for int8"),
+    (_int8_call, dict(scale=None), ValueError, "scale: required for int8"),
+    (_int8_call, dict(scale=[torch.ones(3)]), ValueError, "scale: expected 2 tensors"),
+    (_int8_call, dict(scale=[torch.ones(3), torch.ones(4)]), ValueError,
+     r"scale\[1\]: expected a 1-D tensor of 3 values"),
+    (_int8_call, dict(scale=[torch.ones(3), torch.ones(3, dtype=torch.int32)]), TypeError,
+     r"scale\[1\]: expected a floating-point dtype"),
+    (_int8_call, dict(scale=torch.ones(3)), TypeError, "scale: expected a list of tensors"),
+    (_int8_call, dict(per_token_scale=torch.ones(5)), ValueError,
+     "per_token_scale: expected a 1-D tensor of 6 values"),
+    (_int8_call, dict(per_token_scale=[1.0] * 6), TypeError, "per_token_scale: expected None or a"),
+    (_int8_call, dict(per_token_scale=torch.ones(6, dtype=torch.int64)), TypeError,
+     "per_token_scale: expected a floating-point dtype"),
+    (_int8_call, dict(antiquant_scale=[torch.ones(3)] * 2), ValueError,
+     "antiquant_scale: given for a call of int8 x and weight"),
+    (_int8_call, dict(output_dtype=torch.int32), ValueError, "output_dtype: expected None, "
+                                                              "torch.bfloat16"),
+    (_int8_call, dict(output_dtype="bf16"), TypeError, "output_dtype: expected None or a torch"),
+    (_int8_call, dict(weight=[torch.ones(4, 3)] * 2), TypeError,
+     r"weight\[0\]: expected dtype Char like x\[0\], got Float"),
+    (_int8_call, dict(weight=[torch.ones(4, 3, dtype=torch.int8), torch.ones(4, 3).to(
+        torch.float8_e4m3fn)]), TypeError, r"weight\[1\]: expected dtype Char"),
+    (_wo_call, dict(antiquant_scale=None), ValueError, "antiquant_scale: required for int8 "
+                                                       "weights with float x"),
+    (_wo_call, dict(antiquant_offset=[torch.ones(2)] * 2), ValueError,
+     r"antiquant_offset\[0\]: expected a 1-D tensor of 3 values"),
+    (_wo_call, dict(scale=[torch.ones(3)] * 2), ValueError, "scale: given for a call of int8 "
+                                                           "weights with float x"),
+    (_wo_call, dict(per_token_scale=torch.ones(6)), ValueError, "per_token_scale: given for"),
+    (_wo_call, dict(output_dtype=torch.float32), ValueError,
+     "output_dtype: the outputs of a call of int8 weights with float x have x's dtype"),
+    (_wo_call, dict(weight=[torch.ones(4, 3, dtype=torch.int8), torch.ones(4, 3,
+                                                                            dtype=torch.bfloat16)]),
+     TypeError, r"weight\[1\]: expected dtype Char like weight\[0\], got BFloat16"),
+    (_wo_call, dict(x=[torch.ones(6, 4, dtype=torch.float64)]), TypeError,
+     r"weight\[0\]: int8 weights take float16, bfloat16 or float32 x"),
+    (_wo_call, dict(x=[torch.ones(6, 4)], antiquant_scale=None, scale=[torch.ones(3)] * 2,
+                    weight=[torch.ones(4, 3)] * 2), ValueError,
+     "scale: given for a call of float x and weight"),
+    (_wo_call, dict(bias=[torch.ones(3, requires_grad=True)] * 2), RuntimeError,
+     "quantised calls .* are inference-only"),
+])
+def test_bad_quantisation_arguments(world1, call, over, error, match):
+    with pytest.raises(error, match=match):
+        call(world1, **over)
+
+
+def _bad_scale_on_one_rank():
+    """Rank 1 passes a bad scale: it raises before any communication, rank 0 then finds the
+    ranks disagree (check_ranks), and neither hangs."""
+    rank = dist.get_rank()
+    kw = dict(group_list=[2, 6], split_item=3, per_token_scale=torch.ones(6), check_ranks=True,
+              scale=[torch.ones(3), torch.ones(3 if rank == 0 else 2)])
+    try:
+        gmm_allreduce.grouped_mat_mul_all_reduce([torch.ones(6, 4, dtype=torch.int8)],
+                                                 [torch.ones(4, 3, dtype=torch.int8)] * 2,
+                                                 dist.group.WORLD, **kw)
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return None
+
+
+def test_a_bad_scale_on_one_rank_fails_every_rank(pools):
+    messages = pools(2).run(_bad_scale_on_one_rank)
+    assert all(m is not None for m in messages)
+    assert any(r"scale[1]: expected a 1-D tensor of 3 values" in m for m in messages)
+
+
+def test_opcheck_and_compile(world1):
+    case = QCase("int8", 3, bias=True, integers=False, output_dtype=None)
+    x, w, kw, _, _ = make(case, 0)
+    args = (x, w, kw["bias"], kw["group_list"], None, 3, world1.group_name, "sum", 0, 0, False,
+            None, False, None, None, None, None, kw["scale"], kw["per_token_scale"], None, None,
+            None)
+    torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce.default, args)
+    wo = QCase("wo_fp16_offset", 1, bias=True)
+    xw, ww, kww, _, _ = make(wo, 0)
+    torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul.default,
+                          (xw, ww, kww["bias"], kww["group_list"], None, 1, 0, 2, None, None, None,
+                           None, None, None, kww["antiquant_scale"], kww["antiquant_offset"], None))
+    call = {k: v for k, v in kw.items()}
+    compiled = torch.compile(
+        lambda x, w: gmm_allreduce.grouped_mat_mul_all_reduce(x, w, world1, split_item=3, **call),
+        fullgraph=True)
+    eager = gmm_allreduce.grouped_mat_mul_all_reduce(x, w, world1, split_item=3, **call)
+    got = compiled(x, w)
+    assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], eager[0])
+
+
+def test_the_helpers_round_trip():
+    torch.manual_seed(0)
+    w = [torch.randn(64, 48), torch.randn(32, 16, dtype=torch.bfloat16)]
+    q, s = gmm_allreduce.quantize_weights(w)
+    for wi, qi, si in zip(w, q, s):
+        assert qi.dtype == torch.int8 and qi.shape == wi.shape and qi.t().is_contiguous()
+        assert si.shape == (wi.shape[1],) and si.dtype == torch.float32
+        assert qi.abs().max() == 127
+        torch.testing.assert_close(qi.float() * si, wi.float(), atol=float(si.max()) / 2 + 1e-6,
+                                   rtol=0)
+    x = torch.randn(10, 64)
+    xq, ps = gmm_allreduce.quantize_per_token(x)
+    assert xq.dtype == torch.int8 and ps.shape == (10,)
+    torch.testing.assert_close(xq.float() * ps[:, None], x, atol=float(ps.max()) / 2 + 1e-6, rtol=0)
+    q8, s8 = gmm_allreduce.quantize_weights(w[:1], dtype=torch.float8_e4m3fn)
+    torch.testing.assert_close(q8[0].float() * s8[0], w[0], atol=0, rtol=2 ** -3)
+    with pytest.raises(ValueError, match="dtype: expected torch.int8 or torch.float8_e4m3fn"):
+        gmm_allreduce.quantize_weights(w, dtype=torch.int16)
+
+
+def test_an_int8_model_end_to_end(world1):
+    """A bf16 layer's call against its W8A8 and weight-only quantisations: close, in bf16."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    w = [torch.randn(64, 32, dtype=torch.bfloat16) / 8 for _ in range(3)]
+    gl = [10, 10, 40]
+    (ref,) = gmm_allreduce.grouped_mat_mul_all_reduce([x], w, world1, group_list=gl, split_item=3)
+    q, s = gmm_allreduce.quantize_weights(w)
+    xq, ps = gmm_allreduce.quantize_per_token(x)
+    (w8a8,) = gmm_allreduce.grouped_mat_mul_all_reduce([xq], q, world1, group_list=gl,
+                                                       split_item=3, scale=s, per_token_scale=ps)
+    (wo,) = gmm_allreduce.grouped_mat_mul_all_reduce([x], q, world1, group_list=gl, split_item=3,
+                                                     antiquant_scale=s)
+    for y in (w8a8, wo):
+        assert y.dtype == torch.bfloat16
+        assert (y.float() - ref.float()).norm() / ref.float().norm() < 0.02
+
+
+@pytest.mark.parametrize("activations", [False, True], ids=["weight_only", "w8a8"])
+def test_the_layer_holds_quantised_weights(world1, activations):
+    torch.manual_seed(0)
+    layer = GroupedRowParallelLinear(4, 64, 32, group=world1, dtype=torch.bfloat16)
+    x = torch.randn(24, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = layer(x, [6, 12, 18, 24])
+        layer.quantize_weights(activations=activations)
+        assert layer.weight.dtype == torch.int8 and not layer.weight.requires_grad
+        y = layer(x, [6, 12, 18, 24])
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref.float()).norm() / ref.float().norm() < 0.02
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer(x.requires_grad_(), [6, 12, 18, 24])
