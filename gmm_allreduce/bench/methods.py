@@ -35,7 +35,15 @@ COMMON = ("fused", "unfused", "flat_loop", "grouped_mm", "compute", "comm", "com
 COMBINE = ("op_then_combine", "grouped_mm_combine", "hf_combine", "loop_combine")
 # The best compositions, against which the op is reported (vs_best: paired, the op over the
 # fastest composition of each iteration; for comm_op, over comm).
-COMPOSITIONS = ("flat_loop", "grouped_mm", "grouped_mm_combine", "hf_combine", "loop_combine")
+COMPOSITIONS = ("flat_loop", "grouped_mm", "grouped_mm_combine", "hf_combine", "loop_combine",
+                "quant_loop")
+# Quantised scenarios (quant: "int8" or "weight_int8") get these instead of unfused, flat_loop and
+# grouped_mm; fused, compute and comm time the quantised call:
+# - float: the same op call on the float inputs (what quantisation saves);
+# - quant_loop: the best quantised composition, one ATen kernel per group (torch._int_mm and the
+#   dequantisation in ATen ops; torch._weight_int8pack_mm at <= 16 rows with K a multiple of 16,
+#   else the weight dequantised and torch.mm) into one buffer, then one dist.all_reduce.
+QUANT = ("float", "quant_loop")
 # Beyond the Ascend op (not run by default): rs, the reduce-scatter op (split_item 2 and 3, M divisible
 # by the world size), against rs_grouped_mm, torch._grouped_mm then one dist.reduce_scatter_tensor;
 # fused_fp32, the op with reduce_dtype=torch.float32 (against fused at comm_turn 0).
@@ -62,6 +70,8 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
         w = list(torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1).unbind(0))
         inputs["weight"] = w
     calls: dict[str, Callable] = {}
+    if case.quant is not None:
+        return _quant_methods(case, methods, comm_turns, inputs, kw, local_kw, world)
     if case.tokens is not None:  # an MoE layer: the combine's baselines replace the plain ones
         methods = [m for m in methods if m not in ("unfused", "flat_loop", "grouped_mm")]
         methods += [m for m in COMBINE if m not in methods]
@@ -110,6 +120,65 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
             atol, rtol = TOLERANCE[case.dtype]
             torch.testing.assert_close(calls[method]().cpu().double(), ref, atol=3 * atol * world,
                                        rtol=3 * rtol, msg=lambda m, method=method: f"{method}: {m}")
+    return calls
+
+
+def _quant_methods(case: Case, methods, comm_turns, inputs, kw, local_kw, world) -> dict:
+    """The methods of a quantised scenario (split_item 3, no bias, no combine), checked first:
+    the op against the quantised composition and against the float reference."""
+    from ..quant import quantize_per_token, quantize_weights
+
+    x, w = inputs["x"], inputs["weight"]
+    wq, scale = quantize_weights(w)
+    if case.quant == "int8":
+        xq, per_token = quantize_per_token(x[0])
+        qkw = {"scale": scale, "per_token_scale": per_token, "output_dtype": case.dtype}
+    else:
+        xq, per_token = x[0], None
+        qkw = {"antiquant_scale": scale}
+    rows = list(case.m)
+    ends = torch.tensor(rows).cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    n = case.n[0]
+
+    def quant_loop():
+        flat = torch.empty(sum(rows) * n, dtype=case.dtype, device=x[0].device)
+        for y, a, b, wi, si in zip(flat.split([m * n for m in rows]), starts, ends, wq, scale):
+            y = y.view(b - a, n)
+            if case.quant == "int8":
+                y.copy_(torch._int_mm(xq[a:b], wi).float().mul_(per_token[a:b, None]).mul_(si))
+            elif b - a <= 16 and wi.shape[0] % 16 == 0:
+                y.copy_(torch._weight_int8pack_mm(xq[a:b], wi.t(), si.to(case.dtype)))
+            else:
+                torch.mm(xq[a:b], (wi.float() * si).to(case.dtype), out=y)
+        if world > 1:
+            dist.all_reduce(flat)
+        return flat.view(-1, n)
+
+    calls = {}
+    for method in [m for m in methods if m not in ("unfused", "flat_loop", "grouped_mm")] + list(QUANT):
+        if method == "fused":
+            for t in comm_turns:
+                calls[label(method, t)] = (lambda t=t: grouped_mat_mul_all_reduce(
+                    [xq], wq, **{**kw, "comm_turn": t}, **qkw))
+        elif method == "compute":
+            calls[method] = lambda: grouped_mat_mul([xq], wq, world_size=world, **local_kw, **qkw)
+        elif method == "float":
+            calls[method] = lambda: grouped_mat_mul_all_reduce(x, w, **kw)
+        elif method == "quant_loop":
+            calls[method] = quant_loop
+        elif method in ("comm", "comm_op"):
+            flat = torch.zeros(sum(rows) * n, dtype=case.dtype, device=x[0].device)
+            group = dist.group.WORLD.group_name
+            calls[method] = ((lambda flat=flat: dist.all_reduce(flat)) if method == "comm" else
+                             (lambda flat=flat, group=group: torch.ops.gmm_allreduce._all_reduce_(flat, group)))
+    (got,) = grouped_mat_mul_all_reduce([xq], wq, **kw, **qkw)
+    atol, rtol = TOLERANCE[case.dtype]
+    torch.testing.assert_close(got.double(), quant_loop().double(), atol=3 * atol * world,
+                               rtol=3 * rtol)
+    (ref,) = expected(case, world)
+    error = float((got.double() - ref).norm() / ref.norm())
+    assert error < 0.05, f"{case.name}: the quantised call is {error:.3f} off the float reference"
     return calls
 
 

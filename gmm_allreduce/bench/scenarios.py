@@ -41,7 +41,8 @@ def scenario_case(s: dict) -> Case:
     # An MoE layer's down-projection: M = tokens * top_k expert rows, combined into token rows.
     combine = {"tokens": s["tokens"], "top_k": s["top_k"]} if "tokens" in s else {}
     return Case(name=s["name"], split_item=s["split_item"], m=m, k=per_group(s["K"]),
-                n=per_group(s["N"]), dtype=DTYPES[s["dtype"]], seed=s["seed"], **combine)
+                n=per_group(s["N"]), dtype=DTYPES[s["dtype"]], seed=s["seed"],
+                quant=s.get("quant"), **combine)
 
 
 def load(path: Path = SHAPES) -> dict[str, list[Case]]:
