@@ -111,7 +111,7 @@ GMM_AVX512 void cols_tile(const float* x, int64_t ldx, const int8_t* w, int64_t 
     GMM_UNROLL
     for (int c = 0; c < C; ++c) {  // past `cols`: the last column again, not stored
       const int8_t* wc = w + (n0 + std::min<int64_t>(c, cols - 1)) * ldw + kk;
-      _mm_prefetch(reinterpret_cast<const char*>(wc + C * ldw), _MM_HINT_T0);  // the next tile
+      _mm_prefetch(reinterpret_cast<const char*>(wc + 4 * C * ldw), _MM_HINT_T0);  // the next tile
       const __m512 wv = widen(m, wc);
       GMM_UNROLL
       for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(xv[r], wv, acc[r * C + c]);
