@@ -215,14 +215,19 @@ at::Tensor QuantGemm::product(size_t i, const at::Tensor& x, bool& dequantised) 
     }
     default: {  // weight-only
       // A few rows: our kernel reads the int8 weight in place (the scales in the epilogue); more:
-      // the weight dequantised once to x's dtype and ATen's 16-bit GEMM.
+      // the weight dequantised to x's dtype once per group and call (kept for its next block of
+      // rows) and ATen's 16-bit GEMM.
       if (x.is_cpu() && x.size(0) <= kInt8WeightMaxRows && int8_weight_mm_available()) {
         return int8_weight_mm(x, w);
       }
       dequantised = true;
-      at::Tensor deq = w.to(at::kFloat);
-      if (args_.antiquant_offset) deq.add_((*args_.antiquant_offset)[i].to(at::kFloat));
-      return at::mm(x, deq.mul_((*args_.antiquant_scale)[i].to(at::kFloat)).to(x.scalar_type()));
+      if (dequantised_group_ != i) {
+        at::Tensor deq = w.to(at::kFloat);
+        if (args_.antiquant_offset) deq.add_((*args_.antiquant_offset)[i].to(at::kFloat));
+        dequantised_ = deq.mul_((*args_.antiquant_scale)[i].to(at::kFloat)).to(x.scalar_type());
+        dequantised_group_ = i;
+      }
+      return at::mm(x, dequantised_);
     }
   }
 }

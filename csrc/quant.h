@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "plan.h"
@@ -57,6 +58,9 @@ class QuantGemm {
   const OpArgs& args_;
   int64_t world_size_;
   at::Tensor row_scale_;  // per_token_scale in fp32, [M] (int8, fp8)
+  // Weight-only calls above the kernel's rows: the last group's dequantised weight.
+  mutable size_t dequantised_group_ = SIZE_MAX;
+  mutable at::Tensor dequantised_;
 };
 
 // The chunk of a quantised call into `flat`: every group's rows of the chunk a block at a time,
