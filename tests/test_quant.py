@@ -229,6 +229,24 @@ def test_weight_layouts_and_the_row_crossover_agree(world1):
             assert torch.equal(y.double(), want), (m, k, n, w.stride())
 
 
+def test_groups_over_several_row_blocks(world1):
+    """Groups of more rows than one block of products (about 256K: 64 rows of N = 4096), above
+    the weight-only kernel's rows: every block of each group exact, the weight dequantised for
+    each group (exact small integers, fp32 x)."""
+    torch.manual_seed(0)
+    k, n, rows = 16, 4096, (200, 70)
+    x = torch.randint(-4, 5, (sum(rows), k)).float()
+    wq = [torch.randint(-4, 5, (k, n), dtype=torch.int8) for _ in rows]
+    s = [torch.pow(2.0, torch.randint(-2, 2, (n,)).float()) for _ in rows]
+    o = [torch.randint(-2, 3, (n,)).float() for _ in rows]
+    (y,) = gmm_allreduce.grouped_mat_mul_all_reduce([x], wq, world1, group_list=[rows[0], sum(rows)],
+                                                    split_item=3, antiquant_scale=s,
+                                                    antiquant_offset=o)
+    want = torch.cat([xi.double() @ ((w.double() + oi.double()) * si.double())
+                      for xi, w, si, oi in zip(x.split(rows), wq, s, o)])
+    assert torch.equal(y.double(), want)
+
+
 # ---- errors: clear, naming the argument, before any communication ----
 
 def _int8_call(world1, **over):
