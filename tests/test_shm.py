@@ -309,7 +309,8 @@ def test_a_kill_during_setup_leaves_nothing():
     ranks, left, log = run_script("setupkill", "2", wrap=private_dev_shm())
     killed = [json.loads(line) for line in log.splitlines() if line.startswith('{"left_by_kill"')]
     assert len(killed) == 3 and all(k["left_by_kill"] for k in killed), log
-    assert [r["rank"] for r in ranks] == [0, 1] and all(r["shared"] and r["sum_ok"] for r in ranks)
+    assert [r["rank"] for r in ranks] == [0, 1], log
+    assert all(r["shared"] and r["sum_ok"] for r in ranks), log
     assert left == [], log
 
 
