@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
+from .quant import is_quantised
 
 _BACKWARD = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce_backward
 _GATHER = torch.ops.gmm_allreduce._all_gather_rows
@@ -83,18 +84,14 @@ def _save(ctx, op, args, world):
                  any(t.requires_grad for t in bias),
                  combine_weight is not None and combine_weight.requires_grad,
                  shared is not None and shared.requires_grad)
-    if any(ctx.needs) and _quantised(args):
+    if any(ctx.needs) and is_quantised((*x, *weight), (args["scale"], args["per_token_scale"],
+                                                       args["antiquant_scale"])):
         raise RuntimeError("quantised calls (int8 or float8 x or weight) are inference-only: an "
                            "input requires grad")
     # The optional tensors follow the lists, each saved where given (None keeps its place).
     optional = (group_list_tensor, args["combine_index"], combine_weight)
     ctx.optional_given = tuple(t is not None for t in optional)
     ctx.save_for_backward(*x, *weight, *bias, *(t for t in optional if t is not None))
-
-
-def _quantised(args) -> bool:
-    return (any(args[k] is not None for k in ("scale", "per_token_scale", "antiquant_scale"))
-            or any(t.dtype in (torch.int8, torch.float8_e4m3fn) for t in (*args["x"], *args["weight"])))
 
 
 def _backward(ctx, grads):

@@ -19,6 +19,7 @@ from . import (
     _C,  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
     inductor,
 )
+from .quant import QUANTISED, is_quantised
 
 _OP = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce
 _SCATTER = torch.ops.gmm_allreduce.grouped_mat_mul_reduce_scatter
@@ -228,9 +229,7 @@ def _quant(x, weight, bias, scale, per_token_scale, antiquant_scale, antiquant_o
         raise TypeError(f"per_token_scale: expected None or a tensor, got "
                         f"{type(per_token_scale).__name__}")
     scale, antiquant_scale, antiquant_offset = lists
-    quantised = any(v is not None for v in (*lists, per_token_scale)) or any(
-        t.dtype in _QUANTISED for t in (*x, *weight))
-    if quantised and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and is_quantised((*x, *weight), (*lists, per_token_scale)):
         inputs = [*x, *weight, *(bias or []), *(scale or []), *(antiquant_scale or []),
                   *(antiquant_offset or []), per_token_scale]
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
@@ -238,9 +237,6 @@ def _quant(x, weight, bias, scale, per_token_scale, antiquant_scale, antiquant_o
                                "an input requires grad (call under torch.no_grad(), or detach it)")
     return scale, per_token_scale, antiquant_scale, antiquant_offset, _dtype("output_dtype",
                                                                              output_dtype)
-
-
-_QUANTISED = (torch.int8, torch.float8_e4m3fn)
 
 
 def _operands(x, weight, bias, group_list) -> tuple:
@@ -391,7 +387,7 @@ def _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item, gr
     """The outputs' shapes and dtype, as the C++ plan gives them; group_list None means a tensor
     one."""
     dtype = x[0].dtype
-    if dtype in _QUANTISED:  # W8A8: output_dtype, bf16 when None
+    if dtype in QUANTISED:  # W8A8: output_dtype, bf16 when None
         dtype = output_dtype or torch.bfloat16
     return [t.to(dtype) if t.dtype != dtype else t for t in _fake_shapes(
         x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,

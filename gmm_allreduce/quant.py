@@ -13,6 +13,16 @@ import torch
 _LIMIT = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
+# The dtypes of a quantised x or weight.
+QUANTISED = tuple(_LIMIT)
+
+
+def is_quantised(tensors: Sequence[torch.Tensor], scales: Sequence) -> bool:
+    """Whether a call is quantised: an int8 or float8 x or weight among `tensors`, or any of
+    `scales` given."""
+    return any(s is not None for s in scales) or any(t.dtype in QUANTISED for t in tensors)
+
+
 def _check_dtype(dtype: torch.dtype) -> float:
     if dtype not in _LIMIT:
         raise ValueError(f"dtype: expected torch.int8 or torch.float8_e4m3fn, got {dtype}")

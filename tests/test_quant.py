@@ -316,6 +316,16 @@ def test_bad_quantisation_arguments(world1, call, over, error, match):
         call(world1, **over)
 
 
+def test_the_op_called_directly_refuses_grad(world1):
+    """torch.ops' own entry, past the front's checks: its autograd glue refuses too."""
+    x, w = [torch.ones(6, 4, dtype=torch.bfloat16)], [torch.ones(4, 3, dtype=torch.int8)] * 2
+    bias = [torch.ones(3, requires_grad=True)] * 2
+    with pytest.raises(RuntimeError, match="quantised calls .* are inference-only"):
+        torch.ops.gmm_allreduce.grouped_mat_mul.default(
+            x, w, bias, [2, 6], None, 3, 0, 2, None, None, None, None, None, None,
+            [torch.ones(3)] * 2, None, None)
+
+
 def _bad_scale_on_one_rank():
     """Rank 1 passes a bad scale: it raises before any communication, rank 0 then finds the
     ranks disagree (check_ranks), and neither hangs."""
