@@ -207,7 +207,8 @@ def expected_gemm(x, weight, kwargs) -> str:
     return torch.ops.gmm_allreduce._gemm_choice(
         x, weight, kwargs.get("bias"), gl if isinstance(gl, list) else None,
         gl if isinstance(gl, torch.Tensor) else None, kwargs["split_item"],
-        kwargs.get("group_list_type", 0), capability(), os.environ.get("GMM_CUDA_GEMM", "auto"))
+        kwargs.get("group_list_type", 0), capability(), os.environ.get("GMM_CUDA_GEMM", "auto"),
+        kwargs.get("reduce_dtype"))
 
 
 def kernel_names(fn) -> list[str]:
@@ -236,12 +237,16 @@ DEVICE_ROWS = {"bf16-stacked": (torch.bfloat16, True), "fp16-stacked": (torch.fl
                "bf16-separate": (torch.bfloat16, False)}
 
 
+@pytest.mark.parametrize("reduce_dtype", [None, torch.float32], ids=["dtype", "fp32"])
 @pytest.mark.parametrize("form", list(DEVICE_ROWS))
-def test_split3_device_group_list_costs_no_sync(nccl1, form):
+def test_split3_device_group_list_costs_no_sync(nccl1, form, reduce_dtype):
+    """Also with reduce_dtype float32, whose fp32 partials the tiled kernel writes."""
     dtype, stacked = DEVICE_ROWS[form]
     x, weight, kwargs = moe_call(dtype=dtype, stacked=stacked)
+    kwargs["reduce_dtype"] = reduce_dtype
     gemm = expected_gemm(x, weight, kwargs)
     assert gemm.endswith("+rows_on_device"), gemm
+    assert reduce_dtype is None or gemm.startswith("tiled"), gemm
     expected = reference_of(x, weight, kwargs)
     names = kernel_names(lambda: gmm_allreduce.grouped_mat_mul_all_reduce(x, weight, nccl1, **kwargs))
     assert any(GEMM_KERNELS[gemm.split("+")[0]] in n for n in names), (gemm, names)

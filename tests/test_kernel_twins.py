@@ -186,11 +186,17 @@ _TILED = torch.ops.gmm_allreduce._tiled_reference
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _check_tiled(case, world, rows_layout=False):
-    got = blocks_flat(case, world, _TILED, rows_layout)
+# fp32 partials: fp32 sums of exact 16-bit products, far inside a 16-bit rounding.
+FP32_PARTIALS = (1e-4, 2e-5)
+
+
+def _check_tiled(case, world, rows_layout=False, reduce_dtype=None):
+    got = blocks_flat(case, world, _TILED, rows_layout, reduce_dtype)
     assert not got.isnan().any(), f"{case.name}: an element no tile wrote"
+    assert got.dtype == (reduce_dtype or case.dtype), case.name
     want = expected_flat(case, world)
-    atol, rtol = (0, 0) if case.integers else TOLERANCE[case.dtype]
+    atol, rtol = ((0, 0) if case.integers else FP32_PARTIALS if reduce_dtype
+                  else TOLERANCE[case.dtype])
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol,
                                msg=lambda m: f"{case.name}: {m}")
 
@@ -202,6 +208,19 @@ def test_tiles_compute_the_reference(world):
     for case in [c for c in all_cases() if c.dtype in HALF] + [big, dataclasses.replace(
             big, integers=True, dtype=torch.float16, name="tiles-edges-int", comm_turn=3)]:
         _check_tiled(case, world)
+
+
+@pytest.mark.parametrize("rows_layout", [False, True], ids=["blocks", "rows"])
+def test_tiles_keep_fp32_partials_unrounded(rows_layout):
+    """reduce_dtype float32: the epilogue writes acc + bias / world into an fp32 buffer, unrounded
+    (a 16-bit rounding would be 100 times the tolerance), for both layouts and edge tiles."""
+    big = Case(name="tiles-edges-fp32", split_item=3 if rows_layout else 0, m=(130, 64, 1),
+               k=(70,) * 3 if rows_layout else (70, 32, 33), n=(65,) * 3 if rows_layout else
+               (65, 128, 3), dtype=torch.bfloat16, bias_dtype=torch.float16)
+    pool = rows_cases() if rows_layout else [c for c in all_cases() if c.dtype in HALF]
+    for world in (1, 3):
+        for case in [*pool, big, dataclasses.replace(big, dtype=torch.float16)]:
+            _check_tiled(case, world, rows_layout, torch.float32)
 
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=not RANDOM_SEED, database=None,
@@ -259,10 +278,12 @@ def test_tiles_in_the_rows_layout_stay_in_bounds_for_any_list(values, rows, as_c
 _CHOICE = torch.ops.gmm_allreduce._gemm_choice
 
 
-def choice(x, weight, major, forced="auto", bias=None, group_list=None, split_item=3):
+def choice(x, weight, major, forced="auto", bias=None, group_list=None, split_item=3,
+           reduce_dtype=None):
     gl = group_list
     return _CHOICE(x, weight, bias, gl if isinstance(gl, list) else None,
-                   gl if isinstance(gl, torch.Tensor) else None, split_item, 1, major, forced)
+                   gl if isinstance(gl, torch.Tensor) else None, split_item, 1, major, forced,
+                   reduce_dtype)
 
 
 def stacked(groups, k=64, n=32, dtype=torch.bfloat16):
@@ -338,6 +359,26 @@ def test_gemm_choice_bias_and_forced_strategies():
     assert choice(xs[:8], ws[:8], 9, split_item=0) == "loop"
     with pytest.raises(ValueError, match="GMM_CUDA_GEMM: expected auto, loop, grouped or tiled"):
         choice(x16, stacked(16), 9, "fast", group_list=gl16)
+
+
+def test_gemm_choice_fp32_partials_take_the_tiled_kernel():
+    """reduce_dtype float32 on 16-bit x: the grouped GEMM writes bf16 only, so the tiled kernel
+    (fp32 output) serves what it would, device group_list included; fp32 x is unchanged."""
+    fp32 = torch.float32
+    x, gl = moe_args(16)
+    assert choice(x, stacked(16), 9, group_list=gl, reduce_dtype=fp32) == "tiled+rows_on_device"
+    assert choice(x, stacked(16), 9, group_list=gl.tolist(), reduce_dtype=fp32) == "tiled"
+    assert choice(x, stacked(16), 9, "grouped", group_list=gl, reduce_dtype=fp32) == \
+        "tiled+rows_on_device"
+    assert choice(x, stacked(16), 9, "grouped", group_list=gl.tolist(), reduce_dtype=fp32) == "loop"
+    assert choice(x, stacked(16), 9, "loop", group_list=gl, reduce_dtype=fp32) == "loop"
+    x8, gl8 = moe_args(8, dtype=torch.half)
+    assert choice(x8, stacked(8, dtype=torch.half), 8, group_list=gl8.tolist(),
+                  reduce_dtype=fp32) == "loop"
+    # below sm_80 no one-launch GEMM takes it: the rows are read on the host
+    assert choice(x, stacked(16), 7, group_list=gl, reduce_dtype=fp32) == "loop"
+    assert choice(moe_args(16, dtype=fp32)[0], stacked(16, dtype=fp32), 9, group_list=gl,
+                  reduce_dtype=fp32) == "loop"
 
 
 def test_signature_of_rows_on_device_names_no_device():

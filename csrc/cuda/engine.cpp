@@ -7,10 +7,11 @@
 //   the host. With a bias, its bf16 output is rounded before the bias is added (a second rounding,
 //   as on the CPU in bf16).
 // - tiled: our one-launch grouped GEMM (tiled_gemm.cu), bias fused before the single rounding; for
-//   host-planned blocks, or for split_item 3 with its group rows on the device.
+//   host-planned blocks, or for split_item 3 with its group rows on the device. With reduce_dtype
+//   float32 it writes the fp32 flat buffer, unrounded.
 // - loop: one cuBLAS GEMM per group. 16-bit products go to an fp32 buffer (mm with an fp32 output:
 //   no 16-bit split-K reduction), rounded once into the flat buffer with the bias; with
-//   reduce_dtype float32 the flat buffer itself is that fp32 buffer (the only GEMM that serves it).
+//   reduce_dtype float32 the flat buffer itself is that fp32 buffer.
 // GMM_CUDA_GEMM=loop|grouped|tiled overrides the rule, for the benchmark.
 #include <ATen/ATen.h>
 #include <ATen/native/cuda/GroupMM.h>
@@ -160,10 +161,11 @@ void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Ten
     case Gemm::kTiled:  // the bias is fused
       if (plan.rows_on_device) {
         tiled_grouped_gemm(
-            plan.dtype, rows_tiled_launches(plan, a, flat, chunk,
-                                            row_ends->const_data_ptr<int32_t>(), world_size, keep));
+            plan.dtype, plan.reduce_dtype,
+            rows_tiled_launches(plan, a, flat, chunk, row_ends->const_data_ptr<int32_t>(),
+                                world_size, keep));
       } else {
-        tiled_grouped_gemm(plan.dtype,
+        tiled_grouped_gemm(plan.dtype, plan.reduce_dtype,
                            tiled_launches(gemm_blocks(plan, a, flat, chunk, keep), world_size));
       }
       return;

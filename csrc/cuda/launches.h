@@ -37,8 +37,11 @@ void add_bias(at::Tensor& flat, const Plan& plan, at::TensorList bias, int64_t w
               const std::optional<at::Tensor>& src);
 
 // The tiled grouped GEMM's launches (tiled_gemm.cu): tensor-core tiles of all blocks or groups in
-// one grid each, fp32 accumulation, the bias added before the single rounding into y.
-void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<TiledArgs>& launches);
-void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<RowsTiledArgs>& launches);
+// one grid each, fp32 accumulation, the bias added before the single rounding into y. dtype: x's
+// and w's (fp16, bf16); out_dtype: y's (dtype, or fp32 for partials kept in fp32).
+void tiled_grouped_gemm(at::ScalarType dtype, at::ScalarType out_dtype,
+                        const std::vector<TiledArgs>& launches);
+void tiled_grouped_gemm(at::ScalarType dtype, at::ScalarType out_dtype,
+                        const std::vector<RowsTiledArgs>& launches);
 
 }  // namespace gmm_allreduce::cuda

@@ -10,7 +10,8 @@
 // group and tile from the device row ends; those past the last tile return. A CTA of 4 warps stages
 // 64x32 of x and 32x64 of w in shared memory per step of K, and each warp accumulates a 32x32
 // quarter of the tile with tensor-core WMMA 16x16x16 fragments in fp32. Epilogue: fp32 tile to
-// shared memory, then y = round(acc + bias / world_size): one rounding. Schedule, staging and
+// shared memory, then y = round(acc + bias / world_size): one rounding into x's type, or none for
+// partials kept in fp32 (reduce_dtype float32). Schedule, staging and
 // epilogue are host-and-device code in ../gemm/tiles.h, checked on the CPU by its twin; this
 // file adds the WMMA. It is the simple, general kernel (the scheduling and TMA/WGMMA pipeline of a
 // Hopper kernel are left to the grouped GEMM); it serves where launches, not FLOPs, dominate: many
@@ -35,8 +36,8 @@ constexpr int kThreads = 128;  // 4 warps, 2 x 2 over the tile
 [[maybe_unused]] constexpr int kPad = 8;
 
 // One output tile of block b at (row0, col0), by the CTA's 4 warps. T: the WMMA element type
-// (__half, __nv_bfloat16); C: its c10 twin, for the epilogue's rounding.
-template <typename T, typename C>
+// (__half, __nv_bfloat16); O: the output's (T's c10 twin, or float).
+template <typename T, typename O>
 __device__ void compute_tile(const TileBlock& b, int64_t world_size, int64_t row0, int64_t col0) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // never launched there: the engine picks this kernel on sm_80 and newer only
@@ -88,25 +89,25 @@ __device__ void compute_tile(const TileBlock& b, int64_t world_size, int64_t row
   __syncthreads();
   for (int i = threadIdx.x; i < kTileM * kTileN; i += kThreads) {
     const int r = i / kTileN, c = i % kTileN;
-    store_tile_at<C>(b, world_size, row0, col0, r, c, acc_s[r][c]);
+    store_tile_at<O>(b, world_size, row0, col0, r, c, acc_s[r][c]);
   }
 #endif
 }
 
 // Host-planned blocks: CTA i computes grid tile i of its block.
-template <typename T, typename C>
+template <typename T, typename O>
 __global__ void __launch_bounds__(kThreads)
     tiled_gemm_kernel(const __grid_constant__ TiledArgs args) {
   const int64_t tile = blockIdx.x;
   const TileBlock& b = args.block[tile_block(args, tile)];
   int64_t row0, col0;
   tile_origin(b, tile, row0, col0);
-  compute_tile<T, C>(b, args.world_size, row0, col0);
+  compute_tile<T, O>(b, args.world_size, row0, col0);
 }
 
 // Group rows on the device: one thread finds the CTA's group and tile from the row ends (a scan
 // over at most kMaxTileGroups groups), the others wait for it; CTAs past the last tile return.
-template <typename T, typename C>
+template <typename T, typename O>
 __global__ void __launch_bounds__(kThreads)
     rows_tiled_gemm_kernel(const __grid_constant__ RowsTiledArgs args) {
   __shared__ TileBlock b;
@@ -115,42 +116,58 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) found = rows_tile(args, blockIdx.x, b, row0, col0);
   __syncthreads();
   if (!found) return;  // the whole CTA: `found` is shared
-  compute_tile<T, C>(b, args.world_size, row0, col0);
+  compute_tile<T, O>(b, args.world_size, row0, col0);
 }
 
-template <typename Args>
-void launch_all(at::ScalarType dtype, const std::vector<Args>& launches) {
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
-              "tiled_grouped_gemm: float16 or bfloat16 only, got ", dtype);
+// The kernel for x's WMMA type T and the output's O, for every launch.
+template <typename T, typename O, typename Args>
+void launch_each(const std::vector<Args>& launches) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (const Args& args : launches) {
     const auto grid = static_cast<unsigned>(args.tiles);
     if (grid == 0) continue;
     if constexpr (std::is_same_v<Args, TiledArgs>) {
-      if (dtype == at::kHalf) {
-        tiled_gemm_kernel<__half, c10::Half><<<grid, kThreads, 0, stream>>>(args);
-      } else {
-        tiled_gemm_kernel<__nv_bfloat16, c10::BFloat16><<<grid, kThreads, 0, stream>>>(args);
-      }
+      tiled_gemm_kernel<T, O><<<grid, kThreads, 0, stream>>>(args);
     } else {
-      if (dtype == at::kHalf) {
-        rows_tiled_gemm_kernel<__half, c10::Half><<<grid, kThreads, 0, stream>>>(args);
-      } else {
-        rows_tiled_gemm_kernel<__nv_bfloat16, c10::BFloat16><<<grid, kThreads, 0, stream>>>(args);
-      }
+      rows_tiled_gemm_kernel<T, O><<<grid, kThreads, 0, stream>>>(args);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-}  // namespace
-
-void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<TiledArgs>& launches) {
-  launch_all(dtype, launches);
+// C: T's c10 twin; the output is of that type, or fp32.
+template <typename T, typename C, typename Args>
+void launch_for(at::ScalarType out_dtype, const std::vector<Args>& launches) {
+  if (out_dtype == at::kFloat) {
+    launch_each<T, float>(launches);
+  } else {
+    launch_each<T, C>(launches);
+  }
 }
 
-void tiled_grouped_gemm(at::ScalarType dtype, const std::vector<RowsTiledArgs>& launches) {
-  launch_all(dtype, launches);
+template <typename Args>
+void launch_all(at::ScalarType dtype, at::ScalarType out_dtype, const std::vector<Args>& launches) {
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
+              "tiled_grouped_gemm: float16 or bfloat16 only, got ", dtype);
+  TORCH_CHECK(out_dtype == dtype || out_dtype == at::kFloat,
+              "tiled_grouped_gemm: an output of x's dtype or float32, got ", out_dtype);
+  if (dtype == at::kHalf) {
+    launch_for<__half, c10::Half>(out_dtype, launches);
+  } else {
+    launch_for<__nv_bfloat16, c10::BFloat16>(out_dtype, launches);
+  }
+}
+
+}  // namespace
+
+void tiled_grouped_gemm(at::ScalarType dtype, at::ScalarType out_dtype,
+                        const std::vector<TiledArgs>& launches) {
+  launch_all(dtype, out_dtype, launches);
+}
+
+void tiled_grouped_gemm(at::ScalarType dtype, at::ScalarType out_dtype,
+                        const std::vector<RowsTiledArgs>& launches) {
+  launch_all(dtype, out_dtype, launches);
 }
 
 }  // namespace gmm_allreduce::cuda

@@ -9,10 +9,7 @@ namespace gmm_allreduce {
 
 std::vector<GemmBlock> gemm_blocks(const Plan& plan, const OpArgs& a, at::Tensor& flat,
                                    const Chunk& chunk, std::vector<at::Tensor>& keep) {
-  const int64_t elem = static_cast<int64_t>(flat.element_size());
-  auto at_elem = [&](const at::Tensor& t, int64_t offset) {
-    return static_cast<const char*>(t.const_data_ptr()) + offset * elem;
-  };
+  const auto y_bytes = static_cast<int64_t>(flat.element_size());
   std::vector<GemmBlock> blocks;
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
@@ -33,8 +30,9 @@ std::vector<GemmBlock> gemm_blocks(const Plan& plan, const OpArgs& a, at::Tensor
     }
     const at::Tensor& w = a.weight[i];
     GemmBlock b{};
-    b.y = static_cast<char*>(flat.data_ptr()) + (g.out_offset + r0 * g.n) * elem;
-    b.x = at_elem(*x, row * xs[0]);
+    b.y = static_cast<char*>(flat.data_ptr()) + (g.out_offset + r0 * g.n) * y_bytes;
+    b.x = static_cast<const char*>(x->const_data_ptr()) +
+          row * xs[0] * static_cast<int64_t>(x->element_size());
     b.w = w.const_data_ptr();
     b.m = r1 - r0;
     b.n = g.n;

@@ -24,7 +24,8 @@ struct GemmBlock {
   int64_t x_rs, x_cs, w_rs, w_cs;
 };
 
-// The blocks of the groups with rows in `chunk`, in group order, writing into `flat`. Operands that
+// The blocks of the groups with rows in `chunk`, in group order, writing into `flat` (of x's dtype,
+// or fp32 for partials kept in fp32). Operands that
 // cannot be read in place (an x_i of several dims whose leading dims do not collapse, a strided
 // bias) are copied into `keep`, which must outlive the blocks' use. Host-planned rows only.
 std::vector<GemmBlock> gemm_blocks(const Plan& plan, const OpArgs& args, at::Tensor& flat,

@@ -25,6 +25,11 @@ bool tiled_takes(at::ScalarType dtype, const GemmDevice& d) {
   return (dtype == at::kHalf || dtype == at::kBFloat16) && d.major >= 8;
 }
 
+// Partials kept in fp32 (reduce_dtype float32 for 16-bit x), which the grouped GEMM cannot write.
+bool fp32_partials(const OpArgs& a) {
+  return a.reduce_dtype && !a.x.empty() && *a.reduce_dtype != a.x[0].scalar_type();
+}
+
 // grouped_weight for a rows-on-device plan: its bias epilogue (rows layout) is one launch, so it
 // takes at most kMaxLaunchGroups biases; the tiled kernel (bias fused) serves the others.
 std::optional<at::Tensor> grouped_rows_weight(const OpArgs& a, const GemmDevice& d) {
@@ -59,6 +64,7 @@ const char* gemm_name(Gemm gemm) {
 
 std::optional<at::Tensor> grouped_weight(const OpArgs& a, const GemmDevice& d) {
   if (d.major != 9 && d.major != 10) return std::nullopt;  // the archs torch builds it for
+  if (fp32_partials(a)) return std::nullopt;
   if (a.split_item != 1 && a.split_item != 3) return std::nullopt;
   const auto groups = static_cast<int64_t>(a.weight.size());
   if (a.x.size() != 1 || groups == 0 || groups > kMaxGroupedGroups) return std::nullopt;
@@ -97,14 +103,11 @@ bool serves_device_group_list(const OpArgs& a, const GemmDevice& d) {
     return false;
   if (a.x.size() != 1 || !strided(a.x[0]) || a.x[0].dim() != 2 || a.x[0].size(0) > INT32_MAX)
     return false;
-  if (a.reduce_dtype && *a.reduce_dtype != a.x[0].scalar_type()) return false;  // the loop's
   return grouped_rows_weight(a, d).has_value() || tiled_takes(a.x[0].scalar_type(), d);
 }
 
 Gemm choose_gemm(const Plan& plan, const OpArgs& a, const GemmDevice& d,
                  std::optional<at::Tensor>& weight3) {
-  // Partials kept in fp32 (reduce_dtype): the loop's GEMMs write fp32 straight into the buffer.
-  if (plan.reduce_dtype != plan.dtype) return Gemm::kLoop;
   if (plan.rows_on_device) {  // serves_device_group_list said yes: one of the two serves
     weight3 = grouped_rows_weight(a, d);
     TORCH_INTERNAL_ASSERT(weight3 || tiled_takes(plan.dtype, d));

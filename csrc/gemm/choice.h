@@ -5,9 +5,10 @@
 // - grouped: torch's CUTLASS bf16 grouped GEMM (the kernel behind torch._grouped_mm on sm_90 and
 //   sm_100), given our buffer as its output: bf16, one x (split_item 1, 3), one N, and weights that
 //   are equally spaced views of one storage (a [G, K, N] parameter's slices), 16-byte aligned rows,
-//   fewer than 1024 groups.
+//   fewer than 1024 groups. It writes bf16 only, so it never serves partials kept in fp32
+//   (reduce_dtype float32).
 // - tiled: our one-launch grouped GEMM (cuda/tiled_gemm.cu, bias fused), fp16/bf16 on sm_80+: any
-//   strides, ragged K and N, separate weights.
+//   strides, ragged K and N, separate weights, a 16-bit or an fp32 output.
 // - loop: one cuBLAS GEMM per group, for everything else.
 #pragma once
 

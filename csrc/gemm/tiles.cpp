@@ -15,7 +15,7 @@ std::vector<TiledArgs> tiled_launches(const std::vector<GemmBlock>& blocks, int6
       TileBlock& b = args.block[args.blocks++];
       b.x = static_cast<const uint16_t*>(g.x);
       b.w = static_cast<const uint16_t*>(g.w);
-      b.y = static_cast<uint16_t*>(g.y);
+      b.y = g.y;
       b.m = g.m;
       b.n = g.n;
       b.k = g.k;
@@ -42,16 +42,17 @@ std::vector<RowsTiledArgs> rows_tiled_launches(const Plan& plan, const OpArgs& a
   const int64_t rows = chunk.row_end - chunk.row_begin;
   const int64_t n = plan.groups.front().n;
   const at::Tensor& x = a.x[0];
-  const auto elem = static_cast<int64_t>(flat.element_size());
+  const auto x_bytes = static_cast<int64_t>(x.element_size());
+  const auto y_bytes = static_cast<int64_t>(flat.element_size());
   std::vector<RowsTiledArgs> launches;
   if (rows == 0 || n == 0) return launches;
   const auto groups = static_cast<int64_t>(plan.groups.size());
   for (int64_t g0 = 0; g0 < groups; g0 += kMaxTileGroups) {
     RowsTiledArgs& r = launches.emplace_back();
     r.x = reinterpret_cast<const uint16_t*>(static_cast<const char*>(x.const_data_ptr()) +
-                                            chunk.row_begin * x.stride(0) * elem);
-    r.y =
-        reinterpret_cast<uint16_t*>(static_cast<char*>(flat.data_ptr()) + chunk.elem_begin * elem);
+                                            chunk.row_begin * x.stride(0) * x_bytes);
+    r.y = static_cast<char*>(flat.data_ptr()) + chunk.elem_begin * y_bytes;
+    r.y_bytes = y_bytes;
     r.rows = rows;
     r.n = n;
     r.k = x.size(1);

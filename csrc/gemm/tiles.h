@@ -2,7 +2,8 @@
 // code: its launch arguments, which block and output tile a CTA computes, the staging of x and w
 // tiles (zeros past the edges), and the epilogue. The kernel calls these on the GPU around its
 // tensor-core MMA; the CPU twin (_tiled_reference, testing/kernel_twins.cpp) calls them around a
-// scalar MMA, so tests check everything but the WMMA fragments without a GPU.
+// scalar MMA, so tests check everything but the WMMA fragments without a GPU. Its output is x's
+// 16-bit type or, for partials kept in fp32 (reduce_dtype float32), fp32.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,7 +27,7 @@ constexpr int64_t kMaxTileGroups = 128;  // blocks per launch
 struct TileBlock {
   const uint16_t* x;  // 16-bit elements, read through the strides below
   const uint16_t* w;
-  uint16_t* y;  // row-major, row stride n
+  void* y;  // row-major, row stride n: x's 16-bit type, or fp32
   const void* bias;
   int64_t m, n, k;
   int64_t x_rs, x_cs, w_rs, w_cs;
@@ -54,7 +55,8 @@ std::vector<TiledArgs> tiled_launches(const std::vector<GemmBlock>& blocks, int6
 // CTAs past the last tile do nothing. By value as kernel parameters (4.3 KB).
 struct RowsTiledArgs {
   const uint16_t* x;  // the chunk's first row of x
-  uint16_t* y;        // the chunk's first output element
+  void* y;            // the chunk's first output element
+  int64_t y_bytes;    // an output element's: 2, or 4 for fp32 partials
   int64_t rows, n, k, x_rs, x_cs;
   const int32_t* row_ends;  // every group's end row, within the chunk (device memory)
   int32_t group_begin, groups;
@@ -91,7 +93,7 @@ C10_HOST_DEVICE inline bool rows_tile(const RowsTiledArgs& a, int64_t tile, Tile
       b = TileBlock{};
       b.x = a.x + r0 * a.x_rs;
       b.w = a.w[i];
-      b.y = a.y + r0 * a.n;
+      b.y = static_cast<char*>(a.y) + r0 * a.n * a.y_bytes;
       b.bias = a.bias[i];
       b.m = m;
       b.n = a.n;
@@ -145,7 +147,8 @@ C10_HOST_DEVICE inline uint16_t w_tile_at(const TileBlock& b, int64_t k0, int64_
 }
 
 // The epilogue of element [r, c] of the tile at (row0, col0): y = round(acc + bias / world), one
-// rounding into T (c10::Half or c10::BFloat16: round to nearest even, as the CUDA intrinsics).
+// rounding into T (c10::Half or c10::BFloat16: round to nearest even, as the CUDA intrinsics), or
+// none for T = float.
 template <typename T>
 C10_HOST_DEVICE inline void store_tile_at(const TileBlock& b, int64_t world_size, int64_t row0,
                                           int64_t col0, int r, int c, float acc) {
@@ -154,7 +157,7 @@ C10_HOST_DEVICE inline void store_tile_at(const TileBlock& b, int64_t world_size
   if (b.bias != nullptr) {
     acc += load_bias<float>(b.bias, b.bias_dtype, gc) / static_cast<float>(world_size);
   }
-  b.y[gr * b.n + gc] = T(acc).x;
+  static_cast<T*>(b.y)[gr * b.n + gc] = T(acc);
 }
 
 }  // namespace gmm_allreduce

@@ -6,7 +6,8 @@
 // - _row_ends_reference: write_row_ends (epilogue.h), the body of the row-offsets kernel.
 // - _tiled_reference: the tiled kernel's schedule, staging and epilogue (tiles.h) around a scalar
 //   fp32 MMA in place of its WMMA fragments (fp16 and bf16), for host-planned blocks or, in the
-//   rows layout, for a rows-on-device plan of split_item 3 (group rows from the row ends).
+//   rows layout, for a rows-on-device plan of split_item 3 (group rows from the row ends); with
+//   reduce_dtype float32, into an fp32 buffer.
 // - _bias_reference: bias_launches and add_bias_at (epilogue.h), the bias epilogue, applied to a
 //   zero buffer or to an fp32 source (the loop GEMM's), in the plan's layout or (split_item 3) in
 //   the rows layout of a device group_list.
@@ -72,7 +73,7 @@ OpArgs twin_args(at::TensorList x, at::TensorList weight, std::optional<at::Tens
 // an element nothing writes shows.
 at::Tensor nan_flat(const Plan& plan) {
   return at::full({plan.numel}, std::numeric_limits<double>::quiet_NaN(),
-                  at::TensorOptions(plan.dtype));
+                  at::TensorOptions(plan.reduce_dtype));
 }
 
 template <typename Fn>
@@ -103,8 +104,8 @@ at::Tensor gemm_blocks_reference(at::TensorList x, at::TensorList weight,
 }
 
 // One output tile of block b at (row0, col0), as a CTA of the tiled kernel computes it, with a
-// scalar MMA in place of its WMMA fragments.
-template <typename C>
+// scalar MMA in place of its WMMA fragments. C: x's type; O: the output's (C or float).
+template <typename C, typename O>
 void run_tile(const TileBlock& b, int64_t world_size, int64_t row0, int64_t col0) {
   std::vector<uint16_t> xs(kTileM * kTileK), ws(kTileK * kTileN);
   std::vector<float> acc(kTileM * kTileN, 0.0f);
@@ -126,29 +127,41 @@ void run_tile(const TileBlock& b, int64_t world_size, int64_t row0, int64_t col0
   }
   for (int r = 0; r < kTileM; ++r) {
     for (int c = 0; c < kTileN; ++c) {
-      store_tile_at<C>(b, world_size, row0, col0, r, c, acc[r * kTileN + c]);
+      store_tile_at<O>(b, world_size, row0, col0, r, c, acc[r * kTileN + c]);
     }
   }
 }
 
 // Every CTA of a blocks launch.
-template <typename C>
+template <typename C, typename O>
 void run_tiles(const TiledArgs& a) {
   for (int64_t tile = 0; tile < a.tiles; ++tile) {
     const TileBlock& b = a.block[tile_block(a, tile)];
     int64_t row0 = 0, col0 = 0;
     tile_origin(b, tile, row0, col0);
-    run_tile<C>(b, a.world_size, row0, col0);
+    run_tile<C, O>(b, a.world_size, row0, col0);
   }
 }
 
 // Every CTA of a rows launch (those past the last tile find none).
-template <typename C>
+template <typename C, typename O>
 void run_tiles(const RowsTiledArgs& a) {
   for (int64_t tile = 0; tile < a.tiles; ++tile) {
     TileBlock b{};
     int64_t row0 = 0, col0 = 0;
-    if (rows_tile(a, tile, b, row0, col0)) run_tile<C>(b, a.world_size, row0, col0);
+    if (rows_tile(a, tile, b, row0, col0)) run_tile<C, O>(b, a.world_size, row0, col0);
+  }
+}
+
+// Every CTA of `a`, for x's dtype and the output's (x's, or fp32), as the kernel's launcher picks
+// them.
+template <typename Args>
+void run_launch(const Args& a, at::ScalarType dtype, at::ScalarType out_dtype) {
+  const bool fp32 = out_dtype == at::kFloat;
+  if (dtype == at::kHalf) {
+    fp32 ? run_tiles<c10::Half, float>(a) : run_tiles<c10::Half, c10::Half>(a);
+  } else {
+    fp32 ? run_tiles<c10::BFloat16, float>(a) : run_tiles<c10::BFloat16, c10::BFloat16>(a);
   }
 }
 
@@ -186,16 +199,16 @@ at::Tensor tiled_reference(at::TensorList x, at::TensorList weight,
                            std::optional<at::TensorList> bias, at::OptionalIntArrayRef group_list,
                            const std::optional<at::Tensor>& group_list_tensor, int64_t split_item,
                            int64_t group_list_type, int64_t world_size, int64_t comm_turn,
-                           bool rows_layout) {
+                           bool rows_layout, std::optional<at::ScalarType> reduce_dtype) {
   OpArgs args = twin_args(x, weight, bias, group_list, group_list_tensor, split_item,
                           group_list_type, comm_turn);
+  args.reduce_dtype = reduce_dtype;
   TORCH_CHECK(x.empty() || x[0].scalar_type() == at::kHalf || x[0].scalar_type() == at::kBFloat16,
               "_tiled_reference: float16 or bfloat16 only");
-  const bool half = !x.empty() && x[0].scalar_type() == at::kHalf;
   if (!rows_layout) {
-    return flat_from_blocks(args, [&](const Plan&, const std::vector<GemmBlock>& blocks) {
+    return flat_from_blocks(args, [&](const Plan& plan, const std::vector<GemmBlock>& blocks) {
       for (const TiledArgs& a : tiled_launches(blocks, world_size)) {
-        half ? run_tiles<c10::Half>(a) : run_tiles<c10::BFloat16>(a);
+        run_launch(a, plan.dtype, plan.reduce_dtype);
       }
     });
   }
@@ -207,7 +220,7 @@ at::Tensor tiled_reference(at::TensorList x, at::TensorList weight,
     std::vector<at::Tensor> keep;
     for (const RowsTiledArgs& a : rows_tiled_launches(
              plan, args, flat, chunk, ends.const_data_ptr<int32_t>(), world_size, keep)) {
-      half ? run_tiles<c10::Half>(a) : run_tiles<c10::BFloat16>(a);
+      run_launch(a, plan.dtype, plan.reduce_dtype);
     }
   }
   return flat;
@@ -247,10 +260,11 @@ at::Tensor bias_reference(at::TensorList x, at::TensorList weight, at::TensorLis
 std::string gemm_choice(at::TensorList x, at::TensorList weight, std::optional<at::TensorList> bias,
                         at::OptionalIntArrayRef group_list,
                         const std::optional<at::Tensor>& group_list_tensor, int64_t split_item,
-                        int64_t group_list_type, int64_t capability_major,
-                        c10::string_view forced) {
+                        int64_t group_list_type, int64_t capability_major, c10::string_view forced,
+                        std::optional<at::ScalarType> reduce_dtype) {
   OpArgs args =
       twin_args(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type, 0);
+  args.reduce_dtype = reduce_dtype;
   const GemmDevice device{static_cast<int>(capability_major), parse_gemm(forced)};
   Plan plan = make_plan(args);  // validated as the op validates it
   // The CUDA engine's hook decides whether the rows stay on the device before planning, for a
@@ -282,7 +296,7 @@ TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
   m.def(
       "_tiled_reference(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
-      "int comm_turn, bool rows_layout) -> Tensor");
+      "int comm_turn, bool rows_layout, ScalarType? reduce_dtype=None) -> Tensor");
   m.def(
       "_row_ends_reference(Tensor group_list, int group_list_type, int rows, int row_begin, "
       "int row_end) -> Tensor");
@@ -293,7 +307,7 @@ TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
   m.def(
       "_gemm_choice(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, int group_list_type, int capability_major, "
-      "str forced) -> str");
+      "str forced, ScalarType? reduce_dtype=None) -> str");
   m.def(
       "_plan_signature(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
       "Tensor? group_list_tensor, int split_item, int group_list_type, int comm_turn, "
