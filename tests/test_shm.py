@@ -219,6 +219,41 @@ def test_ranks_with_other_sizes_raise(pools):
         assert "check_ranks=True" in message
 
 
+def mismatches_checked_every_spin(rounds):
+    """`rounds` new groups, each called with other sizes on its two ranks, one rank 1 ms behind
+    the other in turn, while a waiting rank checks its peers at every spin (1024 by default): the
+    late rank publishes its round, finds the mismatch and gives up, all within the waiting rank's
+    spin, and the waiting rank must still find the mismatch itself rather than blame the other."""
+    import time
+
+    OPS._shm_peer_check_spins(1)
+    try:
+        messages = []
+        for i in range(rounds):
+            group = dist.new_group([0, 1])
+            all_reduce(torch.ones(4), group.group_name)  # setup
+            if dist.get_rank() == i % 2:
+                time.sleep(0.001)
+            try:
+                all_reduce(torch.ones(10 + 2 * dist.get_rank()), group.group_name)
+                messages.append("returned")
+            except RuntimeError as e:
+                messages.append(str(e).splitlines()[0])
+            dist.destroy_process_group(group)
+        return messages
+    finally:
+        OPS._shm_peer_check_spins(1024)
+
+
+def test_a_peer_that_publishes_then_gives_up_is_not_the_cause(pools):
+    """Both ranks name the disagreement, every round (before: in about one round of five, the
+    waiting rank raised "rank r of the group gave up")."""
+    for messages in pools(2).run(mismatches_checked_every_spin, 40, timeout=120):
+        wrong = [m for m in messages
+                 if not m.startswith("shared-memory all-reduce: ranks disagree on the buffer")]
+        assert not wrong, wrong
+
+
 def run_script(*args, wrap=(), env=None, timeout=240):
     out = subprocess.run([*wrap, sys.executable, SCRIPT, "launch", *args], capture_output=True,
                          text=True, timeout=timeout, env=None if env is None else {**os.environ, **env})

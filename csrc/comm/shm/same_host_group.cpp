@@ -353,17 +353,34 @@ void SameHostGroup::fail(const std::string& why) {
   TORCH_CHECK(false, why);
 }
 
-void SameHostGroup::check_peers() {
+int SameHostGroup::peer_that_gave_up() const {
   for (int r = 0; r < world_; ++r) {
-    if (r != rank_ && segments_[r]->aborted.load(std::memory_order_acquire) != 0) {
-      fail("shared-memory all-reduce: rank " + std::to_string(r) +
-           " of the group gave up on the all-reduce (it timed out or lost a peer)");
-    }
+    if (r != rank_ && segments_[r]->aborted.load(std::memory_order_acquire) != 0) return r;
   }
+  return -1;
+}
+
+void SameHostGroup::gave_up(int r) {
+  fail("shared-memory all-reduce: rank " + std::to_string(r) +
+       " of the group gave up on the all-reduce (it timed out or lost a peer)");
+}
+
+void SameHostGroup::check_peers() {
+  if (const int r = peer_that_gave_up(); r >= 0) gave_up(r);
+}
+
+namespace {
+std::atomic<uint64_t> peer_check_spins{1024};
+}  // namespace
+
+void SameHostGroup::set_peer_check_spins(int64_t spins) {
+  TORCH_CHECK_VALUE(spins >= 1, "peer check spins: expected at least 1, got ", spins);
+  peer_check_spins.store(static_cast<uint64_t>(spins));
 }
 
 void SameHostGroup::wait_for(uint64_t seq, bool reduced) {
   const auto start = std::chrono::steady_clock::now();
+  const uint64_t check_every = peer_check_spins.load(std::memory_order_relaxed);
   for (int r = 0; r < world_; ++r) {
     if (r == rank_) continue;
     const std::atomic<uint64_t>& word = reduced ? segments_[r]->reduced : segments_[r]->copied;
@@ -378,14 +395,16 @@ void SameHostGroup::wait_for(uint64_t seq, bool reduced) {
       } else {
         std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
-      if (spins % 1024 != 0) continue;
-      check_peers();
+      if (spins % check_every != 0) continue;
+      const int quitter = peer_that_gave_up();
       bool zombie = false;
       const bool dead = pids_[r] != 0 && (start_time_of(pids_[r], &zombie) < 0 || zombie);
       const bool late = std::chrono::steady_clock::now() - start > timeout_;
-      // Either counts only if the word is still short after the check: the peer may have
-      // published, finished its call and exited between the load above and the check.
-      if (!(dead || late) || word.load(std::memory_order_acquire) >= seq) continue;
+      // Each counts only if the word is still short after the checks: between the load above and
+      // them, the peer may have published and then finished its call and exited, or given up on
+      // what followed (a disagreement on the round, which this rank finds next).
+      if ((quitter < 0 && !dead && !late) || word.load(std::memory_order_acquire) >= seq) continue;
+      if (quitter >= 0) gave_up(quitter);
       if (dead) {
         fail("shared-memory all-reduce: rank " + std::to_string(r) + " of the group (pid " +
              std::to_string(pids_[r]) + ") died during the all-reduce");

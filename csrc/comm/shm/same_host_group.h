@@ -63,6 +63,11 @@ class SameHostGroup {
 
   struct Segment;  // one rank's shared memory (same_host_group.cpp)
 
+  // Test-only (the testing library sets it): a waiting rank checks its peers (gave up, died, the
+  // timeout) once every this many spins, 1024 by default; 1 widens the race between a peer's
+  // publishing its round and what it does next, for the tests of that race.
+  static void set_peer_check_spins(int64_t spins);
+
  private:
   SameHostGroup(int rank, int world, std::chrono::milliseconds timeout);
   bool create_own(uint64_t nonce, int64_t slot_bytes);
@@ -75,6 +80,8 @@ class SameHostGroup {
   // had no room. Raises when the ranks disagree on size or type.
   std::vector<const char*> exchange(uint64_t seq, int64_t bytes, at::ScalarType dtype, bool room);
   void wait_for(uint64_t seq, bool reduced);
+  int peer_that_gave_up() const;  // a peer that gave up (set `aborted`), or -1
+  [[noreturn]] void gave_up(int peer);
   void check_peers();  // raises if a peer gave up
   [[noreturn]] void fail(const std::string& why);
 
