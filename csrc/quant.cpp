@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "aten/int8_amx.h"
 #include "aten/int8_weight.h"
 #include "combine.h"
 #include "float_bits.h"
@@ -196,8 +197,9 @@ at::Tensor QuantGemm::product(size_t i, const at::Tensor& x, bool& dequantised) 
   dequantised = false;
   switch (plan_.quant) {
     case Quant::kInt8:
-      // int32-exact: ATen's int8 GEMM (VNNI on the CPU; cuBLASLt on CUDA, which takes more than
-      // 16 rows and K, N multiples of 8); elsewhere fp64, exact for any K below 2^38.
+      // int32-exact: ATen's int8 GEMM (VNNI or AMX on the CPU; cuBLASLt on CUDA, which takes more
+      // than 16 rows and K, N multiples of 8); elsewhere fp64, exact for any K below 2^38. (Our
+      // AMX kernel, where it applies, runs in run(), fused with the epilogue.)
       if (x.is_cpu() || (x.size(0) > 16 && x.size(1) % 8 == 0 && w.size(1) % 8 == 0)) {
         return at::_int_mm(x.is_cpu() ? x : x.contiguous(), w);
       }
@@ -238,8 +240,14 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const int64_t r = x.size(0);
   const int64_t n = g.n;
   if (r == 0 || n == 0) return;
+  const at::Tensor& w = args_.weight[i];
+  // int8 on AMX: the epilogue runs on each block of sums as the kernel hands it over.
+  const RowKernel block_kernel =
+      plan_.quant == Quant::kInt8 && out.is_cpu() && out.stride(1) == 1 && int8_amx_takes(x, w)
+          ? row_kernel(at::kInt, out.scalar_type())
+          : nullptr;
   bool dequantised = false;
-  at::Tensor p = product(i, x, dequantised);
+  at::Tensor p = block_kernel != nullptr ? at::Tensor() : product(i, x, dequantised);
   const bool weight_only = plan_.quant == Quant::kWeightInt8;
   const at::TensorOptions f32 = out.options().dtype(at::kFloat);
   // The epilogue's per-column terms in fp32, [n]: the weight's scale, bias / world_size, and
@@ -255,7 +263,9 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
     row = rows.defined() ? row_scale_.index_select(0, rows.to(row_scale_.device()).add(g.out_row))
                          : row_scale_.narrow(0, g.out_row + r0, r);
   }
-  const RowKernel kernel = out.is_cpu() ? row_kernel(p.scalar_type(), out.scalar_type()) : nullptr;
+  const RowKernel kernel = block_kernel != nullptr ? block_kernel
+                           : out.is_cpu()          ? row_kernel(p.scalar_type(), out.scalar_type())
+                                                   : nullptr;
   if (kernel == nullptr || out.stride(1) != 1) {  // ATen's ops: any device, any dtype
     at::Tensor v = p.to(at::kFloat);
     if (row.defined()) v = v.mul(row.unsqueeze(1));
@@ -278,10 +288,22 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const at::Tensor sum_c = row_sum.defined() ? row_sum.contiguous() : row_sum;
   const float* row_p = row_c.defined() ? row_c.const_data_ptr<float>() : nullptr;
   const float* sum_p = sum_c.defined() ? sum_c.const_data_ptr<float>() : nullptr;
-  const auto* src = static_cast<const char*>(p.const_data_ptr());
   auto* dst = static_cast<char*>(out.mutable_data_ptr());
-  const int64_t src_row = n * static_cast<int64_t>(p.element_size());
   const int64_t dst_row = out.stride(0) * static_cast<int64_t>(out.element_size());
+  if (block_kernel != nullptr) {
+    const int64_t elem = out.element_size();
+    int8_amx_gemm(
+        x, w,
+        [&](int64_t b, int64_t rows, int64_t c, int64_t cols, const int32_t* sums, int64_t ld) {
+          for (int64_t j = b; j < b + rows; ++j) {
+            kernel(dst + j * dst_row + c * elem, sums + (j - b) * ld,
+                   row_p != nullptr ? row_p[j] : 1.0f, col_p + c, add_p + c, 0.0f, off_p + c, cols);
+          }
+        });
+    return;
+  }
+  const auto* src = static_cast<const char*>(p.const_data_ptr());
+  const int64_t src_row = n * static_cast<int64_t>(p.element_size());
   at::parallel_for(0, r, rows_per_block(n, 1 << 14), [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       kernel(dst + j * dst_row, src + j * src_row, row_p != nullptr ? row_p[j] : 1.0f, col_p, add_p,

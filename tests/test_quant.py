@@ -44,6 +44,12 @@ def _x_dtype(kind):
             "wo_fp16_offset": torch.float16, "wo_fp32": torch.float32}[kind]
 
 
+def _layout(w, i):
+    """Half of the weights (even groups) as transposes of [N, K] tensors: quantize_weights'
+    layout, the one the CPU's AMX int8 kernel reads in place."""
+    return w if i % 2 else w.t().contiguous().t()
+
+
 def make(case, rank):
     """This rank's inputs: dequantised float64 operands and the call's quantised ones."""
     g = torch.Generator().manual_seed(case.seed * 1000 + rank)
@@ -74,7 +80,7 @@ def make(case, rank):
         dw = [w * s for w, s in zip(wq, col)]
         qt = _x_dtype(case.kind)
         x_all = xq.to(qt)
-        weight = [w.to(qt) for w in wq]
+        weight = [_layout(w.to(qt), i) for i, w in enumerate(wq)]
         kw.update(scale=[s.float() for s in col], per_token_scale=row.float(),
                   output_dtype=case.output_dtype)
     else:
@@ -83,9 +89,7 @@ def make(case, rank):
         dx = x_all.double()
         offset = [ints(n, lo=-2, hi=3) for _ in range(groups)] if "offset" in case.kind else None
         dw = [(w + (offset[i] if offset else 0)) * col[i] for i, w in enumerate(wq)]
-        # Half of the weights as transposes of [N, K] tensors (quantize_weights' layout).
-        weight = [w.to(torch.int8) if i % 2 else w.t().contiguous().to(torch.int8).t()
-                  for i, w in enumerate(wq)]
+        weight = [_layout(w.to(torch.int8), i) for i, w in enumerate(wq)]
         kw.update(antiquant_scale=[s.float() for s in col],
                   antiquant_offset=[o.float() for o in offset] if offset else None)
     ends = torch.tensor(case.m).cumsum(0).tolist()
@@ -166,6 +170,9 @@ def cases_for(kind):
                                  comm_turn=2 * integers,
                                  output_dtype=torch.float32 if integers else None))
     out.append(QCase(kind, 1, k=24, bias=True))  # K that ATen's int8-weight kernel does not take
+    # K a multiple of 64, N of 16 but not 32: int8 on AMX, with a half pair of column tiles.
+    out.append(QCase(kind, 3, m=(3, 0, 40, 17), k=128, n=48, bias=True))
+    out.append(QCase(kind, 2, k=128, n=48, integers=False, output_dtype=None, combine=True))
     for split_item in (2, 3):
         out.append(QCase(kind, split_item, bias=True, combine=True))
         out.append(QCase(kind, split_item, combine=True, integers=False, output_dtype=None,
@@ -227,6 +234,39 @@ def test_weight_layouts_and_the_row_crossover_agree(world1):
             (y,) = gmm_allreduce.grouped_mat_mul_all_reduce([x], [w], world1, antiquant_scale=[s],
                                                             antiquant_offset=[o])
             assert torch.equal(y.double(), want), (m, k, n, w.stride())
+
+
+def _cpu_has_amx_int8():
+    try:
+        return "amx_int8" in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+def test_int8_amx_kernel_matches_int_mm():
+    """The CPU's AMX int8 kernel, called directly, gives torch._int_mm's sums exactly, over row
+    counts around its tiles (16, 32) and column counts around its tiles and chunks (16, 32, 256),
+    full-range int8 values, weights in the columns layout with and without padded rows; it does
+    not take what it cannot read. On a host with AMX the op must take it."""
+    takes = torch.ops.gmm_allreduce._int8_amx_takes
+    probe = (torch.zeros(1, 64, dtype=torch.int8), torch.zeros(16, 64, dtype=torch.int8).t())
+    if _cpu_has_amx_int8():
+        assert takes(*probe)
+    if not takes(*probe):
+        pytest.skip("no AMX-INT8 here")
+    g = torch.Generator().manual_seed(0)
+    for r, k, n in itertools.product((0, 1, 15, 16, 17, 33, 100), (64, 192), (16, 48, 272)):
+        x = torch.randint(-128, 128, (r, k), generator=g, dtype=torch.int8)
+        wt = torch.randint(-128, 128, (n, k + 64), generator=g, dtype=torch.int8)
+        for w in (wt[:, :k].contiguous().t(), wt[:, :k].t()):
+            assert takes(x, w)
+            got = torch.ops.gmm_allreduce._int8_amx_mm(x, w)
+            assert torch.equal(got, torch._int_mm(x, w) if r > 16 else (x.int() @ w.int())), (r, k, n)
+    x = torch.zeros(4, 64, dtype=torch.int8)
+    assert not takes(x, torch.zeros(64, 16, dtype=torch.int8))  # rows layout: ATen's
+    assert not takes(torch.zeros(4, 96, dtype=torch.int8), torch.zeros(24, 96, dtype=torch.int8).t())
+    assert not takes(x, torch.zeros(24, 64, dtype=torch.int8).t())  # N not a multiple of 16
+    assert not takes(x.t().contiguous().t(), probe[1])  # x's rows not contiguous
 
 
 def test_groups_over_several_row_blocks(world1):
