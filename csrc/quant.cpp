@@ -216,9 +216,10 @@ at::Tensor QuantGemm::product(size_t i, const at::Tensor& x, bool& dequantised) 
       return at::mm(x.to(at::kFloat), w.to(at::kFloat));  // e4m3 products are exact in fp32
     }
     default: {  // weight-only
-      // A few rows: our kernel reads the int8 weight in place (the scales in the epilogue); more:
-      // the weight dequantised to x's dtype once per group and call (kept for its next block of
-      // rows) and ATen's 16-bit GEMM.
+      // (bf16 x on AMX runs in run(), fused with the epilogue.) A few rows: our AVX-512 kernel
+      // reads the int8 weight in place (the scales in the epilogue); more: the weight dequantised
+      // to x's dtype once per group and call (kept for its next block of rows) and ATen's 16-bit
+      // GEMM.
       if (x.is_cpu() && x.size(0) <= kInt8WeightMaxRows && int8_weight_mm_available()) {
         return int8_weight_mm(x, w);
       }
@@ -241,11 +242,15 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const int64_t n = g.n;
   if (r == 0 || n == 0) return;
   const at::Tensor& w = args_.weight[i];
-  // int8 on AMX: the epilogue runs on each block of sums as the kernel hands it over.
-  const RowKernel block_kernel =
-      plan_.quant == Quant::kInt8 && out.is_cpu() && out.stride(1) == 1 && int8_amx_takes(x, w)
-          ? row_kernel(at::kInt, out.scalar_type())
-          : nullptr;
+  // On AMX (int8 x, or bf16 x with an int8 weight from kBf16AmxMinRows rows): the epilogue runs on
+  // each block of sums as the kernel hands it over.
+  const bool on_cpu = out.is_cpu() && out.stride(1) == 1;
+  const bool int8_amx = on_cpu && plan_.quant == Quant::kInt8 && int8_amx_takes(x, w);
+  const bool bf16_amx = on_cpu && plan_.quant == Quant::kWeightInt8 && r >= kBf16AmxMinRows &&
+                        bf16_int8_amx_takes(x, w);
+  const RowKernel block_kernel = int8_amx   ? row_kernel(at::kInt, out.scalar_type())
+                                 : bf16_amx ? row_kernel(at::kFloat, out.scalar_type())
+                                            : nullptr;
   bool dequantised = false;
   at::Tensor p = block_kernel != nullptr ? at::Tensor() : product(i, x, dequantised);
   const bool weight_only = plan_.quant == Quant::kWeightInt8;
@@ -292,14 +297,19 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const int64_t dst_row = out.stride(0) * static_cast<int64_t>(out.element_size());
   if (block_kernel != nullptr) {
     const int64_t elem = out.element_size();
-    int8_amx_gemm(
-        x, w,
-        [&](int64_t b, int64_t rows, int64_t c, int64_t cols, const int32_t* sums, int64_t ld) {
-          for (int64_t j = b; j < b + rows; ++j) {
-            kernel(dst + j * dst_row + c * elem, sums + (j - b) * ld,
-                   row_p != nullptr ? row_p[j] : 1.0f, col_p + c, add_p + c, 0.0f, off_p + c, cols);
-          }
-        });
+    auto sink = [&](int64_t b, int64_t rows, int64_t c, int64_t cols, const auto* sums,
+                    int64_t ld) {
+      for (int64_t j = b; j < b + rows; ++j) {
+        kernel(dst + j * dst_row + c * elem, sums + (j - b) * ld,
+               row_p != nullptr ? row_p[j] : 1.0f, col_p + c, add_p + c,
+               sum_p != nullptr ? sum_p[j] : 0.0f, off_p + c, cols);
+      }
+    };
+    if (int8_amx) {
+      int8_amx_gemm(x, w, sink);
+    } else {
+      bf16_int8_amx_gemm(x, w, sink);
+    }
     return;
   }
   const auto* src = static_cast<const char*>(p.const_data_ptr());

@@ -236,37 +236,45 @@ def test_weight_layouts_and_the_row_crossover_agree(world1):
             assert torch.equal(y.double(), want), (m, k, n, w.stride())
 
 
-def _cpu_has_amx_int8():
+def _cpu_has_amx():
     try:
-        return "amx_int8" in open("/proc/cpuinfo").read().split()
+        flags = open("/proc/cpuinfo").read().split()
+        return all(f in flags for f in ("amx_int8", "amx_bf16", "avx512_bf16"))
     except OSError:
         return False
 
 
-def test_int8_amx_kernel_matches_int_mm():
-    """The CPU's AMX int8 kernel, called directly, gives torch._int_mm's sums exactly, over row
-    counts around its tiles (16, 32) and column counts around its tiles and chunks (16, 32, 256),
-    full-range int8 values, weights in the columns layout with and without padded rows; it does
-    not take what it cannot read. On a host with AMX the op must take it."""
-    takes = torch.ops.gmm_allreduce._int8_amx_takes
+def test_amx_kernels_match_aten():
+    """The CPU's AMX kernels, called directly, give ATen's sums: int8 x (exact against
+    torch._int_mm, full-range int8) and bf16 x with an int8 weight (exact for small integers in x),
+    over row counts around their tiles (16, 32) and column counts around their tiles and chunks
+    (16, 32, 256), weights in the columns layout with and without padded rows. They do not take
+    what they cannot read; on a host with AMX the op must take them."""
+    takes, mm = torch.ops.gmm_allreduce._amx_takes, torch.ops.gmm_allreduce._amx_mm
     probe = (torch.zeros(1, 64, dtype=torch.int8), torch.zeros(16, 64, dtype=torch.int8).t())
-    if _cpu_has_amx_int8():
-        assert takes(*probe)
+    if _cpu_has_amx():
+        assert takes(*probe) and takes(probe[0].bfloat16(), probe[1])
     if not takes(*probe):
-        pytest.skip("no AMX-INT8 here")
+        pytest.skip("no AMX here")
     g = torch.Generator().manual_seed(0)
     for r, k, n in itertools.product((0, 1, 15, 16, 17, 33, 100), (64, 192), (16, 48, 272)):
-        x = torch.randint(-128, 128, (r, k), generator=g, dtype=torch.int8)
+        xs = (torch.randint(-128, 128, (r, k), generator=g, dtype=torch.int8),
+              torch.randint(-8, 9, (r, k), generator=g).bfloat16(),
+              torch.randint(-8, 9, (r, k), generator=g).bfloat16()[:, 32:])  # K of 32s, padded
         wt = torch.randint(-128, 128, (n, k + 64), generator=g, dtype=torch.int8)
-        for w in (wt[:, :k].contiguous().t(), wt[:, :k].t()):
-            assert takes(x, w)
-            got = torch.ops.gmm_allreduce._int8_amx_mm(x, w)
-            assert torch.equal(got, torch._int_mm(x, w) if r > 16 else (x.int() @ w.int())), (r, k, n)
-    x = torch.zeros(4, 64, dtype=torch.int8)
-    assert not takes(x, torch.zeros(64, 16, dtype=torch.int8))  # rows layout: ATen's
-    assert not takes(torch.zeros(4, 96, dtype=torch.int8), torch.zeros(24, 96, dtype=torch.int8).t())
-    assert not takes(x, torch.zeros(24, 64, dtype=torch.int8).t())  # N not a multiple of 16
-    assert not takes(x.t().contiguous().t(), probe[1])  # x's rows not contiguous
+        for x, w in itertools.product(xs, (wt[:, :k].contiguous().t(), wt[:, :k].t())):
+            w = w[:x.shape[1]]
+            assert takes(x, w), (x.dtype, r, k, n)
+            want = (x.double() @ w.double()).to(torch.int32 if x.dtype == torch.int8 else torch.float)
+            assert torch.equal(mm(x, w), want), (x.dtype, r, k, n)
+    zeros = torch.zeros(4, 64, dtype=torch.int8)
+    for x in (zeros, zeros.bfloat16()):
+        assert not takes(x, torch.zeros(64, 16, dtype=torch.int8))  # rows layout
+        assert not takes(x, torch.zeros(24, 64, dtype=torch.int8).t())  # N not a multiple of 16
+        assert not takes(x.t().contiguous().t(), probe[1])  # x's rows not contiguous
+    assert not takes(torch.zeros(4, 96, dtype=torch.int8), torch.zeros(16, 96, dtype=torch.int8).t())
+    assert not takes(torch.zeros(4, 48).bfloat16(), torch.zeros(16, 48, dtype=torch.int8).t())
+    assert not takes(torch.zeros(4, 64).half(), probe[1])
 
 
 def test_groups_over_several_row_blocks(world1):

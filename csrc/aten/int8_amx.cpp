@@ -10,8 +10,9 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#define GMM_INT8_AMX 1
-#define GMM_AMX __attribute__((target("avx512f,avx512bw,amx-tile,amx-int8")))
+#define GMM_AMX_KERNELS 1
+#define GMM_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-int8,amx-bf16")))
 #define GMM_UNROLL _Pragma("GCC unroll 16")
 // GCC 12's unpack intrinsics start from a vector it sees as uninitialised (`__Y = __Y`), once
 // inlined into a target-attributed function: a false warning.
@@ -21,14 +22,19 @@
 namespace gmm_allreduce {
 namespace {
 
-// A tile of int8 is 16 rows of 64 bytes; one of int32, 16 rows of 16 values.
+// A tile is 16 rows of 64 bytes: 64 int8 or 32 bf16 of k per row of operands, 16 sums per row
+// of the results (int32 or fp32).
 constexpr int64_t kTileRows = 16;
-constexpr int64_t kTileK = 64;
-constexpr int64_t kTileBytes = kTileRows * kTileK;
+constexpr int64_t kTileRowBytes = 64;
+constexpr int64_t kTileBytes = kTileRows * kTileRowBytes;
 // Columns of the blocks handed to the sink.
 constexpr int64_t kChunk = 256;
 
-#ifdef GMM_INT8_AMX
+// The weight's tiles, the first operand: int8 loaded in place (W8A8), or int8 widened to bf16
+// into a buffer (weight-only with bf16 x: int8 values are exact in bf16).
+enum class Weight { kInt8, kInt8AsBf16 };
+
+#ifdef GMM_AMX_KERNELS
 
 // The 16 x 16 matrix of 32-bit values in v[0..15] (one row each), transposed in place.
 GMM_AMX inline void transpose16(__m512i (&v)[16]) {
@@ -60,7 +66,7 @@ GMM_AMX inline void transpose16(__m512i (&v)[16]) {
   }
 }
 
-// The tiles' shapes (palette 1): tiles 0-3 the int32 sums, 4-5 weight, 6-7 x; all 16 x 64 bytes.
+// The tiles' shapes (palette 1): tiles 0-3 the sums, 4-5 the weight, 6-7 x; all 16 x 64 bytes.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -69,47 +75,64 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// x's rows as the tiles' second operand: for each block of 16 rows (zeros past r) and each 64 of
-// k, one tile whose row q holds, for each of the 16 rows, its 4 values at k = 4q .. 4q + 3.
-GMM_AMX void pack_x(const int8_t* x, int64_t ldx, int64_t r, int64_t k, int64_t blocks,
-                    int8_t* packed) {
-  const int64_t steps = k / kTileK;
+// x's rows as the tiles' second operand: for each block of 16 rows (zeros past r) and each 64
+// bytes of a row, one tile whose row q holds, for each of the 16 rows, its 4 bytes at 4q (4 int8
+// or 2 bf16 of k).
+GMM_AMX void pack_x(const char* x, int64_t ldx, int64_t r, int64_t row_bytes, int64_t blocks,
+                    char* packed) {
+  const int64_t steps = row_bytes / kTileRowBytes;
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t s = 0; s < steps; ++s) {
       __m512i v[16];
       GMM_UNROLL
       for (int i = 0; i < 16; ++i) {
         const int64_t row = b * kTileRows + i;
-        v[i] = row < r ? _mm512_loadu_si512(x + row * ldx + s * kTileK) : _mm512_setzero_si512();
+        v[i] = row < r ? _mm512_loadu_si512(x + row * ldx + s * kTileRowBytes)
+                       : _mm512_setzero_si512();
       }
       transpose16(v);
-      int8_t* dst = packed + (b * steps + s) * kTileBytes;
+      char* dst = packed + (b * steps + s) * kTileBytes;
       GMM_UNROLL
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * kTileK, v[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * kTileRowBytes, v[i]);
     }
   }
 }
 
+// 16 rows of 32 int8 weights (row stride ldw) as a bf16 tile.
+GMM_AMX inline void widen_to_bf16(const int8_t* w, int64_t ldw, char* tile) {
+  GMM_UNROLL
+  for (int i = 0; i < 16; ++i) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * ldw));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    _mm512_store_si512(tile + i * kTileRowBytes, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
 // Output columns [n_begin, n_end) (multiples of 16) of x @ w, handed to `sink` a block of 32 rows
-// and up to kChunk columns at a time. For each 32 rows and 32 columns, four tiles of sums over k of
-// weight tiles ([16 columns, 64 k], loaded in place) by x's packed tiles; the sums come out as
+// and up to kChunk columns at a time. For each 32 rows and 32 columns, up to four tiles of sums
+// over k of weight tiles ([16 columns, 64 bytes of k]) by x's packed tiles; the sums come out as
 // [column, row] and are transposed into the block.
-GMM_AMX void columns(const int8_t* packed, int64_t r, int64_t k, const int8_t* w, int64_t ldw,
-                     int64_t n_begin, int64_t n_end, Int8Sink sink) {
+template <Weight kW, typename S>
+GMM_AMX void columns(const char* packed, int64_t r, int64_t k, const int8_t* w, int64_t ldw,
+                     int64_t n_begin, int64_t n_end, BlockSink<S> sink) {
+  constexpr int64_t kStepK = kW == Weight::kInt8 ? kTileRowBytes : kTileRowBytes / 2;
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
-    cfg.bytes_per_row[t] = kTileK;
+    cfg.bytes_per_row[t] = kTileRowBytes;
     cfg.rows[t] = kTileRows;
   }
   _tile_loadconfig(&cfg);
-  const int64_t steps = k / kTileK;
-  alignas(64) int32_t sums[4][kTileRows * kTileRows];
-  alignas(64) int32_t block[2 * kTileRows * kChunk];
+  const int64_t steps = k / kStepK;
+  alignas(64) S sums[4][kTileRows * kTileRows];
+  alignas(64) S block[2 * kTileRows * kChunk];
+  alignas(64) char widened[2][kTileBytes];
   for (int64_t c0 = n_begin; c0 < n_end; c0 += kChunk) {
     const int64_t c1 = std::min(n_end, c0 + kChunk);
     for (int64_t m0 = 0; m0 < r; m0 += 2 * kTileRows) {
-      const int8_t* x0 = packed + (m0 / kTileRows) * steps * kTileBytes;
-      const int8_t* x1 = x0 + steps * kTileBytes;  // zeros past r: packed for whole pairs
+      const bool two_m = m0 + kTileRows < r;
+      const char* x0 = packed + (m0 / kTileRows) * steps * kTileBytes;
+      const char* x1 = x0 + steps * kTileBytes;
       for (int64_t n0 = c0; n0 < c1; n0 += 2 * kTileRows) {
         const bool two_n = n0 + kTileRows < c1;
         const int8_t* w0 = w + n0 * ldw;
@@ -124,28 +147,49 @@ GMM_AMX void columns(const int8_t* packed, int64_t r, int64_t k, const int8_t* w
         for (int64_t s = 0; s < steps; ++s) {
           if (next != nullptr) {
             for (int64_t c = 0; c < 2 * kTileRows; ++c) {
-              _mm_prefetch(reinterpret_cast<const char*>(next + c * ldw + s * kTileK), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(next + c * ldw + s * kStepK), _MM_HINT_T0);
             }
           }
-          _tile_loadd(4, w0 + s * kTileK, ldw);
-          _tile_loadd(5, w1 + s * kTileK, ldw);
-          _tile_loadd(6, x0 + s * kTileBytes, kTileK);
-          _tile_loadd(7, x1 + s * kTileBytes, kTileK);
-          _tile_dpbssd(0, 4, 6);
-          _tile_dpbssd(1, 4, 7);
-          _tile_dpbssd(2, 5, 6);
-          _tile_dpbssd(3, 5, 7);
+          if constexpr (kW == Weight::kInt8) {
+            _tile_loadd(4, w0 + s * kStepK, ldw);
+            _tile_loadd(5, w1 + s * kStepK, ldw);
+          } else {
+            widen_to_bf16(w0 + s * kStepK, ldw, widened[0]);
+            widen_to_bf16(w1 + s * kStepK, ldw, widened[1]);
+            _tile_loadd(4, widened[0], kTileRowBytes);
+            _tile_loadd(5, widened[1], kTileRowBytes);
+          }
+          _tile_loadd(6, x0 + s * kTileBytes, kTileRowBytes);
+          if constexpr (kW == Weight::kInt8) {
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(2, 5, 6);
+          } else {
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+          }
+          if (two_m) {
+            _tile_loadd(7, x1 + s * kTileBytes, kTileRowBytes);
+            if constexpr (kW == Weight::kInt8) {
+              _tile_dpbssd(1, 4, 7);
+              _tile_dpbssd(3, 5, 7);
+            } else {
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
         }
-        _tile_stored(0, sums[0], kTileK);
-        _tile_stored(1, sums[1], kTileK);
-        _tile_stored(2, sums[2], kTileK);
-        _tile_stored(3, sums[3], kTileK);
-        for (int t = 0; t < (two_n ? 4 : 2); ++t) {
+        _tile_stored(0, sums[0], kTileRowBytes);
+        _tile_stored(1, sums[1], kTileRowBytes);
+        _tile_stored(2, sums[2], kTileRowBytes);
+        _tile_stored(3, sums[3], kTileRowBytes);
+        for (int t = 0; t < 4; ++t) {
+          if ((t & 1) && !two_m) continue;
+          if ((t >> 1) && !two_n) continue;
           __m512i v[16];
           GMM_UNROLL
           for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(sums[t] + i * kTileRows);
           transpose16(v);
-          int32_t* dst = block + (t & 1) * kTileRows * kChunk + (n0 - c0) + (t >> 1) * kTileRows;
+          S* dst = block + (t & 1) * kTileRows * kChunk + (n0 - c0) + (t >> 1) * kTileRows;
           GMM_UNROLL
           for (int i = 0; i < 16; ++i) _mm512_store_si512(dst + i * kChunk, v[i]);
         }
@@ -156,69 +200,107 @@ GMM_AMX void columns(const int8_t* packed, int64_t r, int64_t k, const int8_t* w
   _tile_release();
 }
 
-bool detect() {
+// x @ w through columns<kW>: x packed once, threads taking chunks of columns.
+template <Weight kW, typename S>
+void gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<S> sink) {
+  const int64_t r = x.size(0), k = x.size(1), n = w.size(1);
+  if (r == 0 || n == 0) return;
+  const int64_t row_bytes = k * x.element_size();
+  const int64_t blocks = (r + 2 * kTileRows - 1) / (2 * kTileRows) * 2;  // whole pairs of 16 rows
+  at::Tensor packed = at::empty({blocks * row_bytes * kTileRows}, x.options().dtype(at::kChar));
+  char* packed_p = static_cast<char*>(packed.mutable_data_ptr());
+  pack_x(static_cast<const char*>(x.const_data_ptr()), x.stride(0) * x.element_size(), r, row_bytes,
+         blocks, packed_p);
+  const int8_t* w_p = w.const_data_ptr<int8_t>();
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  // Threads take chunks of columns: about 2^22 multiply-adds each at least.
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * k * kChunk));
+  at::parallel_for(0, chunks, grain, [&](int64_t b, int64_t e) {
+    columns<kW, S>(packed_p, r, k, w_p, w.stride(1), b * kChunk, std::min(n, e * kChunk), sink);
+  });
+}
+
+// Whether the CPU has AMX-TILE and AMX-INT8 (int8) or AMX-BF16 and AVX512-BF16 (bf16), with
+// AVX-512 F and BW, and the OS lets this process use the tiles.
+bool detect(bool bf16) {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
-  const bool avx512 = (b & (1u << 16)) != 0 && (b & (1u << 30)) != 0;  // F, BW
-  const bool amx = (d & (1u << 24)) != 0 && (d & (1u << 25)) != 0;     // TILE, INT8
-  if (!avx512 || !amx) return false;
+  const bool avx512 = (b & (1u << 16)) != 0 && (b & (1u << 30)) != 0 && (b & (1u << 31)) != 0;
+  const bool tile = (d & (1u << 24)) != 0;
+  const bool int8 = (d & (1u << 25)) != 0;
+  const bool amx_bf16 = (d & (1u << 22)) != 0;
+  bool avx512_bf16 = false;
+  if (a >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0) avx512_bf16 = (a & (1u << 5)) != 0;
+  if (!avx512 || !tile || !(bf16 ? amx_bf16 && avx512_bf16 : int8)) return false;
   // Linux hands out the tiles' state only to a process that asks for it (5.16+).
   constexpr long kReqXcompPerm = 0x1023;
   constexpr long kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-#endif  // GMM_INT8_AMX
+#endif  // GMM_AMX_KERNELS
 
-}  // namespace
-
-bool int8_amx_available() {
-#ifdef GMM_INT8_AMX
-  static const bool available = detect();
-  return available;
+bool amx(bool bf16) {
+#ifdef GMM_AMX_KERNELS
+  static const bool int8 = detect(false);
+  static const bool bf16_too = detect(true);
+  return bf16 ? bf16_too : int8;
 #else
+  (void)bf16;
   return false;
 #endif
 }
 
-bool int8_amx_takes(const at::Tensor& x, const at::Tensor& w) {
-  return x.is_cpu() && w.is_cpu() && x.scalar_type() == at::kChar && w.scalar_type() == at::kChar &&
-         x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(0) && x.size(1) % kTileK == 0 &&
-         w.size(1) % kTileRows == 0 && x.stride(1) == 1 && w.stride(0) == 1 &&
-         w.stride(1) >= w.size(0) && int8_amx_available();
+// The pair's common conditions: 2-D on the CPU, int8 weight in the columns layout of N a multiple
+// of 16, x's rows contiguous and K a multiple of `k_multiple`.
+bool tile_layout(const at::Tensor& x, const at::Tensor& w, int64_t k_multiple) {
+  return x.is_cpu() && w.is_cpu() && w.scalar_type() == at::kChar && x.dim() == 2 && w.dim() == 2 &&
+         x.size(1) == w.size(0) && x.size(1) % k_multiple == 0 && w.size(1) % kTileRows == 0 &&
+         x.stride(1) == 1 && w.stride(0) == 1 && w.stride(1) >= w.size(0);
 }
 
-void int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, Int8Sink sink) {
+}  // namespace
+
+bool int8_amx_takes(const at::Tensor& x, const at::Tensor& w) {
+  return x.scalar_type() == at::kChar && tile_layout(x, w, kTileRowBytes) && amx(false);
+}
+
+void int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t> sink) {
   TORCH_CHECK(int8_amx_takes(x, w), "int8_amx_gemm: a pair the AMX kernel does not take");
-#ifdef GMM_INT8_AMX
-  const int64_t r = x.size(0), k = x.size(1), n = w.size(1);
-  if (r == 0 || n == 0) return;
-  const int64_t blocks = (r + 2 * kTileRows - 1) / (2 * kTileRows) * 2;  // whole pairs of 16 rows
-  at::Tensor packed = at::empty({blocks * k * kTileRows}, x.options());
-  pack_x(x.const_data_ptr<int8_t>(), x.stride(0), r, k, blocks, packed.mutable_data_ptr<int8_t>());
-  const int8_t* packed_p = packed.const_data_ptr<int8_t>();
-  const int8_t* w_p = w.const_data_ptr<int8_t>();
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  // Threads take chunks of columns: about 2^22 MACs each at least.
-  const int64_t grain =
-      std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * k * kChunk));
-  at::parallel_for(0, chunks, grain, [&](int64_t b, int64_t e) {
-    columns(packed_p, r, k, w_p, w.stride(1), b * kChunk, std::min(n, e * kChunk), sink);
-  });
+#ifdef GMM_AMX_KERNELS
+  gemm<Weight::kInt8, int32_t>(x, w, sink);
 #endif
 }
 
-at::Tensor int8_amx_mm(const at::Tensor& x, const at::Tensor& w) {
-  at::Tensor out = at::zeros({x.size(0), w.size(1)}, x.options().dtype(at::kInt));
-  int32_t* out_p = out.mutable_data_ptr<int32_t>();
+bool bf16_int8_amx_takes(const at::Tensor& x, const at::Tensor& w) {
+  return x.scalar_type() == at::kBFloat16 && tile_layout(x, w, kTileRowBytes / 2) && amx(true);
+}
+
+void bf16_int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<float> sink) {
+  TORCH_CHECK(bf16_int8_amx_takes(x, w), "bf16_int8_amx_gemm: a pair the AMX kernel does not take");
+#ifdef GMM_AMX_KERNELS
+  gemm<Weight::kInt8AsBf16, float>(x, w, sink);
+#endif
+}
+
+at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& w) {
+  const bool int8 = x.scalar_type() == at::kChar;
+  at::Tensor out =
+      at::zeros({x.size(0), w.size(1)}, x.options().dtype(int8 ? at::kInt : at::kFloat));
   const int64_t n = out.size(1);
-  int8_amx_gemm(
-      x, w,
-      [&](int64_t row, int64_t rows, int64_t col, int64_t cols, const int32_t* sums, int64_t ld) {
-        for (int64_t i = 0; i < rows; ++i) {
-          std::copy_n(sums + i * ld, cols, out_p + (row + i) * n + col);
-        }
-      });
+  auto copy = [&](auto* out_p) {
+    return [out_p, n](int64_t row, int64_t rows, int64_t col, int64_t cols, const auto* sums,
+                      int64_t ld) {
+      for (int64_t i = 0; i < rows; ++i)
+        std::copy_n(sums + i * ld, cols, out_p + (row + i) * n + col);
+    };
+  };
+  if (int8) {
+    int8_amx_gemm(x, w, copy(out.mutable_data_ptr<int32_t>()));
+  } else {
+    bf16_int8_amx_gemm(x, w, copy(out.mutable_data_ptr<float>()));
+  }
   return out;
 }
 

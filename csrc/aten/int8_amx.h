@@ -1,8 +1,12 @@
-// The CPU's int8 GEMM on AMX (the tile registers of Intel Xeon since Sapphire Rapids): x [r, k]
-// int8 times an int8 weight [k, n] held in the columns layout ([n, k] rows, as quantize_weights
-// returns it), exact in int32. ATen's torch._int_mm takes 1.5-2x its time on a W8A8 expert's
-// shapes (benchmarks/RESULTS.md): it reorders the whole weight for every call, where this kernel
-// loads the weight's tiles in place and reorders only x.
+// The CPU's GEMMs with an int8 weight on AMX (the tile registers of Intel Xeon since Sapphire
+// Rapids), the weight held in the columns layout ([n, k] rows, as quantize_weights returns it):
+// - int8 x (W8A8): x [r, k] int8 @ w [k, n] int8, exact in int32. ATen's torch._int_mm takes
+//   about 1.6x its time on a W8A8 expert's shapes (benchmarks/RESULTS.md): it reorders the whole
+//   weight on every call, where this kernel loads the weight's tiles in place and reorders x;
+// - bf16 x (weight-only): x [r, k] bf16 @ w [k, n] int8, the weight widened to bf16 (exact) a
+//   tile at a time in cache, sums in fp32: the int8 weight is read once, and the products run on
+//   the tiles rather than on AVX-512 FMAs.
+// Both hand their sums to the caller a block at a time, so that its epilogue reads them in cache.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,24 +14,36 @@
 
 namespace gmm_allreduce {
 
-// Whether the CPU has AMX-INT8 and the OS lets this process use its tiles.
-bool int8_amx_available();
-
-// Whether int8_amx_mm takes this pair: available, both int8 on the CPU, x's rows contiguous,
-// the weight in the columns layout, k a multiple of 64 and n of 16.
-bool int8_amx_takes(const at::Tensor& x, const at::Tensor& w);
-
-// Receives the int32 sums of x @ w a block at a time: (row, rows, col, cols, sums, ld) for rows
+// Receives the sums of x @ w a block at a time: (row, rows, col, cols, sums, ld) for rows
 // [row, row + rows) and columns [col, col + cols), element (i, j) at sums[i * ld + j]. Called
 // from several threads at once, for disjoint blocks.
-using Int8Sink =
-    c10::function_ref<void(int64_t, int64_t, int64_t, int64_t, const int32_t*, int64_t)>;
+template <typename S>
+using BlockSink = c10::function_ref<void(int64_t, int64_t, int64_t, int64_t, const S*, int64_t)>;
 
-// x [r, k] @ w [k, n], exact in int32, handed to `sink` block by block, so that the caller's
-// epilogue reads the sums while they are in cache. Requires int8_amx_takes(x, w).
-void int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, Int8Sink sink);
+// Whether int8_amx_gemm takes this pair: the CPU has AMX-INT8 and the OS lets this process use
+// it, both int8, x's rows contiguous, the weight in the columns layout, k a multiple of 64 and n
+// of 16.
+bool int8_amx_takes(const at::Tensor& x, const at::Tensor& w);
 
-// x @ w as torch._int_mm computes it: [r, n] int32 (tests).
-at::Tensor int8_amx_mm(const at::Tensor& x, const at::Tensor& w);
+// x @ w, exact in int32. Requires int8_amx_takes(x, w).
+void int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t> sink);
+
+// Whether bf16_int8_amx_gemm takes this pair: AMX-BF16 and AVX512-BF16, x bf16 with its rows
+// contiguous, the weight int8 in the columns layout, k a multiple of 32 and n of 16.
+bool bf16_int8_amx_takes(const at::Tensor& x, const at::Tensor& w);
+
+// Rows of x from which bf16_int8_amx_gemm serves weight-only calls: its widening of the weight
+// costs the same for any rows, so that at 1 and 2 rows the AVX-512 kernel (int8_weight.h) takes
+// 0.6 of its time, at 4 about the same, at 8 1.5x (benchmarks/RESULTS.md).
+constexpr int64_t kBf16AmxMinRows = 5;
+
+// x @ w, sums in fp32. Requires bf16_int8_amx_takes(x, w). Each 32 rows of x widen the weight
+// once more; still, at 48 to 256 rows per group it takes 0.4-0.7 of the time of dequantising the
+// weight once and running ATen's bf16 GEMM (benchmarks/RESULTS.md).
+void bf16_int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<float> sink);
+
+// x @ w through the kernel that takes the pair, as an [r, n] tensor: int32 for int8 x, fp32 for
+// bf16 x (tests).
+at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& w);
 
 }  // namespace gmm_allreduce
