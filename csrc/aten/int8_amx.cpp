@@ -137,18 +137,17 @@ GMM_AMX void columns(const char* packed, int64_t r, int64_t k, const int8_t* w, 
         const bool two_n = n0 + kTileRows < c1;
         const int8_t* w0 = w + n0 * ldw;
         const int8_t* w1 = two_n ? w0 + kTileRows * ldw : w0;
-        // The first pass over the rows reads the weight from memory: fetch the next 32 columns'.
-        const int8_t* next =
-            m0 == 0 && n0 + 2 * kTileRows < c1 ? w0 + 2 * kTileRows * ldw : nullptr;
+        // The first pass over the rows reads the weight from memory: fetch the next (up to) 32
+        // columns', across chunks.
+        const int64_t ahead = m0 == 0 ? std::min(2 * kTileRows, n_end - n0 - 2 * kTileRows) : 0;
+        const int8_t* next = w0 + 2 * kTileRows * ldw;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t s = 0; s < steps; ++s) {
-          if (next != nullptr) {
-            for (int64_t c = 0; c < 2 * kTileRows; ++c) {
-              _mm_prefetch(reinterpret_cast<const char*>(next + c * ldw + s * kStepK), _MM_HINT_T0);
-            }
+          for (int64_t c = 0; c < ahead; ++c) {
+            _mm_prefetch(reinterpret_cast<const char*>(next + c * ldw + s * kStepK), _MM_HINT_T0);
           }
           if constexpr (kW == Weight::kInt8) {
             _tile_loadd(4, w0 + s * kStepK, ldw);
