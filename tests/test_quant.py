@@ -5,6 +5,7 @@ split mode, with and without bias, the combine, the reduce-scatter, comm_turn, a
 check_ranks and reduce_dtype; the weight-only kernel on both sides of its row crossover; errors
 before any communication; inference only; opcheck and torch.compile; the helpers and the layer."""
 
+import ctypes
 import dataclasses
 import itertools
 
@@ -237,9 +238,14 @@ def test_weight_layouts_and_the_row_crossover_agree(world1):
 
 
 def _cpu_has_amx():
+    """The CPU has AMX (int8 and bf16) and Linux lets this process use its tiles."""
     try:
         flags = open("/proc/cpuinfo").read().split()
-        return all(f in flags for f in ("amx_int8", "amx_bf16", "avx512_bf16"))
+        if not all(f in flags for f in ("amx_int8", "amx_bf16", "avx512_bf16")):
+            return False
+        libc = ctypes.CDLL(None, use_errno=True)
+        sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18  # x86-64 Linux
+        return libc.syscall(sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata) == 0
     except OSError:
         return False
 

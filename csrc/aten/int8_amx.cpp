@@ -109,6 +109,17 @@ GMM_AMX inline void widen_to_bf16(const int8_t* w, int64_t ldw, char* tile) {
   }
 }
 
+// Tile c += tile wt (weight) . tile xt (x): int8 sums in int32, or bf16 sums in fp32. A macro:
+// the tile intrinsics take the tiles' numbers as literals (GCC pastes them into the instruction).
+#define GMM_DOT(kW, c, wt, xt)           \
+  do {                                   \
+    if constexpr (kW == Weight::kInt8) { \
+      _tile_dpbssd(c, wt, xt);           \
+    } else {                             \
+      _tile_dpbf16ps(c, wt, xt);         \
+    }                                    \
+  } while (false)
+
 // Output columns [n_begin, n_end) (multiples of 16) of x @ w, handed to `sink` a block of 32 rows
 // and up to kChunk columns at a time. For each 32 rows and 32 columns, up to four tiles of sums
 // over k of weight tiles ([16 columns, 64 bytes of k]) by x's packed tiles; the sums come out as
@@ -159,22 +170,12 @@ GMM_AMX void columns(const char* packed, int64_t r, int64_t k, const int8_t* w, 
             _tile_loadd(5, widened[1], kTileRowBytes);
           }
           _tile_loadd(6, x0 + s * kTileBytes, kTileRowBytes);
-          if constexpr (kW == Weight::kInt8) {
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(2, 5, 6);
-          } else {
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(2, 5, 6);
-          }
+          GMM_DOT(kW, 0, 4, 6);
+          GMM_DOT(kW, 2, 5, 6);
           if (two_m) {
             _tile_loadd(7, x1 + s * kTileBytes, kTileRowBytes);
-            if constexpr (kW == Weight::kInt8) {
-              _tile_dpbssd(1, 4, 7);
-              _tile_dpbssd(3, 5, 7);
-            } else {
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(3, 5, 7);
-            }
+            GMM_DOT(kW, 1, 4, 7);
+            GMM_DOT(kW, 3, 5, 7);
           }
         }
         _tile_stored(0, sums[0], kTileRowBytes);
