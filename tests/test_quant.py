@@ -254,8 +254,9 @@ def test_amx_kernels_match_aten():
     """The CPU's AMX kernels, called directly, give ATen's sums: int8 x (exact against
     torch._int_mm, full-range int8) and bf16 x with an int8 weight (exact for small integers in x),
     over row counts around their tiles (16, 32) and column counts around their tiles and chunks
-    (16, 32, 256), weights in the columns layout with and without padded rows. They do not take
-    what they cannot read; on a host with AMX the op must take them."""
+    (16, 32, 256), weights in the columns layout (and for bf16 x the rows layout) with and without
+    padded rows. They do not take what they cannot read; on a host with AMX the op must take
+    them."""
     takes, mm = torch.ops.gmm_allreduce._amx_takes, torch.ops.gmm_allreduce._amx_mm
     probe = (torch.zeros(1, 64, dtype=torch.int8), torch.zeros(16, 64, dtype=torch.int8).t())
     if _cpu_has_amx():
@@ -268,14 +269,19 @@ def test_amx_kernels_match_aten():
               torch.randint(-8, 9, (r, k), generator=g).bfloat16(),
               torch.randint(-8, 9, (r, k), generator=g).bfloat16()[:, 32:])  # K of 32s, padded
         wt = torch.randint(-128, 128, (n, k + 64), generator=g, dtype=torch.int8)
-        for x, w in itertools.product(xs, (wt[:, :k].contiguous().t(), wt[:, :k].t())):
+        wr = torch.randint(-128, 128, (k, n + 64), generator=g, dtype=torch.int8)
+        columns = (wt[:, :k].contiguous().t(), wt[:, :k].t())
+        rows = (wr[:, :n].contiguous(), wr[:, :n])
+        pairs = [(xs[0], w) for w in columns] + list(itertools.product(xs[1:], columns + rows))
+        for x, w in pairs:
             w = w[:x.shape[1]]
             assert takes(x, w), (x.dtype, r, k, n)
             want = (x.double() @ w.double()).to(torch.int32 if x.dtype == torch.int8 else torch.float)
             assert torch.equal(mm(x, w), want), (x.dtype, r, k, n)
     zeros = torch.zeros(4, 64, dtype=torch.int8)
+    assert not takes(zeros, torch.zeros(64, 16, dtype=torch.int8))  # int8 x, rows layout
+    assert not takes(zeros.bfloat16(), torch.zeros(64, 32, dtype=torch.int8)[:, ::2])  # neither
     for x in (zeros, zeros.bfloat16()):
-        assert not takes(x, torch.zeros(64, 16, dtype=torch.int8))  # rows layout
         assert not takes(x, torch.zeros(24, 64, dtype=torch.int8).t())  # N not a multiple of 16
         assert not takes(x.t().contiguous().t(), probe[1])  # x's rows not contiguous
     assert not takes(torch.zeros(4, 96, dtype=torch.int8), torch.zeros(16, 96, dtype=torch.int8).t())

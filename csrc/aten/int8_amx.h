@@ -1,11 +1,13 @@
 // The CPU's GEMMs with an int8 weight on AMX (the tile registers of Intel Xeon since Sapphire
-// Rapids), the weight held in the columns layout ([n, k] rows, as quantize_weights returns it):
-// - int8 x (W8A8): x [r, k] int8 @ w [k, n] int8, exact in int32. ATen's torch._int_mm takes
-//   about 1.6x its time on a W8A8 expert's shapes (benchmarks/RESULTS.md): it reorders the whole
-//   weight on every call, where this kernel loads the weight's tiles in place and reorders x;
-// - bf16 x (weight-only): x [r, k] bf16 @ w [k, n] int8, the weight widened to bf16 (exact) a
-//   tile at a time in cache, sums in fp32: the int8 weight is read once, and the products run on
-//   the tiles rather than on AVX-512 FMAs.
+// Rapids). The columns layout of a weight [k, n] is the transpose of [n, k] rows (as
+// quantize_weights returns it); the rows layout, [k, n] rows.
+// - int8 x (W8A8): x [r, k] int8 @ w [k, n] int8 in the columns layout, exact in int32. ATen's
+//   torch._int_mm takes about 1.6x its time on a W8A8 expert's shapes (benchmarks/RESULTS.md): it
+//   reorders the whole weight on every call, where this kernel loads the weight's tiles in place
+//   and reorders x;
+// - bf16 x (weight-only): x [r, k] bf16 @ w [k, n] int8 in the columns or the rows layout, the
+//   weight widened to bf16 (exact) a tile at a time in cache, sums in fp32: the int8 weight is
+//   read once, and the products run on the tiles rather than on AVX-512 FMAs.
 // Both hand their sums to the caller a block at a time, so that its epilogue reads them in cache.
 #pragma once
 
@@ -29,7 +31,7 @@ bool int8_amx_takes(const at::Tensor& x, const at::Tensor& w);
 void int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t> sink);
 
 // Whether bf16_int8_amx_gemm takes this pair: AMX-BF16 and AVX512-BF16, x bf16 with its rows
-// contiguous, the weight int8 in the columns layout, k a multiple of 32 and n of 16.
+// contiguous, the weight int8 in the columns or the rows layout, k a multiple of 32 and n of 16.
 bool bf16_int8_amx_takes(const at::Tensor& x, const at::Tensor& w);
 
 // Rows of x from which bf16_int8_amx_gemm serves weight-only calls: its widening of the weight
