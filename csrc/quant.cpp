@@ -6,6 +6,7 @@
 #include <string>
 
 #include "aten/int8_amx.h"
+#include "aten/int8_vnni.h"
 #include "aten/int8_weight.h"
 #include "combine.h"
 #include "float_bits.h"
@@ -199,7 +200,7 @@ at::Tensor QuantGemm::product(size_t i, const at::Tensor& x, bool& dequantised) 
     case Quant::kInt8:
       // int32-exact: ATen's int8 GEMM (VNNI or AMX on the CPU; cuBLASLt on CUDA, which takes more
       // than 16 rows and K, N multiples of 8); elsewhere fp64, exact for any K below 2^38. (Our
-      // AMX kernel, where it applies, runs in run(), fused with the epilogue.)
+      // AMX or VNNI kernel, where it applies, runs in run(), fused with the epilogue.)
       if (x.is_cpu() || (x.size(0) > 16 && x.size(1) % 8 == 0 && w.size(1) % 8 == 0)) {
         return at::_int_mm(x.is_cpu() ? x : x.contiguous(), w);
       }
@@ -242,15 +243,17 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const int64_t n = g.n;
   if (r == 0 || n == 0) return;
   const at::Tensor& w = args_.weight[i];
-  // On AMX (int8 x, or bf16 x with an int8 weight from kBf16AmxMinRows rows): the epilogue runs on
-  // each block of sums as the kernel hands it over.
+  // Our kernels (int8 x on AMX or else VNNI; bf16 x with an int8 weight on AMX from
+  // kBf16AmxMinRows rows): the epilogue runs on each block of sums as the kernel hands it over.
   const bool on_cpu = out.is_cpu() && out.stride(1) == 1;
   const bool int8_amx = on_cpu && plan_.quant == Quant::kInt8 && int8_amx_takes(x, w);
+  const bool int8_vnni =
+      on_cpu && plan_.quant == Quant::kInt8 && !int8_amx && int8_vnni_takes(x, w);
   const bool bf16_amx = on_cpu && plan_.quant == Quant::kWeightInt8 && r >= kBf16AmxMinRows &&
                         bf16_int8_amx_takes(x, w);
-  const RowKernel block_kernel = int8_amx   ? row_kernel(at::kInt, out.scalar_type())
-                                 : bf16_amx ? row_kernel(at::kFloat, out.scalar_type())
-                                            : nullptr;
+  const RowKernel block_kernel = int8_amx || int8_vnni ? row_kernel(at::kInt, out.scalar_type())
+                                 : bf16_amx            ? row_kernel(at::kFloat, out.scalar_type())
+                                                       : nullptr;
   bool dequantised = false;
   at::Tensor p = block_kernel != nullptr ? at::Tensor() : product(i, x, dequantised);
   const bool weight_only = plan_.quant == Quant::kWeightInt8;
@@ -307,6 +310,8 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
     };
     if (int8_amx) {
       int8_amx_gemm(x, w, sink);
+    } else if (int8_vnni) {
+      int8_vnni_gemm(x, w, sink);
     } else {
       bf16_int8_amx_gemm(x, w, sink);
     }

@@ -44,7 +44,7 @@ def quantize_weights(weight_list: Sequence[torch.Tensor], dtype: torch.dtype = t
 
     Pass scale as the ops' ``scale`` (W8A8 calls) or ``antiquant_scale`` (weight-only int8). Each
     q[i] is the transpose of an [N_i, K_i] contiguous tensor: the layout the CPU's int8 kernels
-    read without a copy, and the only one its AMX kernels take (any layout is accepted).
+    read without a copy, and the only one its W8A8 kernels take (any layout is accepted).
     """
     limit = _check_dtype(dtype)
     q, scales = [], []

@@ -47,7 +47,7 @@ def _x_dtype(kind):
 
 def _layout(w, i):
     """Half of the weights (even groups) as transposes of [N, K] tensors: quantize_weights'
-    layout, the one the CPU's AMX int8 kernel reads in place."""
+    layout, the one the CPU's int8 kernels (AMX, VNNI) read in place."""
     return w if i % 2 else w.t().contiguous().t()
 
 
@@ -222,7 +222,8 @@ def test_async_check_ranks_and_reduce_dtype(pools):
 def test_weight_layouts_and_the_row_crossover_agree(world1):
     """The weight-only call reads [K, N] weights in either layout (rows or columns contiguous, or
     neither), at M below and above the crossover, K and N of whole and partial vector tiles, with
-    the same result (exact small integers, fp32 x)."""
+    the same result (exact small integers; fp32 x, and bf16 x, which the kernel multiplies as it is
+    with the columns layout's weight where the CPU has AVX512-BF16)."""
     torch.manual_seed(0)
     for m, k, n in itertools.product((1, 3, 8, 9, 32, 33), (16, 37), (24, 150)):
         x = torch.randint(-4, 5, (m, k)).float()
@@ -231,10 +232,10 @@ def test_weight_layouts_and_the_row_crossover_agree(world1):
         want = x.double() @ ((wq.double() + o.double()) * s.double())
         wide = torch.zeros(k, 2 * n, dtype=torch.int8)
         wide[:, ::2] = wq
-        for w in (wq, wq.t().contiguous().t(), wide[:, ::2]):
-            (y,) = gmm_allreduce.grouped_mat_mul_all_reduce([x], [w], world1, antiquant_scale=[s],
+        for xx, w in itertools.product((x, x.bfloat16()), (wq, wq.t().contiguous().t(), wide[:, ::2])):
+            (y,) = gmm_allreduce.grouped_mat_mul_all_reduce([xx], [w], world1, antiquant_scale=[s],
                                                             antiquant_offset=[o])
-            assert torch.equal(y.double(), want), (m, k, n, w.stride())
+            assert torch.equal(y, want.to(y.dtype)), (m, k, n, w.stride(), xx.dtype)
 
 
 def _cpu_has_amx():
@@ -287,6 +288,42 @@ def test_amx_kernels_match_aten():
     assert not takes(torch.zeros(4, 96, dtype=torch.int8), torch.zeros(16, 96, dtype=torch.int8).t())
     assert not takes(torch.zeros(4, 48).bfloat16(), torch.zeros(16, 48, dtype=torch.int8).t())
     assert not takes(torch.zeros(4, 64).half(), probe[1])
+
+
+def test_vnni_kernel_matches_aten():
+    """The CPU's int8 kernel for hosts without AMX (AVX512-VNNI), called directly, gives
+    torch._int_mm's sums exactly (full-range int8, so that its unsigned x + 128 and the columns'
+    sums it takes off are checked at their extremes), over row counts around its panels (16, 32),
+    K of whole and partial 64-byte lines, column counts around its passes and chunks (8, 16, 256),
+    the weight in the columns layout with and without padded rows. It does not take what it
+    cannot read; on a host with VNNI it takes int8 pairs."""
+    takes, mm = torch.ops.gmm_allreduce._vnni_takes, torch.ops.gmm_allreduce._vnni_mm
+    probe = (torch.zeros(1, 64, dtype=torch.int8), torch.zeros(16, 64, dtype=torch.int8).t())
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        flags = []
+    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")):
+        assert takes(*probe)
+    if not takes(*probe):
+        pytest.skip("no AVX512-VNNI here")
+    g = torch.Generator().manual_seed(0)
+    for r, k, n in itertools.product((0, 1, 15, 16, 17, 33, 100), (4, 100, 192), (16, 48, 272)):
+        x = torch.randint(-128, 128, (r, k), generator=g, dtype=torch.int8)
+        x[:, :4] = -128  # the extremes in every row and column
+        wt = torch.randint(-128, 128, (n, k + 64), generator=g, dtype=torch.int8)
+        wt[:, 1] = -128
+        wt[:, 2] = 127
+        for w in (wt[:, :k].contiguous().t(), wt[:, :k].t()):
+            assert takes(x, w), (r, k, n)
+            assert torch.equal(mm(x, w), torch._int_mm(x, w) if r > 16 else
+                               (x.double() @ w.double()).int()), (r, k, n, w.stride())
+    zeros = torch.zeros(4, 64, dtype=torch.int8)
+    assert not takes(zeros, torch.zeros(64, 16, dtype=torch.int8))  # rows layout
+    assert not takes(zeros, torch.zeros(24, 64, dtype=torch.int8).t())  # N not a multiple of 16
+    assert not takes(zeros.t().contiguous().t(), probe[1])  # x's rows not contiguous
+    assert not takes(torch.zeros(4, 66, dtype=torch.int8), torch.zeros(16, 66, dtype=torch.int8).t())
+    assert not takes(zeros.bfloat16(), probe[1])
 
 
 def test_groups_over_several_row_blocks(world1):

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "transpose16.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -14,9 +16,6 @@
 #define GMM_AMX \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-int8,amx-bf16")))
 #define GMM_UNROLL _Pragma("GCC unroll 16")
-// GCC 12's unpack intrinsics start from a vector it sees as uninitialised (`__Y = __Y`), once
-// inlined into a target-attributed function: a false warning.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace gmm_allreduce {
@@ -40,36 +39,6 @@ enum class Weight { kInt8, kInt8AsBf16, kInt8RowsAsBf16 };
 constexpr bool weight_first(Weight w) { return w != Weight::kInt8RowsAsBf16; }
 
 #ifdef GMM_AMX_KERNELS
-
-// The 16 x 16 matrix of 32-bit values in v[0..15] (one row each), transposed in place.
-GMM_AMX inline void transpose16(__m512i (&v)[16]) {
-  __m512i t[16];
-  GMM_UNROLL
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  GMM_UNROLL
-  for (int i = 0; i < 4; ++i) {
-    v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  GMM_UNROLL
-  for (int h = 0; h < 2; ++h) {
-    GMM_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      t[8 * h + j] = _mm512_shuffle_i32x4(v[8 * h + j], v[8 * h + 4 + j], 0x88);
-      t[8 * h + 4 + j] = _mm512_shuffle_i32x4(v[8 * h + j], v[8 * h + 4 + j], 0xDD);
-    }
-  }
-  GMM_UNROLL
-  for (int j = 0; j < 8; ++j) {
-    v[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    v[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD);
-  }
-}
 
 // The tiles' shapes (palette 1): tiles 0-3 the sums, 4-5 the weight, 6-7 x; all 16 x 64 bytes.
 struct alignas(64) TileConfig {
@@ -341,26 +310,6 @@ void bf16_int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<floa
     gemm<Weight::kInt8RowsAsBf16, float>(x, w, sink);
   }
 #endif
-}
-
-at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& w) {
-  const bool int8 = x.scalar_type() == at::kChar;
-  at::Tensor out =
-      at::zeros({x.size(0), w.size(1)}, x.options().dtype(int8 ? at::kInt : at::kFloat));
-  const int64_t n = out.size(1);
-  auto copy = [&](auto* out_p) {
-    return [out_p, n](int64_t row, int64_t rows, int64_t col, int64_t cols, const auto* sums,
-                      int64_t ld) {
-      for (int64_t i = 0; i < rows; ++i)
-        std::copy_n(sums + i * ld, cols, out_p + (row + i) * n + col);
-    };
-  };
-  if (int8) {
-    int8_amx_gemm(x, w, copy(out.mutable_data_ptr<int32_t>()));
-  } else {
-    bf16_int8_amx_gemm(x, w, copy(out.mutable_data_ptr<float>()));
-  }
-  return out;
 }
 
 }  // namespace gmm_allreduce

@@ -44,8 +44,4 @@ constexpr int64_t kBf16AmxMinRows = 5;
 // weight once and running ATen's bf16 GEMM (benchmarks/RESULTS.md).
 void bf16_int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<float> sink);
 
-// x @ w through the kernel that takes the pair, as an [r, n] tensor: int32 for int8 x, fp32 for
-// bf16 x (tests).
-at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& w);
-
 }  // namespace gmm_allreduce

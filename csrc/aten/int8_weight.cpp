@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #define GMM_INT8_WEIGHT_AVX512 1
 #define GMM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define GMM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 // Loops over a tile's registers, unrolled before GCC places the registers (else they live on
 // the stack).
 #define GMM_UNROLL _Pragma("GCC unroll 16")
@@ -28,6 +29,14 @@ GMM_AVX512 inline __mmask16 lanes(int64_t count) {
 // 16 int8 weights (the mask's lanes; zero elsewhere) as fp32.
 GMM_AVX512 inline __m512 widen(__mmask16 m, const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// 32 int8 weights (the mask's lanes; zero elsewhere) as bf16, in order (exact).
+GMM_AVX512_BF16 inline __m512bh widen_bf16(__mmask32 m, const int8_t* p) {
+  const __m256i b = _mm256_maskz_loadu_epi8(m, p);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
 // v[0..15]'s lane sums, in order, as one vector: a tree of cross-lane shuffles and adds (46
@@ -94,6 +103,17 @@ GMM_AVX512 void rows_tile(const float* x, int64_t ldx, const int8_t* w, int64_t 
   }
 }
 
+// y[r, n0 + c] = acc[r * C + c]'s lane sum, for the first `cols` of C columns.
+template <int R, int C>
+GMM_AVX512 inline void store_sums(const __m512 (&acc)[16], float* y, int64_t ldy, int64_t n0,
+                                  int64_t cols) {
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, lane_sums(acc));
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C && c < cols; ++c) y[r * ldy + n0 + c] = sums[r * C + c];
+  }
+}
+
 // Columns of the weight contiguous ([n, k] rows, w[c * ldw + kk]): y[r, n0 + c] for R rows and C
 // columns (`cols` of them valid) as dot products over k, 16 lanes at a time.
 template <int R, int C>
@@ -117,20 +137,43 @@ GMM_AVX512 void cols_tile(const float* x, int64_t ldx, const int8_t* w, int64_t 
       for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(xv[r], wv, acc[r * C + c]);
     }
   }
-  alignas(64) float sums[16];
-  _mm512_store_ps(sums, lane_sums(acc));
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C && c < cols; ++c) y[r * ldy + n0 + c] = sums[r * C + c];
+  store_sums<R, C>(acc, y, ldy, n0, cols);
+}
+
+// cols_tile for bf16 x: 32 of k at a time, the weights widened to bf16 (exact) and the products
+// summed in pairs (AVX512-BF16's dot product, fp32 sums): half the instructions per product.
+template <int R, int C>
+GMM_AVX512_BF16 void cols_tile(const at::BFloat16* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                               int64_t k, float* y, int64_t ldy, int64_t n0, int64_t cols) {
+  static_assert(R * C <= 16, "one vector of sums per tile");
+  __m512 acc[16];
+  GMM_UNROLL
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; kk += 32) {
+    const __mmask32 m = k - kk >= 32 ? ~__mmask32{0} : (__mmask32{1} << (k - kk)) - 1;
+    __m512bh xv[R];
+    GMM_UNROLL
+    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_maskz_loadu_epi16(m, x + r * ldx + kk);
+    GMM_UNROLL
+    for (int c = 0; c < C; ++c) {
+      const int8_t* wc = w + (n0 + std::min<int64_t>(c, cols - 1)) * ldw + kk;
+      _mm_prefetch(reinterpret_cast<const char*>(wc + 4 * C * ldw), _MM_HINT_T0);
+      const __m512bh wv = widen_bf16(m, wc);
+      GMM_UNROLL
+      for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_dpbf16_ps(acc[r * C + c], xv[r], wv);
+    }
   }
+  store_sums<R, C>(acc, y, ldy, n0, cols);
 }
 
 // At least 8 independent accumulators (an FMA's latency times its throughput), at most 16.
 template <int R>
 constexpr int kBlocks = R >= 4 ? 2 : 8 / R;
 
-// y[0:R, :] from x's R rows, the weight's column tiles split between threads.
-template <int R>
-void rows_mm(const float* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) {
+// y[0:R, :] from x's R rows (fp32, or bf16 with the weight in the columns layout), the weight's
+// column tiles split between threads.
+template <int R, typename X>
+void rows_mm(const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) {
   const int64_t k = w.size(0);
   const auto* wp = w.const_data_ptr<int8_t>();
   const bool rows = w.stride(1) == 1;
@@ -142,7 +185,9 @@ void rows_mm(const float* x, int64_t ldx, const at::Tensor& w, float* y, int64_t
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * width;
       const int64_t cols = std::min(width, n - n0);
-      if (rows) {
+      if constexpr (!std::is_same_v<X, float>) {
+        cols_tile<R, kBlocks<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
+      } else if (rows) {
         rows_tile<R, kBlocks<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
       } else {
         cols_tile<R, kBlocks<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
@@ -151,8 +196,8 @@ void rows_mm(const float* x, int64_t ldx, const at::Tensor& w, float* y, int64_t
   });
 }
 
-template <int... R>
-void mm_rows(int64_t r, const float* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n,
+template <typename X, int... R>
+void mm_rows(int64_t r, const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n,
              std::integer_sequence<int, R...>) {
   ((r == R + 1 ? rows_mm<R + 1>(x, ldx, w, y, n) : void()), ...);
 }
@@ -176,17 +221,28 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.is_cpu() && w.is_cpu() && w.scalar_type() == at::kChar && x.dim() == 2 &&
                   w.dim() == 2 && x.size(1) == w.size(0),
               "int8_weight_mm: expected x [r, k] and an int8 weight [k, n] on the CPU");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor wc = w.stride(0) == 1 || w.stride(1) == 1 ? w : w.contiguous();
   const int64_t r = x.size(0);
   const int64_t k = w.size(0);
   const int64_t n = w.size(1);
   at::Tensor y = at::empty({r, n}, x.options().dtype(at::kFloat));
 #ifdef GMM_INT8_WEIGHT_AVX512
-  constexpr int64_t kRows = 8;  // rows per pass over the weight: 16 accumulators and 2 weights
-  for (int64_t r0 = 0; r0 < r; r0 += kRows) {
-    mm_rows(std::min(kRows, r - r0), xf.const_data_ptr<float>() + r0 * k, k, wc,
-            y.mutable_data_ptr<float>() + r0 * n, n, std::make_integer_sequence<int, kRows>{});
+  // bf16 x with the weight in the columns layout: x as it is, AVX512-BF16's dot products where
+  // the CPU has them; else x in fp32.
+  static const bool bf16_dots = __builtin_cpu_supports("avx512bf16");
+  const bool bf16 = bf16_dots && x.scalar_type() == at::kBFloat16 && wc.stride(0) == 1;
+  const at::Tensor xc = bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
+  auto all_rows = [&](const auto* xp) {
+    constexpr int64_t kRows = 8;  // rows per pass over the weight: 16 accumulators and 2 weights
+    for (int64_t r0 = 0; r0 < r; r0 += kRows) {
+      mm_rows(std::min(kRows, r - r0), xp + r0 * k, k, wc, y.mutable_data_ptr<float>() + r0 * n, n,
+              std::make_integer_sequence<int, kRows>{});
+    }
+  };
+  if (bf16) {
+    all_rows(xc.const_data_ptr<at::BFloat16>());
+  } else {
+    all_rows(xc.const_data_ptr<float>());
   }
 #endif
   return y;
