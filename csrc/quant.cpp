@@ -243,12 +243,13 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const int64_t n = g.n;
   if (r == 0 || n == 0) return;
   const at::Tensor& w = args_.weight[i];
-  // Our kernels (int8 x on AMX or else VNNI; bf16 x with an int8 weight on AMX from
-  // kBf16AmxMinRows rows): the epilogue runs on each block of sums as the kernel hands it over.
+  // Our kernels (int8 x on AMX, or else on VNNI from kInt8VnniMinRows rows; bf16 x with an int8
+  // weight on AMX from kBf16AmxMinRows rows): the epilogue runs on each block of sums as the
+  // kernel hands it over.
   const bool on_cpu = out.is_cpu() && out.stride(1) == 1;
   const bool int8_amx = on_cpu && plan_.quant == Quant::kInt8 && int8_amx_takes(x, w);
-  const bool int8_vnni =
-      on_cpu && plan_.quant == Quant::kInt8 && !int8_amx && int8_vnni_takes(x, w);
+  const bool int8_vnni = on_cpu && plan_.quant == Quant::kInt8 && !int8_amx &&
+                         r >= kInt8VnniMinRows && int8_vnni_takes(x, w);
   const bool bf16_amx = on_cpu && plan_.quant == Quant::kWeightInt8 && r >= kBf16AmxMinRows &&
                         bf16_int8_amx_takes(x, w);
   const RowKernel block_kernel = int8_amx || int8_vnni ? row_kernel(at::kInt, out.scalar_type())

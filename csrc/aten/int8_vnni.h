@@ -17,6 +17,11 @@ namespace gmm_allreduce {
 // x's rows contiguous, the weight in the columns layout, k a multiple of 4 and n of 16.
 bool int8_vnni_takes(const at::Tensor& x, const at::Tensor& w);
 
+// Rows of x from which int8_vnni_gemm serves W8A8 calls: its cost is per panel of 16 rows, so
+// that below 9 rows torch._int_mm takes 0.65-0.9 of its time, at 9 to 16 about 1.1, at 128 rows
+// 1.1-1.15 (16 groups of K = 512, N = 1024, Zen 5; benchmarks/RESULTS.md).
+constexpr int64_t kInt8VnniMinRows = 9;
+
 // x @ w, exact in int32. Requires int8_vnni_takes(x, w).
 void int8_vnni_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t> sink);
 
