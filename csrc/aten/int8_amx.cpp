@@ -268,25 +268,11 @@ bool amx(bool bf16) {
 #endif
 }
 
-// The pair's common conditions: 2-D on the CPU, an int8 weight of N a multiple of 16, x's rows
-// contiguous and K a multiple of `k_multiple`.
-bool tile_shapes(const at::Tensor& x, const at::Tensor& w, int64_t k_multiple) {
-  return x.is_cpu() && w.is_cpu() && w.scalar_type() == at::kChar && x.dim() == 2 && w.dim() == 2 &&
-         x.size(1) == w.size(0) && x.size(1) % k_multiple == 0 && w.size(1) % kTileRows == 0 &&
-         x.stride(1) == 1;
-}
-
-// The weight [k, n] as the transpose of [n, k] rows (quantize_weights' layout).
-bool columns_layout(const at::Tensor& w) { return w.stride(0) == 1 && w.stride(1) >= w.size(0); }
-
-// The weight [k, n] in rows of n.
-bool rows_layout(const at::Tensor& w) { return w.stride(1) == 1 && w.stride(0) >= w.size(1); }
-
 }  // namespace
 
 bool int8_amx_takes(const at::Tensor& x, const at::Tensor& w) {
-  return x.scalar_type() == at::kChar && tile_shapes(x, w, kTileRowBytes) && columns_layout(w) &&
-         amx(false);
+  return x.scalar_type() == at::kChar && block_pair_shapes(x, w, kTileRowBytes) &&
+         columns_layout(w) && amx(false);
 }
 
 void int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t> sink) {
@@ -297,7 +283,7 @@ void int8_amx_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t> 
 }
 
 bool bf16_int8_amx_takes(const at::Tensor& x, const at::Tensor& w) {
-  return x.scalar_type() == at::kBFloat16 && tile_shapes(x, w, kTileRowBytes / 2) &&
+  return x.scalar_type() == at::kBFloat16 && block_pair_shapes(x, w, kTileRowBytes / 2) &&
          (columns_layout(w) || rows_layout(w)) && amx(true);
 }
 

@@ -1,6 +1,5 @@
 // The CPU's GEMMs with an int8 weight on AMX (the tile registers of Intel Xeon since Sapphire
-// Rapids). The columns layout of a weight [k, n] is the transpose of [n, k] rows (as
-// quantize_weights returns it); the rows layout, [k, n] rows.
+// Rapids), in the layouts of int8_blocks.h.
 // - int8 x (W8A8): x [r, k] int8 @ w [k, n] int8 in the columns layout, exact in int32. ATen's
 //   torch._int_mm takes about 1.6x its time on a W8A8 expert's shapes (benchmarks/RESULTS.md): it
 //   reorders the whole weight on every call, where this kernel loads the weight's tiles in place
@@ -12,15 +11,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/FunctionRef.h>
+
+#include "int8_blocks.h"
 
 namespace gmm_allreduce {
-
-// Receives the sums of x @ w a block at a time: (row, rows, col, cols, sums, ld) for rows
-// [row, row + rows) and columns [col, col + cols), element (i, j) at sums[i * ld + j]. Called
-// from several threads at once, for disjoint blocks.
-template <typename S>
-using BlockSink = c10::function_ref<void(int64_t, int64_t, int64_t, int64_t, const S*, int64_t)>;
 
 // Whether int8_amx_gemm takes this pair: the CPU has AMX-INT8 and the OS lets this process use
 // it, both int8, x's rows contiguous, the weight in the columns layout, k a multiple of 64 and n

@@ -167,10 +167,7 @@ bool vnni() {
 }  // namespace
 
 bool int8_vnni_takes(const at::Tensor& x, const at::Tensor& w) {
-  return x.is_cpu() && w.is_cpu() && x.scalar_type() == at::kChar && w.scalar_type() == at::kChar &&
-         x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(0) && x.size(1) % 4 == 0 &&
-         w.size(1) % 16 == 0 && x.stride(1) == 1 && w.stride(0) == 1 && w.stride(1) >= w.size(0) &&
-         vnni();
+  return x.scalar_type() == at::kChar && block_pair_shapes(x, w, 4) && columns_layout(w) && vnni();
 }
 
 void int8_vnni_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t> sink) {

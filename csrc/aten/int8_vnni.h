@@ -1,7 +1,7 @@
 // The CPU's W8A8 int8 GEMM on AVX512-VNNI, for CPUs without AMX (AMD Zen 4 and 5, Intel before
 // Sapphire Rapids): x [r, k] int8 @ w [k, n] int8 in the columns layout (the transpose of [n, k]
 // rows, as quantize_weights returns it), exact in int32, handed to the caller's epilogue a block
-// at a time (int8_amx.h's BlockSink). ATen's torch._int_mm reorders the whole weight on every
+// at a time (int8_blocks.h). ATen's torch._int_mm reorders the whole weight on every
 // call; this kernel reads the weight in place, 4 bytes of a column at a time broadcast against 16
 // rows of x (reordered once per call, as unsigned bytes: VNNI multiplies unsigned by signed
 // bytes, so that x + 128 is multiplied and 128 times each column's sum taken off).
@@ -9,7 +9,7 @@
 
 #include <ATen/ATen.h>
 
-#include "int8_amx.h"
+#include "int8_blocks.h"
 
 namespace gmm_allreduce {
 
