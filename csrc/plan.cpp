@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "aten/cpu_isa.h"
 #include "quant.h"
 
 namespace gmm_allreduce {
@@ -364,6 +365,9 @@ Plan make_plan(const OpArgs& a) {
   check_list_counts(a, groups);
   const Quant quant = quant_kind(a);
   check_dtypes_and_devices(a, quant);
+  // The CPU engine's tier: a GMM_CPU_ISA it does not know fails the call here, before any
+  // communication (with check_ranks, on every rank).
+  if (a.x[0].is_cpu()) cpu_tier();
 
   Plan plan;
   plan.split_item = a.split_item;

@@ -5,7 +5,9 @@
 
 #include <string>
 
+#include "aten/cpu_isa.h"
 #include "aten/int8_amx.h"
+#include "aten/int8_avx2.h"
 #include "aten/int8_vnni.h"
 #include "aten/int8_weight.h"
 #include "combine.h"
@@ -201,37 +203,52 @@ at::Tensor QuantGemm::product(size_t i, const at::Tensor& x, bool& dequantised) 
       // int32-exact: ATen's int8 GEMM (VNNI or AMX on the CPU; cuBLASLt on CUDA, which takes more
       // than 16 rows and K, N multiples of 8); elsewhere fp64, exact for any K below 2^38. (Our
       // AMX or VNNI kernel, where it applies, runs in run(), fused with the epilogue.)
+      // Without VNNI or AMX, ATen's CPU int8 GEMM is a reference loop: there (for pairs our AVX2
+      // kernel does not take) fp32, exact while k * 2^14 < 2^24, or fp64.
+      if (x.is_cpu() && !cpu_has_vnni()) {
+        note_kernel(CpuKernel::kInt8Float);
+        const at::ScalarType exact = x.size(1) <= (1 << 10) ? at::kFloat : at::kDouble;
+        return at::mm(x.to(exact), w.to(exact));
+      }
       if (x.is_cpu() || (x.size(0) > 16 && x.size(1) % 8 == 0 && w.size(1) % 8 == 0)) {
+        if (x.is_cpu()) note_kernel(CpuKernel::kInt8IntMm);
         return at::_int_mm(x.is_cpu() ? x : x.contiguous(), w);
       }
       return at::mm(x.to(at::kDouble), w.to(at::kDouble));
     case Quant::kFp8: {
       // Unit scales and an fp32 output: the scales are applied in the epilogue.
+      // On the CPU (every tier) an fp32 GEMM of the upcast operands: e4m3 products are exact in
+      // fp32, and it takes 0.75 of ATen's CPU _scaled_mm's time.
       const bool aligned = x.size(0) % 16 == 0 && x.size(1) % 16 == 0 && w.size(1) % 16 == 0;
-      if (x.is_cpu() || aligned) {
+      if (!x.is_cpu() && aligned) {
         const at::Tensor one = at::ones({}, x.options().dtype(at::kFloat));
-        const at::Tensor b = x.is_cpu() || w.stride(0) == 1 ? w : w.t().contiguous().t();
-        return at::_scaled_mm(x.is_cpu() ? x : x.contiguous(), b, one, one, std::nullopt,
-                              std::nullopt, at::kFloat);
+        const at::Tensor b = w.stride(0) == 1 ? w : w.t().contiguous().t();
+        return at::_scaled_mm(x.contiguous(), b, one, one, std::nullopt, std::nullopt, at::kFloat);
       }
-      return at::mm(x.to(at::kFloat), w.to(at::kFloat));  // e4m3 products are exact in fp32
+      if (x.is_cpu()) note_kernel(CpuKernel::kFp8Float);
+      return at::mm(x.to(at::kFloat), w.to(at::kFloat));
     }
     default: {  // weight-only
-      // (bf16 x on AMX runs in run(), fused with the epilogue.) A few rows: our AVX-512 kernel
-      // reads the int8 weight in place (the scales in the epilogue); more: the weight dequantised
-      // to x's dtype once per group and call (kept for its next block of rows) and ATen's 16-bit
-      // GEMM.
+      // (bf16 x on AMX runs in run(), fused with the epilogue.) A few rows: our AVX-512 or AVX2
+      // kernel reads the int8 weight in place (the scales in the epilogue); more: the weight
+      // dequantised to x's dtype once per group and call (kept for its next block of rows) and
+      // ATen's 16-bit GEMM.
       if (x.is_cpu() && x.size(0) <= kInt8WeightMaxRows && int8_weight_mm_available()) {
         return int8_weight_mm(x, w);
       }
+      // Where the CPU has no native GEMM of x's dtype (cpu_isa.h), the weight is dequantised to
+      // fp32 and x upcast.
       dequantised = true;
+      if (x.is_cpu()) note_kernel(CpuKernel::kWeightDequant);
+      const at::ScalarType gemm =
+          !x.is_cpu() || cpu_native_gemm(x.scalar_type()) ? x.scalar_type() : at::kFloat;
       if (dequantised_group_ != i) {
         at::Tensor deq = w.to(at::kFloat);
         if (args_.antiquant_offset) deq.add_((*args_.antiquant_offset)[i].to(at::kFloat));
-        dequantised_ = deq.mul_((*args_.antiquant_scale)[i].to(at::kFloat)).to(x.scalar_type());
+        dequantised_ = deq.mul_((*args_.antiquant_scale)[i].to(at::kFloat)).to(gemm);
         dequantised_group_ = i;
       }
-      return at::mm(x, dequantised_);
+      return at::mm(x.to(gemm), dequantised_);
     }
   }
 }
@@ -250,11 +267,15 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const bool int8_amx = on_cpu && plan_.quant == Quant::kInt8 && int8_amx_takes(x, w);
   const bool int8_vnni = on_cpu && plan_.quant == Quant::kInt8 && !int8_amx &&
                          r >= kInt8VnniMinRows && int8_vnni_takes(x, w);
+  // Without VNNI (or AMX), any rows: ATen's int8 GEMM there is a reference loop.
+  const bool int8_avx2 = on_cpu && plan_.quant == Quant::kInt8 && !int8_amx && !cpu_has_vnni() &&
+                         int8_avx2_takes(x, w);
   const bool bf16_amx = on_cpu && plan_.quant == Quant::kWeightInt8 && r >= kBf16AmxMinRows &&
                         bf16_int8_amx_takes(x, w);
-  const RowKernel block_kernel = int8_amx || int8_vnni ? row_kernel(at::kInt, out.scalar_type())
-                                 : bf16_amx            ? row_kernel(at::kFloat, out.scalar_type())
-                                                       : nullptr;
+  const RowKernel block_kernel = int8_amx || int8_vnni || int8_avx2
+                                     ? row_kernel(at::kInt, out.scalar_type())
+                                 : bf16_amx ? row_kernel(at::kFloat, out.scalar_type())
+                                            : nullptr;
   bool dequantised = false;
   at::Tensor p = block_kernel != nullptr ? at::Tensor() : product(i, x, dequantised);
   const bool weight_only = plan_.quant == Quant::kWeightInt8;
@@ -309,10 +330,16 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
                sum_p != nullptr ? sum_p[j] : 0.0f, off_p + c, cols);
       }
     };
+    note_kernel(int8_amx    ? CpuKernel::kInt8Amx
+                : int8_vnni ? CpuKernel::kInt8Vnni
+                : int8_avx2 ? CpuKernel::kInt8Avx2
+                            : CpuKernel::kWeightAmx);
     if (int8_amx) {
       int8_amx_gemm(x, w, sink);
     } else if (int8_vnni) {
       int8_vnni_gemm(x, w, sink);
+    } else if (int8_avx2) {
+      int8_avx2_gemm(x, w, sink);
     } else {
       bf16_int8_amx_gemm(x, w, sink);
     }

@@ -48,6 +48,10 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   // Releases the shared memory of groups whose ProcessGroup objects are gone (the Python front
   // calls it when a group object it saw is freed).
   m.def("_release_destroyed_groups() -> ()");
+  // The CPU engine's policy (aten/cpu_isa.h) as (name, value) pairs, flattened: the host's tier,
+  // the tier in use under GMM_CPU_ISA, and the kernel each dtype takes
+  // (gmm_allreduce.cpu_capabilities()).
+  m.def("_cpu_policy() -> str[]");
 }
 
 extern "C" PyObject* PyInit__C(void) {

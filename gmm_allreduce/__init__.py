@@ -4,6 +4,7 @@ from . import (
     autograd,  # noqa: F401  (registers the op's backward)
     nn,  # noqa: F401  (gmm_allreduce.nn after `import gmm_allreduce`, as torch.nn)
 )
+from .cpu import cpu_capabilities
 from .ops import (
     grouped_mat_mul,
     grouped_mat_mul_all_reduce,
@@ -13,5 +14,5 @@ from .ops import (
 )
 from .quant import quantize_per_token, quantize_weights
 
-__all__ = ["grouped_mat_mul", "grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter",
+__all__ = ["cpu_capabilities", "grouped_mat_mul", "grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter",
            "npu_grouped_mat_mul_all_reduce", "quantize_per_token", "quantize_weights", "wait"]

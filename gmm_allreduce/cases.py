@@ -45,7 +45,8 @@ class Case:
     comm_turn: int = 0
     check_ranks: bool = False
     # "contiguous", or "strided": x with a step of 2 along K and weight stored transposed (views
-    # of larger or other-order storage, as slices and .t() give them)
+    # of larger or other-order storage, as slices and .t() give them), or "transposed": x
+    # contiguous and each weight the transposed view of an [N, K] tensor (nn.Linear's layout)
     layout: str = "contiguous"
     # The combine (split_item 2, 3): its num_tokens T (None: no combine); routing weights (float32,
     # the same on every rank, like combine_index) or none; a shared expert's partial per rank.
@@ -79,7 +80,7 @@ def make_inputs(case: Case, rank: int, world: int) -> dict:
         return draw(shape)
 
     def draw_w(k, n):
-        if case.layout == "strided":
+        if case.layout in ("strided", "transposed"):
             return draw((n, k), 1 / math.sqrt(max(k, 1))).t()
         return draw((k, n), 1 / math.sqrt(max(k, 1)))
 

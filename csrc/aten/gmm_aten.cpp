@@ -3,6 +3,7 @@
 // kernel: it serves the CPU and any device that has ATen matmuls and a c10d backend; a device
 // with its own kernel (csrc/cuda/) takes precedence.
 #include <ATen/OpMathType.h>
+#include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -10,6 +11,8 @@
 #include "../combine.h"
 #include "../op.h"
 #include "../quant.h"
+#include "cpu_isa.h"
+#include "upcast.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -35,39 +38,21 @@ void add_bias(at::Tensor& y, const at::Tensor& bias) {
   }
 }
 
-// y = x @ w (+ bias) for 16-bit x (fp16 on the CPU; any into reduce_dtype's fp32 buffer): an fp32
-// GEMM on upcast operands (the upcast is exact), rounded once into a 16-bit y, a block of rows at a
-// time so that the fp32 copies of x and of the output stay small (~4 MB) whatever m is; w is upcast
-// once.
-void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  const at::Tensor w32 = w.to(at::kFloat);
-  const int64_t rows = block_rows(x.size(1) + y.size(1), int64_t{1} << 20);
-  for (int64_t r = 0; r < y.size(0); r += rows) {
-    const int64_t count = std::min(rows, y.size(0) - r);
-    const bool whole = count == y.size(0);  // one block (small groups): no narrow to dispatch
-    const at::Tensor x32 = (whole ? x : x.narrow(0, r, count)).to(at::kFloat);
-    at::Tensor out = whole ? y : y.narrow(0, r, count);
-    if (out.scalar_type() == at::kFloat) {  // the fp32 buffer of reduce_dtype: written in place
-      bias.defined() ? at::addmm_out(out, bias, x32, w32) : at::mm_out(out, x32, w32);
-    } else {
-      out.copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
-    }
-  }
-}
-
 // A combined call's chunk: the combine epilogue over each group's products a block of rows at a
 // time, which adds the bias, scales by the routing weights and sums into the token rows in fp32.
-// The products are fp32 where the GEMM runs in fp32 anyway (fp32 x, fp16 on the CPU, reduce_dtype
-// float32), else x's dtype (one rounding).
+// The products are fp32 where the GEMM runs in fp32 anyway (fp32 x, 16-bit x that the CPU has no
+// native GEMM for, reduce_dtype float32: `in_fp32(i)`), else x's dtype (one rounding).
 void compute_combined(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
-                      const Chunk& chunk, bool upcast) {
+                      const Chunk& chunk, c10::function_ref<bool(size_t)> in_fp32) {
   size_t upcast_group = plan.groups.size();  // the group whose weight w32 holds
   at::Tensor w32;
   combine_groups(plan, args, world_size, flat, chunk,
                  [&](size_t i, const at::Tensor& x, int64_t, const at::Tensor&) {
-                   if (!upcast) return at::mm(x, args.weight[i]);
-                   if (upcast_group != i) w32 = args.weight[i].to(at::kFloat), upcast_group = i;
-                   return at::mm(x.to(at::kFloat), w32);
+                   if (x.is_cpu())
+                     note_kernel(in_fp32(i) ? CpuKernel::kUpcast : CpuKernel::kNative);
+                   if (!in_fp32(i)) return at::mm(x, args.weight[i]);
+                   if (upcast_group != i) w32 = upcast(args.weight[i]), upcast_group = i;
+                   return at::mm(upcast(x), w32);
                  });
 }
 
@@ -75,12 +60,16 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
                   const Chunk& chunk) {
   // Accumulation type: fp32 for the 16-bit dtypes, the dtype itself for fp32 and fp64.
   const at::ScalarType acc = at::toOpMathType(plan.dtype);
-  // ATen's CPU fp16 GEMM is a scalar fallback (~80x slower than fp32 on AVX-512 hosts); an fp32
-  // GEMM on upcast operands is exact for fp16 inputs and gives the single rounding of the spec.
+  // A 16-bit GEMM the CPU has no native kernel for (fp16 everywhere: ATen's CPU fp16 GEMM is a
+  // scalar loop; bf16 below AVX512-BF16, where ATen's is a reference loop 10-90x slower than fp32;
+  // cpu_isa.h) runs as an fp32 GEMM on upcast operands: exact upcasts, one rounding, as natively.
   // reduce_dtype float32 for 16-bit x: the fp32 GEMM of upcast operands (ATen's CPU GEMMs have no
   // 16-bit inputs with an fp32 output) writes the unrounded partials into the fp32 buffer.
-  const bool upcast =
-      (plan.device.is_cpu() && plan.dtype == at::kHalf) || plan.reduce_dtype != plan.dtype;
+  const bool fp32_partials = plan.reduce_dtype != plan.dtype;
+  const auto upcast = [&](size_t i) {
+    const GroupPlan& g = plan.groups[i];
+    return fp32_partials || (plan.device.is_cpu() && !cpu_native_gemm(plan.dtype, g.m * g.k * g.n));
+  };
   if (plan.quant != Quant::kNone) return compute_quantized(plan, args, world_size, flat, chunk);
   if (plan.combine) return compute_combined(plan, args, world_size, flat, chunk, upcast);
 
@@ -88,10 +77,12 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
     const at::Tensor& w = args.weight[i];
     // bias_i / world_size, divided in the accumulation type: Σ_r bias_i / n then gives bias_i.
     const at::Tensor bias = plan.has_bias ? (*args.bias)[i].to(acc).div(world_size) : at::Tensor();
+    const bool in_fp32 = acc != plan.dtype && upcast(i);
+    if (x.is_cpu()) note_kernel(in_fp32 ? CpuKernel::kUpcast : CpuKernel::kNative);
 
     if (acc == plan.dtype) {  // fp32, fp64: fused bias, one rounding
       bias.defined() ? at::addmm_out(y, bias, x, w) : at::mm_out(y, x, w);
-    } else if (upcast) {  // fp32 GEMM, one rounding into y (none into an fp32 buffer)
+    } else if (in_fp32) {  // fp32 GEMM, one rounding into y (none into an fp32 buffer)
       upcast_gemm(y, x, w, bias);
     } else {
       // 16-bit GEMM with fp32 accumulation, rounded once; ATen has no 16-bit GEMM with an fp32

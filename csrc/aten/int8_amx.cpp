@@ -5,13 +5,11 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu_isa.h"
 #include "transpose16.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define GMM_AMX_KERNELS 1
 #define GMM_AMX \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-int8,amx-bf16")))
@@ -237,31 +235,13 @@ void gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<S> sink) {
   });
 }
 
-// Whether the CPU has AMX-TILE and AMX-INT8 (int8) or AMX-BF16 and AVX512-BF16 (bf16), with
-// AVX-512 F and BW, and the OS lets this process use the tiles.
-bool detect(bool bf16) {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
-  const bool avx512 = (b & (1u << 16)) != 0 && (b & (1u << 30)) != 0 && (b & (1u << 31)) != 0;
-  const bool tile = (d & (1u << 24)) != 0;
-  const bool int8 = (d & (1u << 25)) != 0;
-  const bool amx_bf16 = (d & (1u << 22)) != 0;
-  bool avx512_bf16 = false;
-  if (a >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0) avx512_bf16 = (a & (1u << 5)) != 0;
-  if (!avx512 || !tile || !(bf16 ? amx_bf16 && avx512_bf16 : int8)) return false;
-  // Linux hands out the tiles' state only to a process that asks for it (5.16+).
-  constexpr long kReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-
 #endif  // GMM_AMX_KERNELS
 
+// Whether the CPU has AMX-INT8 (int8) or AMX-BF16 and AVX512-BF16 (bf16), the OS lets this
+// process use the tiles, and GMM_CPU_ISA leaves them (cpu_isa.h).
 bool amx(bool bf16) {
 #ifdef GMM_AMX_KERNELS
-  static const bool int8 = detect(false);
-  static const bool bf16_too = detect(true);
-  return bf16 ? bf16_too : int8;
+  return bf16 ? cpu_has_amx_bf16() : cpu_has_amx_int8();
 #else
   (void)bf16;
   return false;

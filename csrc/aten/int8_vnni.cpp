@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_isa.h"
 #include "transpose16.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -148,17 +149,11 @@ GMM_VNNI void columns(const uint8_t* packed, int64_t r, int64_t k, const int8_t*
   }
 }
 
-bool detect() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
 #endif  // GMM_VNNI_KERNEL
 
 bool vnni() {
 #ifdef GMM_VNNI_KERNEL
-  static const bool ok = detect();
-  return ok;
+  return cpu_has_vnni();
 #else
   return false;
 #endif

@@ -12,7 +12,8 @@ namespace gmm_allreduce {
 // above it the weight is dequantised once and a 16-bit GEMM runs.
 constexpr int64_t kInt8WeightMaxRows = 32;
 
-// Whether int8_weight_mm runs here: an x86-64 CPU with AVX-512 (F, BW, VL).
+// Whether int8_weight_mm runs here: an x86-64 CPU with AVX2 (its AVX-512 kernels from tier
+// avx512, with bf16 dot products from avx512_bf16; cpu_isa.h).
 bool int8_weight_mm_available();
 
 // x [r, k] (fp16, bf16 or fp32, any strides) times w [k, n] int8 (rows or columns contiguous),

@@ -1,11 +1,14 @@
-// Test-only: the CPU's own int8 kernels (AMX, and VNNI where the CPU has no AMX) called directly,
-// and whether they take a pair, so that tests check them over shapes and layouts against ATen,
-// and fail on a host that has them where the op stops taking them.
+// Test-only: the CPU's own int8 kernels (AMX; VNNI where the CPU has no AMX; AVX2 where it has
+// neither, or under GMM_CPU_ISA=avx2) called directly, and whether they take a pair, so that tests
+// check them over shapes and layouts against ATen, and fail on a host that has them where the op
+// stops taking them.
 #include <torch/library.h>
 
 #include <algorithm>
 
+#include "../aten/cpu_isa.h"
 #include "../aten/int8_amx.h"
+#include "../aten/int8_avx2.h"
 #include "../aten/int8_vnni.h"
 
 namespace {
@@ -39,6 +42,10 @@ at::Tensor vnni_mm(const at::Tensor& x, const at::Tensor& w) {
   return block_mm<int32_t>(x, w, gmm_allreduce::int8_vnni_gemm);
 }
 
+at::Tensor avx2_mm(const at::Tensor& x, const at::Tensor& w) {
+  return block_mm<int32_t>(x, w, gmm_allreduce::int8_avx2_gemm);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
@@ -46,14 +53,24 @@ TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
   m.def("_amx_mm(Tensor x, Tensor w) -> Tensor");
   m.def("_vnni_takes(Tensor x, Tensor w) -> bool");
   m.def("_vnni_mm(Tensor x, Tensor w) -> Tensor");
+  m.def("_avx2_int8_takes(Tensor x, Tensor w) -> bool");
+  m.def("_avx2_int8_mm(Tensor x, Tensor w) -> Tensor");
+  // The CPU products the engine ran since the last call (aten/cpu_isa.h's CpuKernel names).
+  m.def("_cpu_kernels_taken() -> str[]");
 }
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
   m.impl("_amx_takes", &amx_takes);
   m.impl("_vnni_takes", &gmm_allreduce::int8_vnni_takes);
+  m.impl("_avx2_int8_takes", &gmm_allreduce::int8_avx2_takes);
+}
+
+TORCH_LIBRARY_IMPL(gmm_allreduce, CatchAll, m) {
+  m.impl("_cpu_kernels_taken", &gmm_allreduce::take_noted_kernels);
 }
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CPU, m) {
   m.impl("_amx_mm", &amx_mm);
   m.impl("_vnni_mm", &vnni_mm);
+  m.impl("_avx2_int8_mm", &avx2_mm);
 }

@@ -3,6 +3,7 @@ over inputs made once; the op's result is checked against the float64 reference 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -16,8 +17,9 @@ from ..reference import group_operands, unfused
 # - unfused: the naive composition, a matmul and a dist.all_reduce per group;
 # - flat_loop, grouped_mm: the best compositions a careful user writes, one buffer and one
 #   dist.all_reduce (none at world size 1): per-group torch.mm into the buffer, or one
-#   torch._grouped_mm on the stacked weights (split_item 1 and 3 with one N); fp16 on the CPU
-#   computed in fp32 as the op does (ATen's CPU fp16 GEMM is a scalar fallback);
+#   torch._grouped_mm on the stacked weights (split_item 1 and 3 with one N); fp16 on the CPU,
+#   and bf16 on a CPU without native bf16 GEMMs, computed in fp32 from fp32 copies of the weights
+#   made once, as a careful user would (ATen's CPU GEMMs there are reference loops);
 # - compute: the op without its collective; comm: dist.all_reduce of the op's buffer alone;
 #   comm_op: the op's own all-reduce of that buffer alone (shared memory where it applies).
 COMMON = ("fused", "unfused", "flat_loop", "grouped_mm", "compute", "comm", "comm_op")
@@ -44,6 +46,9 @@ COMPOSITIONS = ("flat_loop", "grouped_mm", "grouped_mm_combine", "hf_combine", "
 #   dequantisation in ATen ops; torch._weight_int8pack_mm at <= 16 rows with K a multiple of 16,
 #   else the weight dequantised and torch.mm) into one buffer, then one dist.all_reduce.
 QUANT = ("float", "quant_loop")
+# The same op call with every float input in fp32 (bf16, fp16 and quantised scenarios): what a
+# 16-bit or quantised call is reported against (vs_fp32: paired, the op over this call).
+FP32 = "fp32"
 # Beyond the Ascend op (not run by default): rs, the reduce-scatter op (split_item 2 and 3, M divisible
 # by the world size), against rs_grouped_mm, torch._grouped_mm then one dist.reduce_scatter_tensor;
 # fused_fp32, the op with reduce_dtype=torch.float32 (against fused at comm_turn 0).
@@ -70,8 +75,12 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
         w = list(torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1).unbind(0))
         inputs["weight"] = w
     calls: dict[str, Callable] = {}
+    if FP32 in methods:
+        methods = [m for m in methods if m != FP32]
+        if case.dtype != torch.float32 or case.quant is not None:
+            calls[FP32] = _fp32_call(case, rank, world, device)
     if case.quant is not None:
-        return _quant_methods(case, methods, comm_turns, inputs, kw, local_kw, world)
+        return {**calls, **_quant_methods(case, methods, comm_turns, inputs, kw, local_kw, world)}
     if case.tokens is not None:  # an MoE layer: the combine's baselines replace the plain ones
         methods = [m for m in methods if m not in ("unfused", "flat_loop", "grouped_mm")]
         methods += [m for m in COMBINE if m not in methods]
@@ -121,6 +130,14 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
             torch.testing.assert_close(calls[method]().cpu().double(), ref, atol=3 * atol * world,
                                        rtol=3 * rtol, msg=lambda m, method=method: f"{method}: {m}")
     return calls
+
+
+def _fp32_call(case: Case, rank: int, world: int, device: torch.device) -> Callable:
+    """The op's call on the same values drawn in fp32 (the weights in the same layout)."""
+    case32 = dataclasses.replace(case, dtype=torch.float32, quant=None)
+    inputs = to_device(make_inputs(case32, rank, world), device)
+    kw = call_kwargs(case32, inputs)
+    return lambda: grouped_mat_mul_all_reduce(inputs["x"], inputs["weight"], **kw)
 
 
 def _quant_methods(case: Case, methods, comm_turns, inputs, kw, local_kw, world) -> dict:
@@ -190,12 +207,21 @@ def _grouped_mm_operands(case: Case, x, w):
     return stacked, offs
 
 
+def _upcast_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a careful user computes this dtype's products in fp32 on this device: fp16 on any
+    CPU, bf16 on a CPU where oneDNN has no bf16 GEMM (ATen's is then a reference loop)."""
+    if device.type != "cpu":
+        return False
+    return dtype == torch.float16 or (
+        dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _composition(method: str, case: Case, x, w, kw, world: int) -> Callable | None:
     """flat_loop or grouped_mm: the groups into one buffer, then one dist.all_reduce. None where
     the method does not apply to the scenario's shapes."""
     xs, _ = group_operands(x, w, kw["group_list"], case.split_item, case.group_list_type)
     device = x[0].device
-    upcast = device.type == "cpu" and case.dtype == torch.float16
+    upcast = _upcast_on_cpu(case.dtype, device)
 
     def all_reduce(flat):
         if world > 1:
@@ -253,11 +279,14 @@ def _combine_composition(method: str, case: Case, inputs: dict, world: int) -> C
         return lambda: all_reduce(index_add(torch._grouped_mm(x[0], stacked, offs=offs)))
     if method == "loop_combine":
         xs = torch.split(x[0], list(case.m))
+        upcast = _upcast_on_cpu(case.dtype, x[0].device)  # fp32 rows, from fp32 weights made once
+        ws = [wi.float() for wi in w] if upcast else w
 
         def loop():
-            rows = torch.empty(x[0].shape[0], n, dtype=case.dtype, device=x[0].device)
-            for y, xi, wi in zip(torch.split(rows, list(case.m)), xs, w):
-                torch.mm(xi, wi, out=y)
+            rows = torch.empty(x[0].shape[0], n, dtype=torch.float32 if upcast else case.dtype,
+                               device=x[0].device)
+            for y, xi, wi in zip(torch.split(rows, list(case.m)), xs, ws):
+                torch.mm(xi.float() if upcast else xi, wi, out=y)
             return all_reduce(index_add(rows))
 
         return loop
@@ -285,7 +314,7 @@ def _scatter_composition(case: Case, x, w, world: int) -> Callable | None:
             or case.tokens is not None):  # no combine: not the op's computation
         return None
     stacked, offs = _grouped_mm_operands(case, x, w)
-    upcast = x[0].device.type == "cpu" and case.dtype == torch.float16
+    upcast = _upcast_on_cpu(case.dtype, x[0].device)
     if upcast:
         stacked = stacked.float()
 
