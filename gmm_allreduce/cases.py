@@ -59,6 +59,10 @@ class Case:
     # top_k: every token gets exactly top_k expert rows (a router's top-k; M = tokens * top_k),
     # instead of any number
     top_k: int | None = None
+    # A whole MoE MLP (benchmark scenarios only): gate_up [E, 2N, K], SiLU * up, down [E, K, N] and
+    # the combine of the tokens' top_k rows, for the op composed as the transformers integration
+    # calls it against other MLPs (bench/mlp.py); m holds the routed rows per expert.
+    mlp: bool = False
 
     @property
     def groups(self) -> int:

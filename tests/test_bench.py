@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def _bench(tmp_path, *extra):
@@ -53,3 +54,37 @@ def test_csv_of_other_columns_is_kept_aside(tmp_path):
     assert (tmp_path / "r.1.csv").read_text() == "a,b\n1,2\n"
     rows = list(csv.DictReader(path.open()))
     assert list(rows[0]) == ["date", *report.FIELDS] and len(rows) == 2
+
+
+def test_bench_at_a_lower_tier_in_bf16_and_the_nk_layout(tmp_path):
+    import gmm_allreduce
+
+    if gmm_allreduce.cpu_capabilities()["host"] == "baseline":
+        pytest.skip("no AVX2 on this CPU")
+    out = _bench(tmp_path, "--world-size", "1", "--cpu-isa", "avx2", "--dtype", "bfloat16",
+                 "--weight-layout", "nk", "--methods", "fused", "fp32")
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [r["method"] for r in rows] == ["fp32", "fused", "fused"]
+    assert {r["dtype"] for r in rows} == {"bfloat16"}
+    assert all(r["cpu_tier"].startswith("avx2 (host ") for r in rows)
+    assert {r["weight_layout"] for r in rows} == {"nk"}
+    assert float(rows[1]["vs_fp32"]) > 0 and rows[0]["vs_fp32"] == ""
+    assert "tier           avx2" in out.stdout
+
+
+def test_the_mlp_scenario_checks_its_methods(world1):
+    """moe_mlp_cpu's methods on a small MLP: the composed op, fp32 and the PyTorch loop, each
+    checked against the float64 reference (vLLM only where it is installed: make bench-peers)."""
+    import dataclasses
+
+    from gmm_allreduce.bench.mlp import make_mlp_methods, routing
+    from gmm_allreduce.bench.scenarios import load
+
+    case = next(c for c in load()["cpu"] if c.mlp)
+    index, _ = routing(40, 2, 4, 0)
+    m = tuple(torch.bincount(index.reshape(-1), minlength=4).tolist())
+    small = dataclasses.replace(case, m=m, k=(64,) * 4, n=(32,) * 4, tokens=40, top_k=2)
+    calls = make_mlp_methods(small, ["fused", "fp32", "torch_loop"], 1)
+    assert set(calls) == {"fused@0", "fp32", "torch_loop"}
+    with pytest.raises(ValueError, match="world size 1"):
+        make_mlp_methods(small, ["fused"], 2)

@@ -51,7 +51,7 @@ void compute_combined(const Plan& plan, const OpArgs& args, int64_t world_size, 
                    if (x.is_cpu())
                      note_kernel(in_fp32(i) ? CpuKernel::kUpcast : CpuKernel::kNative);
                    if (!in_fp32(i)) return at::mm(x, args.weight[i]);
-                   if (upcast_group != i) w32 = upcast(args.weight[i]), upcast_group = i;
+                   if (upcast_group != i) w32 = upcast(args.weight[i], true), upcast_group = i;
                    return at::mm(upcast(x), w32);
                  });
 }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "../float_bits.h"
 #include "cpu_isa.h"
@@ -98,12 +99,25 @@ void round_rows(const float* src, at::Tensor& y) {
 
 }  // namespace
 
-at::Tensor upcast(const at::Tensor& t) {
+at::Tensor upcast(const at::Tensor& t, bool reuse) {
   const std::optional<bool> transposed = dense_2d(t);
   if (!t.is_cpu() || !is_16bit(t) || !transposed) return t.to(at::kFloat);
-  at::Tensor out = *transposed
-                       ? at::empty({t.size(1), t.size(0)}, t.options().dtype(at::kFloat)).t()
-                       : at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  // The thread's scratch: its pages stay mapped and warm from one group to the next (a fresh
+  // allocation of a weight's size costs a page fault per 4 KiB on every call).
+  thread_local at::Tensor scratch;
+  at::Tensor out;
+  if (reuse && t.numel() <= kScratchFloats) {
+    if (!scratch.defined() || scratch.numel() < t.numel()) {
+      scratch = at::empty({t.numel()}, t.options().dtype(at::kFloat));
+    }
+    const std::vector<int64_t> sizes{t.size(0), t.size(1)};
+    const std::vector<int64_t> strides =
+        *transposed ? std::vector<int64_t>{1, t.size(0)} : std::vector<int64_t>{t.size(1), 1};
+    out = scratch.as_strided(sizes, strides, 0);
+  } else {
+    out = *transposed ? at::empty({t.size(1), t.size(0)}, t.options().dtype(at::kFloat)).t()
+                      : at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  }
   const auto* src = static_cast<const uint16_t*>(t.const_data_ptr());
   float* dst = out.mutable_data_ptr<float>();
   const bool bf16 = t.scalar_type() == at::kBFloat16;
@@ -113,7 +127,7 @@ at::Tensor upcast(const at::Tensor& t) {
 }
 
 void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  const at::Tensor w32 = upcast(w);
+  const at::Tensor w32 = upcast(w, /*reuse=*/true);
   const int64_t rows = block_rows(x.size(1) + y.size(1), int64_t{1} << 20);
   const bool fp32_out = y.scalar_type() == at::kFloat;
   for (int64_t r = 0; r < y.size(0); r += rows) {

@@ -9,9 +9,14 @@
 
 namespace gmm_allreduce {
 
-// t (2-D, fp16 or bf16) as a new fp32 tensor of the same layout (rows contiguous, or the
-// transposed view of contiguous rows); any other dtype or layout through ATen's conversion.
-at::Tensor upcast(const at::Tensor& t);
+// t (2-D, fp16 or bf16) as fp32 in the same layout (rows contiguous, or the transposed view of
+// contiguous rows); any other dtype or layout through ATen's conversion. With `reuse`, up to
+// kScratchFloats elements land in this thread's scratch, which the next upcast with `reuse`
+// overwrites: for a weight used once and dropped before the next one.
+at::Tensor upcast(const at::Tensor& t, bool reuse = false);
+
+// The most elements the scratch holds (16 MiB of fp32 a thread, kept once used).
+constexpr int64_t kScratchFloats = int64_t{1} << 22;
 
 // y = x @ w (+ bias, fp32) for 16-bit x and w: fp32 GEMMs on upcast blocks of x's rows (about
 // 4 MB of fp32 whatever x's size), w upcast once; rounded once into y when it is 16-bit, written

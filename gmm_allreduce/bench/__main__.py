@@ -22,6 +22,7 @@ import torch
 from ..cpu import TIERS, cpu_capabilities, cpu_description, emulation_env
 from . import report, runner
 from .methods import COMMON, EXTRA, FP32, GPU_ONLY
+from .mlp import MLP
 from .scenarios import DTYPES, SHAPES, load
 
 
@@ -37,7 +38,8 @@ def parse(argv):
     p.add_argument("--comm-turns", type=int, nargs="+", default=[0], metavar="K",
                    help="comm_turn values of the fused op (default: 0)")
     p.add_argument("--methods", nargs="+", default=list(COMMON),
-                   choices=[*COMMON, *EXTRA, *GPU_ONLY, FP32], help=f"default: {' '.join(COMMON)}")
+                   choices=[*COMMON, *EXTRA, *GPU_ONLY, FP32, *MLP],
+                   help=f"default: {' '.join(COMMON)}")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="every scenario's float dtype instead of its own")
@@ -60,7 +62,9 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(argv)
     scenarios = load(args.shapes)
-    pool = scenarios["gpu" if args.device == "cuda" else "cpu"]
+    # By default the MLP scenarios (world size 1 only) where the world size is 1.
+    pool = [c for c in scenarios["gpu" if args.device == "cuda" else "cpu"]
+            if not c.mlp or args.world_size == 1]
     if args.scenarios:
         every = {c.name: c for c in scenarios["cpu"] + scenarios["gpu"]}
         unknown = [n for n in args.scenarios if n not in every]
@@ -68,6 +72,9 @@ def main(argv=None) -> int:
             print(f"--scenarios: unknown {unknown}; known: {sorted(every)}", file=sys.stderr)
             return 2
         pool = [every[n] for n in args.scenarios]
+    if args.world_size != 1 and any(c.mlp for c in pool):
+        print("--scenarios: the MLP scenarios run at --world-size 1", file=sys.stderr)
+        return 2
     if args.dtype or args.weight_layout == "nk":
         pool = [dataclasses.replace(c, dtype=DTYPES[args.dtype] if args.dtype else c.dtype,
                                     layout="transposed" if args.weight_layout == "nk" else c.layout)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from ..cases import TOLERANCE, Case, call_kwargs, check, expected, make_inputs, to_device
 from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce, grouped_mat_mul_reduce_scatter
 from ..reference import group_operands, unfused
+from .mlp import MLP, make_mlp_methods
 
 # Methods every device runs; "fused" is timed once per comm_turn of the sweep.
 # - unfused: the naive composition, a matmul and a dist.all_reduce per group;
@@ -38,7 +39,7 @@ COMBINE = ("op_then_combine", "grouped_mm_combine", "hf_combine", "loop_combine"
 # The best compositions, against which the op is reported (vs_best: paired, the op over the
 # fastest composition of each iteration; for comm_op, over comm).
 COMPOSITIONS = ("flat_loop", "grouped_mm", "grouped_mm_combine", "hf_combine", "loop_combine",
-                "quant_loop")
+                "quant_loop", *MLP)
 # Quantised scenarios (quant: "int8" or "weight_int8") get these instead of unfused, flat_loop and
 # grouped_mm; fused, compute and comm time the quantised call:
 # - float: the same op call on the float inputs (what quantisation saves);
@@ -75,6 +76,12 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
         w = list(torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1).unbind(0))
         inputs["weight"] = w
     calls: dict[str, Callable] = {}
+    if case.mlp:  # the PyTorch loop always, vLLM where it is installed or asked for
+        import importlib.util
+
+        extra = ["torch_loop"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+        return make_mlp_methods(
+            case, [m for m in dict.fromkeys([*methods, *extra]) if m in ("fused", FP32, *MLP)], world)
     if FP32 in methods:
         methods = [m for m in methods if m != FP32]
         if case.dtype != torch.float32 or case.quant is not None:

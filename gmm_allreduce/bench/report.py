@@ -51,6 +51,8 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
             row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest[base]))
         if name.startswith("fused@") and "float" in slowest:  # a quantised call over the float one
             row["vs_float"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["float"]))
+        if name.startswith("fused@") and "vllm" in slowest:  # over the peer (MLP scenarios)
+            row["vs_peer"] = statistics.median(t / p for t, p in zip(slowest[name], slowest["vllm"]))
         if name.startswith("fused@") and "fp32" in slowest:  # over the same call in fp32
             row["vs_fp32"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["fp32"]))
         if name.startswith("fused@") and "fused@0" in slowest:
@@ -64,7 +66,7 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
 
 FIELDS = ["scenario", "method", "comm_turn", "groups", "split_item", "dtype", "gflop", "ms",
           "q1_ms", "q3_ms", "tflops", "host_us", "speedup_vs_unfused", "vs_best", "vs_float",
-          "vs_fp32", "time_vs_turn0", "efficiency"]
+          "vs_fp32", "vs_peer", "time_vs_turn0", "efficiency"]
 
 
 def _fmt(v, spec=".3f"):
@@ -73,7 +75,7 @@ def _fmt(v, spec=".3f"):
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'scenario':<16} {'method':<10} {'turn':>4} {'ms':>9} {'IQR ms':>15} {'TFLOP/s':>8} "
-          f"{'host us':>8} {'vs unfused':>10} {'vs best':>7} {'vs float':>8} {'vs fp32':>7} "
+          f"{'host us':>8} {'vs unfused':>10} {'vs best':>7} {'vs float':>8} {'vs fp32':>7} {'vs peer':>7} "
           f"{'vs turn0':>8} {'effic.':>6}")
     for r in rows:
         print(f"{r['scenario']:<16} {r['method']:<10} {r['comm_turn']!s:>4} {r['ms']:>9.3f} "
@@ -83,6 +85,7 @@ def print_table(rows: list[dict]) -> None:
               f"{_fmt(r.get('vs_best', ''), '.2f'):>7} "
               f"{_fmt(r.get('vs_float', ''), '.2f'):>8} "
               f"{_fmt(r.get('vs_fp32', ''), '.2f'):>7} "
+              f"{_fmt(r.get('vs_peer', ''), '.2f'):>7} "
               f"{_fmt(r.get('time_vs_turn0', ''), '.3f'):>8} "
               f"{_fmt(r.get('efficiency', ''), '.2f'):>6}", flush=True)
 
@@ -114,15 +117,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "| scenario | method | comm_turn | ms, median (IQR) | TFLOP/s | host µs | vs unfused | "
              "vs best (op / best composition; comm_op / comm; rs / rs_grouped_mm; "
              "fused_fp32 / fused) | vs float (quantised op / float op) | vs fp32 (op / the call in fp32) "
-             "| time vs comm_turn=0 | efficiency |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| vs peer (op / vLLM) | time vs comm_turn=0 | efficiency |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['scenario']} | {r['method']} | {r['comm_turn']} | {r['ms']:.3f} "
             f"({r['q1_ms']:.3f}-{r['q3_ms']:.3f}) | {_fmt(r['tflops'], '.4f')} | "
             f"{_fmt(r.get('host_us', ''), '.1f')} | {_fmt(r.get('speedup_vs_unfused', ''), '.2f')} | "
             f"{_fmt(r.get('vs_best', ''), '.2f')} | {_fmt(r.get('vs_float', ''), '.2f')} | "
-            f"{_fmt(r.get('vs_fp32', ''), '.2f')} | "
+            f"{_fmt(r.get('vs_fp32', ''), '.2f')} | {_fmt(r.get('vs_peer', ''), '.2f')} | "
             f"{_fmt(r.get('time_vs_turn0', ''), '.3f')} | {_fmt(r.get('efficiency', ''), '.2f')} |")
     return "\n".join(lines)
 

@@ -36,13 +36,19 @@ def scenario_case(s: dict) -> Case:
     def per_group(v):
         return tuple(v) if isinstance(v, list) else (v,) * g
 
-    m = per_group(s["M"]) if isinstance(s["M"], list) else tuple(
-        rows_per_group(s["M"], g, s["skew"], s["seed"]))
+    if s.get("mlp"):  # the rows each expert gets from the router's top-k
+        from .mlp import routing
+
+        index, _ = routing(s["tokens"], s["top_k"], g, s["seed"])
+        m = tuple(torch.bincount(index.reshape(-1), minlength=g).tolist())
+    else:
+        m = per_group(s["M"]) if isinstance(s["M"], list) else tuple(
+            rows_per_group(s["M"], g, s["skew"], s["seed"]))
     # An MoE layer's down-projection: M = tokens * top_k expert rows, combined into token rows.
     combine = {"tokens": s["tokens"], "top_k": s["top_k"]} if "tokens" in s else {}
     return Case(name=s["name"], split_item=s["split_item"], m=m, k=per_group(s["K"]),
                 n=per_group(s["N"]), dtype=DTYPES[s["dtype"]], seed=s["seed"],
-                quant=s.get("quant"), **combine)
+                quant=s.get("quant"), mlp=bool(s.get("mlp")), **combine)
 
 
 def load(path: Path = SHAPES) -> dict[str, list[Case]]:
@@ -52,4 +58,5 @@ def load(path: Path = SHAPES) -> dict[str, list[Case]]:
 
 
 def flops(case: Case) -> float:
-    return sum(2.0 * m * k * n for m, k, n in zip(case.m, case.k, case.n))
+    one = sum(2.0 * m * k * n for m, k, n in zip(case.m, case.k, case.n))
+    return 3 * one if case.mlp else one  # an MLP: gate_up (2N columns) and down
