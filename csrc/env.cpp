@@ -9,9 +9,7 @@
 #include <string>
 
 namespace gmm_allreduce {
-namespace {
 
-// The variable's value, trimmed and lower-cased; nullopt when unset or empty.
 std::optional<std::string> env_value(const char* name) {
   const char* raw = std::getenv(name);
   if (raw == nullptr) return std::nullopt;
@@ -23,8 +21,6 @@ std::optional<std::string> env_value(const char* name) {
   if (v.empty()) return std::nullopt;
   return v;
 }
-
-}  // namespace
 
 std::optional<bool> env_flag(const char* name) {
   const std::optional<std::string> v = env_value(name);

@@ -4,8 +4,12 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace gmm_allreduce {
+
+// The variable's value, surrounding spaces trimmed and lower-cased; nullopt when unset or empty.
+std::optional<std::string> env_value(const char* name);
 
 // 1/true/on/yes or 0/false/off/no (any case, surrounding spaces ignored); nullopt when unset or
 // empty. Raises c10::ValueError naming `name` for anything else.

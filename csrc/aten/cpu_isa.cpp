@@ -5,11 +5,12 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cctype>
 #include <cstdlib>
 #include <iterator>
 #include <optional>
 #include <string>
+
+#include "../env.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
@@ -79,19 +80,14 @@ const Host& host() {
 }
 
 // GMM_CPU_ISA's tier, or none when unset or empty.
-std::optional<CpuTier> parse_cap(const char* raw) {
-  if (raw == nullptr) return std::nullopt;
-  std::string v = raw;
-  const auto space = [](unsigned char ch) { return std::isspace(ch) != 0; };
-  v.erase(v.begin(), std::find_if_not(v.begin(), v.end(), space));
-  v.erase(std::find_if_not(v.rbegin(), v.rend(), space).base(), v.end());
-  std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return std::tolower(ch); });
-  if (v.empty()) return std::nullopt;
+std::optional<CpuTier> parse_cap() {
+  const std::optional<std::string> v = env_value(kCapVariable);
+  if (!v) return std::nullopt;
   for (const CpuTier t : {CpuTier::kAvx2, CpuTier::kAvx512, CpuTier::kAvx512Bf16, CpuTier::kAmx}) {
-    if (v == tier_name(t)) return t;
+    if (*v == tier_name(t)) return t;
   }
-  TORCH_CHECK_VALUE(false, kCapVariable, ": expected avx2, avx512, avx512_bf16 or amx, got \"", raw,
-                    "\"");
+  TORCH_CHECK_VALUE(false, kCapVariable, ": expected avx2, avx512, avx512_bf16 or amx, got \"",
+                    std::getenv(kCapVariable), "\"");
 }
 
 // The cap, parsed again only when the variable's value changes (a call reads it several times).
@@ -101,7 +97,7 @@ std::optional<CpuTier> cap() {
   const char* raw = std::getenv(kCapVariable);
   if (raw == nullptr) return std::nullopt;
   if (raw != last) {
-    parsed = parse_cap(raw);  // raises before `last` changes: a bad value raises every time
+    parsed = parse_cap();  // raises before `last` changes: a bad value raises every time
     last = raw;
   }
   return parsed;

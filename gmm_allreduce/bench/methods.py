@@ -165,12 +165,23 @@ def _quant_methods(case: Case, methods, comm_turns, inputs, kw, local_kw, world)
     starts = [0, *ends[:-1]]
     n = case.n[0]
 
+    # torch._int_mm where the CPU has VNNI or AMX; elsewhere a careful user multiplies in fp32
+    # (exact for K <= 1024): there ATen's int8 GEMM is a reference loop, and oneDNN's AVX2 one
+    # (under --cpu-isa avx2) saturates int16 pair sums: wrong in 65527 of 65536 sums of full-range
+    # int8 (64 x 512 x 1024).
+    from ..cpu import cpu_capabilities
+
+    native_int8 = x[0].device.type != "cpu" or "int16" not in cpu_capabilities()["int8"]
+
+    def int_mm(a, b):
+        return torch._int_mm(a, b) if native_int8 else a.float() @ b.float()
+
     def quant_loop():
         flat = torch.empty(sum(rows) * n, dtype=case.dtype, device=x[0].device)
         for y, a, b, wi, si in zip(flat.split([m * n for m in rows]), starts, ends, wq, scale):
             y = y.view(b - a, n)
             if case.quant == "int8":
-                y.copy_(torch._int_mm(xq[a:b], wi).float().mul_(per_token[a:b, None]).mul_(si))
+                y.copy_(int_mm(xq[a:b], wi).float().mul_(per_token[a:b, None]).mul_(si))
             elif b - a <= 16 and wi.shape[0] % 16 == 0:
                 y.copy_(torch._weight_int8pack_mm(xq[a:b], wi.t(), si.to(case.dtype)))
             else:
