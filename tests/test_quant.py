@@ -238,8 +238,18 @@ def test_weight_layouts_and_the_row_crossover_agree(world1):
             assert torch.equal(y, want.to(y.dtype)), (m, k, n, w.stride(), xx.dtype)
 
 
+def _tier_at_least(tier):
+    """GMM_CPU_ISA (when set) leaves the kernels of `tier` and above."""
+    from gmm_allreduce.cpu import TIERS
+
+    return TIERS.index(gmm_allreduce.cpu_capabilities()["tier"]) >= TIERS.index(tier)
+
+
 def _cpu_has_amx():
-    """The CPU has AMX (int8 and bf16) and Linux lets this process use its tiles."""
+    """The CPU has AMX (int8 and bf16), Linux lets this process use its tiles, and GMM_CPU_ISA
+    (when set) leaves them."""
+    if not _tier_at_least("amx"):
+        return False
     try:
         flags = open("/proc/cpuinfo").read().split()
         if not all(f in flags for f in ("amx_int8", "amx_bf16", "avx512_bf16")):
@@ -303,7 +313,8 @@ def test_vnni_kernel_matches_aten():
         flags = open("/proc/cpuinfo").read().split()
     except OSError:
         flags = []
-    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")):
+    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")) and \
+            _tier_at_least("avx512"):
         assert takes(*probe)
     if not takes(*probe):
         pytest.skip("no AVX512-VNNI here")
