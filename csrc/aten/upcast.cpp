@@ -51,20 +51,39 @@ GMM_F16C void narrow_f16c(const float* src, uint16_t* dst, int64_t n) {
 }
 #endif
 
-void widen(bool bf16, const uint16_t* src, float* dst, int64_t n) {
-  if (bf16) return widen<BFloat16Bits>(src, dst, n);
+// The conversions of one 16-bit dtype: bf16, fp16 through F16C, or fp16 in plain C++ (no AVX2).
+enum class Bits { kBf16, kF16c, kHalf };
+
+Bits bits_of(at::ScalarType t) {
+  if (t == at::kBFloat16) return Bits::kBf16;
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (cpu_has_avx2()) return widen_f16c(src, dst, n);
+  if (cpu_has_avx2()) return Bits::kF16c;
+#endif
+  return Bits::kHalf;
+}
+
+void widen(Bits b, const uint16_t* src, float* dst, int64_t n) {
+  if (b == Bits::kBf16) return widen<BFloat16Bits>(src, dst, n);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (b == Bits::kF16c) return widen_f16c(src, dst, n);
 #endif
   widen<HalfBits>(src, dst, n);
 }
 
-void narrow(bool bf16, const float* src, uint16_t* dst, int64_t n) {
-  if (bf16) return narrow<BFloat16Bits>(src, dst, n);
+void narrow(Bits b, const float* src, uint16_t* dst, int64_t n) {
+  if (b == Bits::kBf16) return narrow<BFloat16Bits>(src, dst, n);
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (cpu_has_avx2()) return narrow_f16c(src, dst, n);
+  if (b == Bits::kF16c) return narrow_f16c(src, dst, n);
 #endif
   narrow<HalfBits>(src, dst, n);
+}
+
+// fn(begin, end) over [0, n): in parallel, or on this thread for fewer than `grain` (what
+// at::parallel_for would do, without its cost).
+template <typename Fn>
+void over(int64_t n, int64_t grain, const Fn& fn) {
+  if (n < grain) return fn(int64_t{0}, n);
+  at::parallel_for(0, n, grain, fn);
 }
 
 // Rows of a block whose rows hold `per_row` elements each, about `budget` elements in all.
@@ -89,10 +108,10 @@ void round_rows(const float* src, at::Tensor& y) {
   const int64_t n = y.size(1);
   auto* dst = static_cast<uint16_t*>(y.mutable_data_ptr());
   const int64_t ld = y.stride(0);
-  const bool bf16 = y.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, y.size(0), block_rows(n, 1 << 14), [&](int64_t b, int64_t e) {
+  const Bits bits = bits_of(y.scalar_type());
+  over(y.size(0), block_rows(n, 1 << 14), [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
-      narrow(bf16, src + j * n, dst + j * ld, n);
+      narrow(bits, src + j * n, dst + j * ld, n);
     }
   });
 }
@@ -120,9 +139,9 @@ at::Tensor upcast(const at::Tensor& t, bool reuse) {
   }
   const auto* src = static_cast<const uint16_t*>(t.const_data_ptr());
   float* dst = out.mutable_data_ptr<float>();
-  const bool bf16 = t.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, t.numel(), int64_t{1} << 15,
-                   [&](int64_t b, int64_t e) { widen(bf16, src + b, dst + b, e - b); });
+  const Bits bits = bits_of(t.scalar_type());
+  over(t.numel(), int64_t{1} << 15,
+       [&](int64_t b, int64_t e) { widen(bits, src + b, dst + b, e - b); });
   return out;
 }
 
