@@ -138,17 +138,21 @@ def test_int8_takes_the_tier_s_kernel_and_is_exact(tier, rows):
     assert got == {expect}
 
 
-def test_int8_in_the_rows_layout_without_vnni_is_never_the_reference_kernel(tier):
+@pytest.mark.parametrize("rows", [3, 20])
+def test_int8_in_the_rows_layout_without_vnni_is_never_the_reference_kernel(tier, rows):
     if at_least(tier, "avx512") and VNNI:
         pytest.skip("VNNI: torch._int_mm is fast here")
-    call, ref = _int8_call(20, layout="kn")
+    call, ref = _int8_call(rows, layout="kn")
     got = taken(lambda: torch.testing.assert_close(call().double(), ref, atol=0, rtol=0))
-    assert got == {"int8_float"}
+    assert got == {"int8_avx2"}
 
 
-@pytest.mark.parametrize("k, n", [(128, 64), (100, 37), (7, 300), (2048, 16)])
-@pytest.mark.parametrize("rows", [1, 2, 5, 24, 25, 50])
-def test_the_avx2_int8_kernel_alone(monkeypatch, k, n, rows):
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+@pytest.mark.parametrize("k, n", [(128, 64), (100, 37), (7, 300), (2048, 16), (33, 256)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 8, 24, 25, 50])
+def test_the_avx2_int8_kernel_alone(monkeypatch, k, n, rows, layout):
+    """Exact int32 sums, in place (a few rows, the columns layout), from panels widened at the call
+    (from 8 rows, or any rows in the rows layout) and from a pack made once."""
     if not HERE:
         pytest.skip("no AVX2 on this CPU")
     monkeypatch.setenv("GMM_CPU_ISA", "avx2")
@@ -157,13 +161,22 @@ def test_the_avx2_int8_kernel_alone(monkeypatch, k, n, rows):
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8).t()
     x[0, :] = -128  # int8's extremes in a row and a column
     w[:, 0] = -128
+    if layout == "kn":
+        w = w.contiguous()
     assert torch.ops.gmm_allreduce._avx2_int8_takes(x, w)
     got = torch.ops.gmm_allreduce._avx2_int8_mm(x, w)
     torch.testing.assert_close(got, (x.long() @ w.long()).int(), atol=0, rtol=0)
+    torch.testing.assert_close(torch.ops.gmm_allreduce._avx2_int8_packed_mm(x, w), got, atol=0,
+                               rtol=0)
     # A padded x (rows apart by more than k) and a padded weight.
     xp = torch.zeros(rows, k + 5, dtype=torch.int8)[:, :k].copy_(x)
-    wp = torch.zeros(n, k + 3, dtype=torch.int8)[:, :k].copy_(w.t()).t()
+    if layout == "kn":
+        wp = torch.zeros(k, n + 3, dtype=torch.int8)[:, :n].copy_(w)
+    else:
+        wp = torch.zeros(n, k + 3, dtype=torch.int8)[:, :k].copy_(w.t()).t()
     torch.testing.assert_close(torch.ops.gmm_allreduce._avx2_int8_mm(xp, wp), got, atol=0, rtol=0)
+    torch.testing.assert_close(torch.ops.gmm_allreduce._avx2_int8_packed_mm(xp, wp), got, atol=0,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 40])

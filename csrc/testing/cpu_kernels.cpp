@@ -46,6 +46,14 @@ at::Tensor avx2_mm(const at::Tensor& x, const at::Tensor& w) {
   return block_mm<int32_t>(x, w, gmm_allreduce::int8_avx2_gemm);
 }
 
+// The same from the weight's pack (made here).
+at::Tensor avx2_packed_mm(const at::Tensor& x, const at::Tensor& w) {
+  const at::Tensor packed = gmm_allreduce::int8_avx2_pack(w);
+  return block_mm<int32_t>(x, w, [&](const at::Tensor& a, const at::Tensor& b, auto sink) {
+    gmm_allreduce::int8_avx2_gemm_packed(a, packed, b.size(1), sink);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
@@ -55,6 +63,7 @@ TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
   m.def("_vnni_mm(Tensor x, Tensor w) -> Tensor");
   m.def("_avx2_int8_takes(Tensor x, Tensor w) -> bool");
   m.def("_avx2_int8_mm(Tensor x, Tensor w) -> Tensor");
+  m.def("_avx2_int8_packed_mm(Tensor x, Tensor w) -> Tensor");
   // The CPU products the engine ran since the last call (aten/cpu_isa.h's CpuKernel names).
   m.def("_cpu_kernels_taken() -> str[]");
 }
@@ -73,4 +82,5 @@ TORCH_LIBRARY_IMPL(gmm_allreduce, CPU, m) {
   m.impl("_amx_mm", &amx_mm);
   m.impl("_vnni_mm", &vnni_mm);
   m.impl("_avx2_int8_mm", &avx2_mm);
+  m.impl("_avx2_int8_packed_mm", &avx2_packed_mm);
 }
