@@ -10,6 +10,7 @@
 #include "aten/int8_avx2.h"
 #include "aten/int8_vnni.h"
 #include "aten/int8_weight.h"
+#include "aten/prepack.h"
 #include "combine.h"
 #include "float_bits.h"
 #include "op.h"
@@ -267,9 +268,12 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const bool int8_amx = on_cpu && plan_.quant == Quant::kInt8 && int8_amx_takes(x, w);
   const bool int8_vnni = on_cpu && plan_.quant == Quant::kInt8 && !int8_amx &&
                          r >= kInt8VnniMinRows && int8_vnni_takes(x, w);
-  // Without VNNI (or AMX), any rows: ATen's int8 GEMM there is a reference loop.
-  const bool int8_avx2 = on_cpu && plan_.quant == Quant::kInt8 && !int8_amx && !cpu_has_vnni() &&
-                         int8_avx2_takes(x, w);
+  // Without VNNI (or AMX), any rows: ATen's int8 GEMM there is a reference loop. The weight's
+  // int16 pairs where it was packed (prepack.h), any layout; else the columns layout in place.
+  const bool no_vnni = on_cpu && plan_.quant == Quant::kInt8 && !int8_amx && !cpu_has_vnni();
+  const at::Tensor int16_pack = no_vnni ? find_pack(w) : at::Tensor();
+  const bool int8_avx2 =
+      no_vnni && (int16_pack.defined() ? int8_avx2_packed_takes(x) : int8_avx2_takes(x, w));
   const bool bf16_amx = on_cpu && plan_.quant == Quant::kWeightInt8 && r >= kBf16AmxMinRows &&
                         bf16_int8_amx_takes(x, w);
   const RowKernel block_kernel = int8_amx || int8_vnni || int8_avx2
@@ -330,14 +334,18 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
                sum_p != nullptr ? sum_p[j] : 0.0f, off_p + c, cols);
       }
     };
+    const bool packed = int8_avx2 && int16_pack.defined();
     note_kernel(int8_amx    ? CpuKernel::kInt8Amx
                 : int8_vnni ? CpuKernel::kInt8Vnni
+                : packed    ? CpuKernel::kInt8Avx2Packed
                 : int8_avx2 ? CpuKernel::kInt8Avx2
                             : CpuKernel::kWeightAmx);
     if (int8_amx) {
       int8_amx_gemm(x, w, sink);
     } else if (int8_vnni) {
       int8_vnni_gemm(x, w, sink);
+    } else if (packed) {
+      int8_avx2_gemm_packed(x, int16_pack, n, sink);
     } else if (int8_avx2) {
       int8_avx2_gemm(x, w, sink);
     } else {

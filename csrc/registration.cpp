@@ -52,6 +52,9 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   // the tier in use under GMM_CPU_ISA, and the kernel each dtype takes
   // (gmm_allreduce.cpu_capabilities()).
   m.def("_cpu_policy() -> str[]");
+  // Packs the weights for the CPU engine at the current tier (aten/prepack.h): one entry per
+  // weight, None where the engine reads the weight as it is (gmm_allreduce.prepack_weights).
+  m.def("_prepack_weights(Tensor[] weight) -> Tensor?[]");
 }
 
 extern "C" PyObject* PyInit__C(void) {

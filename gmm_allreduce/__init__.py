@@ -12,7 +12,9 @@ from .ops import (
     npu_grouped_mat_mul_all_reduce,
     wait,
 )
+from .prepack import PackedWeights, prepack_weights
 from .quant import quantize_per_token, quantize_weights
 
-__all__ = ["cpu_capabilities", "grouped_mat_mul", "grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter",
-           "npu_grouped_mat_mul_all_reduce", "quantize_per_token", "quantize_weights", "wait"]
+__all__ = ["PackedWeights", "cpu_capabilities", "grouped_mat_mul", "grouped_mat_mul_all_reduce",
+           "grouped_mat_mul_reduce_scatter", "npu_grouped_mat_mul_all_reduce", "prepack_weights",
+           "quantize_per_token", "quantize_weights", "wait"]

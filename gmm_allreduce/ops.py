@@ -19,6 +19,7 @@ from . import (
     _C,  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
     inductor,
 )
+from .prepack import PackedWeights
 from .quant import QUANTISED, is_quantised
 
 _OP = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce
@@ -242,6 +243,8 @@ def _quant(x, weight, bias, scale, per_token_scale, antiquant_scale, antiquant_o
 def _operands(x, weight, bias, group_list) -> tuple:
     """The schema's first five arguments: x, weight, bias (None for none), group_list as ints or
     as a tensor."""
+    if type(weight) is PackedWeights:
+        weight.check()
     x, weight = _tensors("x", x), _tensors("weight", weight)
     bias = _tensors("bias", bias) if bias is not None else []
     bias = bias or None

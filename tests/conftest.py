@@ -6,6 +6,7 @@ import pytest
 import testing_ops  # noqa: F401  (the test-only ops)
 import torch
 import torch.distributed as dist
+from cpu_tiers import HERE
 from dist_utils import close_pools, get_pool
 
 
@@ -29,3 +30,10 @@ def pools():
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=HERE or [pytest.param(None, marks=pytest.mark.skip("no AVX2 on this CPU"))])
+def tier(request, monkeypatch):
+    """Each CPU tier this host supports, in turn, as the GMM_CPU_ISA cap."""
+    monkeypatch.setenv("GMM_CPU_ISA", request.param)
+    return request.param

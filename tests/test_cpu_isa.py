@@ -5,54 +5,11 @@ GMM_CPU_ISA values."""
 
 import pytest
 import torch
+from cpu_tiers import HERE, HOST, VNNI, at_least, taken
 
 import gmm_allreduce
 from gmm_allreduce.cases import TOLERANCE
-from gmm_allreduce.cpu import TIERS, emulation_env
-
-
-def _host() -> str:
-    import os
-
-    saved = os.environ.pop("GMM_CPU_ISA", None)
-    try:
-        return gmm_allreduce.cpu_capabilities()["host"]
-    finally:
-        if saved is not None:
-            os.environ["GMM_CPU_ISA"] = saved
-
-
-HOST = _host()
-HERE = TIERS[: TIERS.index(HOST) + 1] if HOST in TIERS else ()
-
-
-def _flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f
-                         if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-VNNI = "avx512_vnni" in _flags()
-
-
-def at_least(tier: str, floor: str) -> bool:
-    return TIERS.index(tier) >= TIERS.index(floor)
-
-
-@pytest.fixture(params=HERE or [pytest.param(None, marks=pytest.mark.skip("no AVX2 on this CPU"))])
-def tier(request, monkeypatch):
-    monkeypatch.setenv("GMM_CPU_ISA", request.param)
-    return request.param
-
-
-def taken(fn) -> set:
-    """The CPU kernels `fn` ran."""
-    torch.ops.gmm_allreduce._cpu_kernels_taken()
-    fn()
-    return set(torch.ops.gmm_allreduce._cpu_kernels_taken())
+from gmm_allreduce.cpu import emulation_env
 
 
 def _draw(m, k, n, dtype, layout, seed=0):

@@ -148,9 +148,9 @@ std::atomic<uint32_t> noted{0};
 
 const char* kernel_name(CpuKernel k) {
   static constexpr const char* kNames[] = {
-      "native",      "upcast",     "int8_amx",      "int8_vnni",     "int8_avx2",
-      "int8_int_mm", "int8_float", "fp8_float",     "weight_avx512", "weight_bf16_dot",
-      "weight_avx2", "weight_amx", "weight_dequant"};
+      "native",           "upcast",      "int8_amx",   "int8_vnni",     "int8_avx2",
+      "int8_avx2_packed", "int8_int_mm", "int8_float", "fp8_float",     "weight_avx512",
+      "weight_bf16_dot",  "weight_avx2", "weight_amx", "weight_dequant"};
   static_assert(std::size(kNames) == static_cast<size_t>(CpuKernel::kCount));
   return kNames[static_cast<int>(k)];
 }

@@ -58,19 +58,20 @@ constexpr int64_t kNativeBf16MinMacs = int64_t{1} << 20;
 // The CPU products, as the engine notes them when it runs one (the tests read which ran, so that a
 // silent fallback to another kernel fails them).
 enum class CpuKernel : int {
-  kNative,         // ATen's GEMM in the call's dtype (fp32, fp64; bf16 natively)
-  kUpcast,         // a 16-bit GEMM as fp32 on upcast operands (upcast.h)
-  kInt8Amx,        // int8_amx.h, W8A8
-  kInt8Vnni,       // int8_vnni.h
-  kInt8Avx2,       // int8_avx2.h
-  kInt8IntMm,      // torch._int_mm (VNNI hosts, few rows)
-  kInt8Float,      // int8 as an exact fp32 or fp64 GEMM (no VNNI, a pair the AVX2 kernel refuses)
-  kFp8Float,       // float8_e4m3fn as an fp32 GEMM
-  kWeightAvx512,   // int8_weight.h, fp32 FMA on AVX-512
-  kWeightBf16Dot,  // int8_weight.h, AVX512-BF16 dot products
-  kWeightAvx2,     // int8_weight.h, fp32 FMA on AVX2
-  kWeightAmx,      // int8_amx.h, bf16 x
-  kWeightDequant,  // the weight dequantised once, then a float GEMM
+  kNative,          // ATen's GEMM in the call's dtype (fp32, fp64; bf16 natively)
+  kUpcast,          // a 16-bit GEMM as fp32 on upcast operands (upcast.h)
+  kInt8Amx,         // int8_amx.h, W8A8
+  kInt8Vnni,        // int8_vnni.h
+  kInt8Avx2,        // int8_avx2.h
+  kInt8Avx2Packed,  // int8_avx2.h, the weight's int16 pairs read from its pack (prepack.h)
+  kInt8IntMm,       // torch._int_mm (VNNI hosts, few rows)
+  kInt8Float,       // int8 as an exact fp32 or fp64 GEMM (no VNNI, a pair the AVX2 kernel refuses)
+  kFp8Float,        // float8_e4m3fn as an fp32 GEMM
+  kWeightAvx512,    // int8_weight.h, fp32 FMA on AVX-512
+  kWeightBf16Dot,   // int8_weight.h, AVX512-BF16 dot products
+  kWeightAvx2,      // int8_weight.h, fp32 FMA on AVX2
+  kWeightAmx,       // int8_amx.h, bf16 x
+  kWeightDequant,   // the weight dequantised once, then a float GEMM
   kCount
 };
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..cases import TOLERANCE, Case, call_kwargs, check, expected, make_inputs, to_device
 from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce, grouped_mat_mul_reduce_scatter
+from ..prepack import prepack_weights
 from ..reference import group_operands, unfused
 from .mlp import MLP, make_mlp_methods
 
@@ -45,8 +46,10 @@ COMPOSITIONS = ("flat_loop", "grouped_mm", "grouped_mm_combine", "hf_combine", "
 # - float: the same op call on the float inputs (what quantisation saves);
 # - quant_loop: the best quantised composition, one ATen kernel per group (torch._int_mm and the
 #   dequantisation in ATen ops; torch._weight_int8pack_mm at <= 16 rows with K a multiple of 16,
-#   else the weight dequantised and torch.mm) into one buffer, then one dist.all_reduce.
-QUANT = ("float", "quant_loop")
+#   else the weight dequantised and torch.mm) into one buffer, then one dist.all_reduce;
+# - prepacked: the fused call on weights packed once by prepack_weights, under torch.no_grad()
+#   (the same call as fused where the host's tier packs nothing).
+QUANT = ("float", "quant_loop", "prepacked")
 # The same op call with every float input in fp32 (bf16, fp16 and quantised scenarios): what a
 # 16-bit or quantised call is reported against (vs_fp32: paired, the op over this call).
 FP32 = "fp32"
@@ -202,12 +205,22 @@ def _quant_methods(case: Case, methods, comm_turns, inputs, kw, local_kw, world)
             calls[method] = lambda: grouped_mat_mul_all_reduce(x, w, **kw)
         elif method == "quant_loop":
             calls[method] = quant_loop
+        elif method == "prepacked":
+            packed = prepack_weights(wq)
+
+            def prepacked(packed=packed):
+                with torch.no_grad():
+                    return grouped_mat_mul_all_reduce([xq], packed, **kw, **qkw)
+            calls[method] = prepacked
         elif method in ("comm", "comm_op"):
             flat = torch.zeros(sum(rows) * n, dtype=case.dtype, device=x[0].device)
             group = dist.group.WORLD.group_name
             calls[method] = ((lambda flat=flat: dist.all_reduce(flat)) if method == "comm" else
                              (lambda flat=flat, group=group: torch.ops.gmm_allreduce._all_reduce_(flat, group)))
     (got,) = grouped_mat_mul_all_reduce([xq], wq, **kw, **qkw)
+    if "prepacked" in calls:
+        (got_packed,) = calls["prepacked"]()
+        assert torch.equal(got_packed, got), f"{case.name}: prepacked weights changed the result"
     atol, rtol = TOLERANCE[case.dtype]
     torch.testing.assert_close(got.double(), quant_loop().double(), atol=3 * atol * world,
                                rtol=3 * rtol)

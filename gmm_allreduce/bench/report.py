@@ -49,11 +49,12 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
         base = {"comm_op": "comm", "rs": "rs_grouped_mm", "fused_fp32": "fused@0"}.get(name)
         if base in slowest:
             row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest[base]))
-        if name.startswith("fused@") and "float" in slowest:  # a quantised call over the float one
+        op = name.startswith(("fused@", "prepacked"))
+        if op and "float" in slowest:  # a quantised call over the float one
             row["vs_float"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["float"]))
         if name.startswith("fused@") and "vllm" in slowest:  # over the peer (MLP scenarios)
             row["vs_peer"] = statistics.median(t / p for t, p in zip(slowest[name], slowest["vllm"]))
-        if name.startswith("fused@") and "fp32" in slowest:  # over the same call in fp32
+        if op and "fp32" in slowest:  # over the same call in fp32
             row["vs_fp32"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["fp32"]))
         if name.startswith("fused@") and "fused@0" in slowest:
             row["time_vs_turn0"] = statistics.median(
