@@ -37,7 +37,7 @@ def _collective(op, name: str, default_split_item: int, doc: str):
         *,
         bias: Sequence[torch.Tensor] | None = None,
         group_list: Sequence[int] | torch.Tensor | None = None,
-        split_item: int = default_split_item,
+        split_item: int | None = default_split_item,
         reduce_op: str = "sum",
         comm_turn: int = 0,
         group_list_type: int = 0,
@@ -57,7 +57,7 @@ def _collective(op, name: str, default_split_item: int, doc: str):
         operands = _operands(x, weight, bias, group_list)
         quant = _quant(*operands[:3], scale, per_token_scale, antiquant_scale, antiquant_offset,
                        output_dtype)
-        return op(*operands, _int("split_item", split_item),
+        return op(*operands, _split_item(split_item, default_split_item),
                   _group_name(hcomm), _str("reduce_op", reduce_op), _int("comm_turn", comm_turn),
                   _int("group_list_type", group_list_type), _bool("check_ranks", check_ranks),
                   _dtype("reduce_dtype", reduce_dtype), _async(async_op),
@@ -84,7 +84,8 @@ Args:
     bias: None, [] (no bias) or G 1-D tensors [N_i] of any floating dtype.
     group_list: rows of x per group for split_item 1 and 3: cumulative end offsets
         (group_list_type=0) or counts (1); a list of ints or a 1-D int64/int32 tensor.
-    split_item: 0: G x, G y; 1: one x, G y; 2: G x, one y; 3: one x, one y.
+    split_item: 0: G x, G y; 1: one x, G y; 2: G x, one y; 3: one x, one y; None: the default
+        (as code ported from MindSpeed passes it).
     reduce_op: "sum" only.
     comm_turn: 0: one all-reduce after all compute. k >= 1: the output rows cut into at most
         k chunks of about equal size (never an empty one); chunk c's all-reduce runs while
@@ -177,7 +178,7 @@ def grouped_mat_mul(
     *,
     bias: Sequence[torch.Tensor] | None = None,
     group_list: Sequence[int] | torch.Tensor | None = None,
-    split_item: int = 0,
+    split_item: int | None = 0,
     group_list_type: int = 0,
     world_size: int = 1,
     combine_index: torch.Tensor | None = None,
@@ -200,7 +201,7 @@ def grouped_mat_mul(
                    output_dtype)
     return _COMPUTE(
         *operands,
-        _int("split_item", split_item),
+        _split_item(split_item, 0),
         _int("group_list_type", group_list_type),
         _int("world_size", world_size),
         *_combine(combine_index, combine_weight, num_tokens, shared_input),
@@ -263,6 +264,12 @@ def _tensors(arg: str, value) -> list[torch.Tensor]:
 
 
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+def _split_item(value, default: int) -> int:
+    """split_item; None is the op's default (0, as MindSpeed's front reads None; 3 for the
+    reduce-scatter op)."""
+    return default if value is None else _int("split_item", value)
 
 
 def _int(arg: str, value) -> int:

@@ -160,3 +160,21 @@ def test_fake_kernel_shapes(world1, split_item):
         fake = gmm_allreduce.grouped_mat_mul_all_reduce(
             fake_inputs["x"], fake_inputs["weight"], world1, **call_kwargs(case, fake_inputs))
     assert [(tuple(t.shape), t.dtype) for t in fake] == [(tuple(t.shape), t.dtype) for t in real]
+
+
+def test_split_item_none_is_the_op_s_default(world1):
+    """Code ported from MindSpeed passes split_item=None: the op's default (0; 3 for the
+    reduce-scatter op)."""
+    x = [torch.randn(3, 4), torch.randn(5, 4)]
+    w = [torch.randn(4, 2), torch.randn(4, 2)]
+    for op in (gmm_allreduce.grouped_mat_mul_all_reduce, gmm_allreduce.npu_grouped_mat_mul_all_reduce):
+        for got, want in zip(op(x, w, world1, split_item=None), op(x, w, world1, split_item=0)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for got, want in zip(gmm_allreduce.grouped_mat_mul(x, w, split_item=None),
+                         gmm_allreduce.grouped_mat_mul(x, w)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    xs, gl = torch.cat(x), [3, 8]
+    (got,) = gmm_allreduce.grouped_mat_mul_reduce_scatter([xs], w, world1, group_list=gl,
+                                                          split_item=None)
+    (want,) = gmm_allreduce.grouped_mat_mul_reduce_scatter([xs], w, world1, group_list=gl)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
