@@ -165,6 +165,7 @@ std::vector<at::Tensor> run_compute(const Engine& engine, OpArgs args, int64_t w
   TORCH_CHECK_VALUE(world_size >= 1, "world_size: expected an integer >= 1, got ", world_size);
   const at::OptionalDeviceGuard guard(at::device_of(args.x));
   ask_engine_for_device_group_list(engine, args);
+  args.ranks = world_size;
   const Plan plan = make_plan(args);
   at::Tensor flat = empty_flat(plan);
   engine.compute(plan, args, world_size, flat, plan.chunks.front());

@@ -96,6 +96,10 @@ void check_dtypes_and_devices(const OpArgs& a, Quant q) {
         TORCH_CHECK_TYPE(t.scalar_type() == *dtype, name(arg, i), ": expected dtype ", *dtype,
                          " like ", *dtype == ref.scalar_type() ? "x[0]" : "weight[0]", ", got ",
                          t.scalar_type());
+      } else if (q == Quant::kInt8) {  // a bias: float, or int32 (added before dequantising)
+        TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()) || t.scalar_type() == at::kInt,
+                         name(arg, i), ": expected a floating-point dtype or int32, got ",
+                         t.scalar_type());
       } else {
         TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name(arg, i),
                          ": expected a floating-point dtype, got ", t.scalar_type());

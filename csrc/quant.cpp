@@ -3,7 +3,10 @@
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "aten/cpu_isa.h"
 #include "aten/int8_amx.h"
@@ -183,6 +186,20 @@ void check_quant_args(const OpArgs& a, const Plan& plan) {
     TORCH_CHECK_VALUE(t.device() == plan.device, "per_token_scale: expected a tensor on ",
                       plan.device, " like x[0], got one on ", t.device());
   }
+  if (a.bias && q == Quant::kInt8) {
+    const auto is_int = [](const at::Tensor& b) { return b.scalar_type() == at::kInt; };
+    const bool any_int = std::any_of(a.bias->begin(), a.bias->end(), is_int);
+    TORCH_CHECK_TYPE(!any_int || std::all_of(a.bias->begin(), a.bias->end(), is_int),
+                     "bias: expected every tensor int32 (added to the int32 sums) or every one "
+                     "floating-point (added after dequantisation), got both");
+    TORCH_CHECK_VALUE(!any_int || !a.combine_index,
+                      "bias: an int32 bias is not supported with combine_index; pass it as a "
+                      "float bias, times scale, or combine after the call");
+    TORCH_CHECK_VALUE(!any_int || a.ranks == 1,
+                      "bias: an int32 bias joins the int32 sums whole, which a rank's share "
+                      "(bias / n) of it would not: it takes one rank (world size 1), got ",
+                      a.ranks);
+  }
   if (weight_only) {
     TORCH_CHECK_VALUE(a.antiquant_scale.has_value(), "antiquant_scale: required for ",
                       quant_name(q), " (the weights' per-output-channel scales, [N_i] per group)");
@@ -285,10 +302,21 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const bool weight_only = plan_.quant == Quant::kWeightInt8;
   const at::TensorOptions f32 = out.options().dtype(at::kFloat);
   // The epilogue's per-column terms in fp32, [n]: the weight's scale, bias / world_size, and
-  // (weight-only, the weight not dequantised) offset * scale times x's row sums.
-  at::Tensor col, add, off, row, row_sum;
+  // (weight-only, the weight not dequantised) offset * scale times x's row sums. An int32 bias
+  // (W8A8, one rank) joins the int32 sums instead, before dequantisation.
+  at::Tensor col, add, off, row, row_sum, int_bias;
   if (!dequantised) col = (weight_only ? *args_.antiquant_scale : *args_.scale)[i].to(at::kFloat);
-  if (with_bias && plan_.has_bias) add = (*args_.bias)[i].to(at::kFloat).div(world_size_);
+  if (with_bias && plan_.has_bias) {
+    const at::Tensor& b = (*args_.bias)[i];
+    if (b.scalar_type() == at::kInt) {
+      int_bias = b.contiguous();
+    } else {
+      add = b.to(at::kFloat).div(world_size_);
+    }
+  }
+  if (int_bias.defined() && p.defined()) {  // exact sums: int32, or integers in fp32 or fp64
+    p = (p.scalar_type() == at::kInt ? p : p.to(at::kInt)).add_(int_bias);
+  }
   if (weight_only && args_.antiquant_offset && !dequantised) {
     off = (*args_.antiquant_offset)[i].to(at::kFloat).mul((*args_.antiquant_scale)[i]);
     row_sum = x.sum(1, false, at::kFloat);
@@ -326,12 +354,22 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const int64_t dst_row = out.stride(0) * static_cast<int64_t>(out.element_size());
   if (block_kernel != nullptr) {
     const int64_t elem = out.element_size();
+    const int32_t* int_bias_p = int_bias.defined() ? int_bias.const_data_ptr<int32_t>() : nullptr;
     auto sink = [&](int64_t b, int64_t rows, int64_t c, int64_t cols, const auto* sums,
                     int64_t ld) {
+      using S = std::decay_t<decltype(*sums)>;
+      thread_local std::vector<S> biased;  // a row of sums plus the int32 bias
       for (int64_t j = b; j < b + rows; ++j) {
-        kernel(dst + j * dst_row + c * elem, sums + (j - b) * ld,
-               row_p != nullptr ? row_p[j] : 1.0f, col_p + c, add_p + c,
-               sum_p != nullptr ? sum_p[j] : 0.0f, off_p + c, cols);
+        const S* row_sums = sums + (j - b) * ld;
+        if constexpr (std::is_same_v<S, int32_t>) {
+          if (int_bias_p != nullptr) {
+            biased.resize(cols);
+            for (int64_t q = 0; q < cols; ++q) biased[q] = row_sums[q] + int_bias_p[c + q];
+            row_sums = biased.data();
+          }
+        }
+        kernel(dst + j * dst_row + c * elem, row_sums, row_p != nullptr ? row_p[j] : 1.0f,
+               col_p + c, add_p + c, sum_p != nullptr ? sum_p[j] : 0.0f, off_p + c, cols);
       }
     };
     const bool packed = int8_avx2 && int16_pack.defined();

@@ -81,7 +81,8 @@ Args:
     weight: G tensors [K_i, N_i].
     hcomm: the process group: its name (``group.group_name``), the group, or None for the
         default group.
-    bias: None, [] (no bias) or G 1-D tensors [N_i] of any floating dtype.
+    bias: None, [] (no bias) or G 1-D tensors [N_i] of any floating dtype (int32 for int8 x:
+        added to the int32 sums before dequantisation, as Ascend's npu_grouped_matmul).
     group_list: rows of x per group for split_item 1 and 3: cumulative end offsets
         (group_list_type=0) or counts (1); a list of ints or a 1-D int64/int32 tensor.
     split_item: 0: G x, G y; 1: one x, G y; 2: G x, one y; 3: one x, one y; None: the default

@@ -528,3 +528,47 @@ def test_the_layer_holds_quantised_weights(world1, activations):
     assert (y.float() - ref.float()).norm() / ref.float().norm() < 0.02
     with pytest.raises(RuntimeError, match="inference-only"):
         layer(x.requires_grad_(), [6, 12, 18, 24])
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_an_int32_bias_is_added_before_dequantisation(tier, world1, rows):
+    """W8A8 with an int32 bias (Ascend's npu_grouped_matmul): (x @ w + b) * row * scale, b added
+    to the exact int32 sums, on every CPU kernel; one rank only (a share b / n is no integer)."""
+    g = torch.Generator().manual_seed(rows)
+    k, n = 64, 48
+    x = torch.randint(-128, 128, (2 * rows, k), dtype=torch.int8, generator=g)
+    w = [torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g).t() for _ in range(2)]
+    b = [torch.randint(-2**20, 2**20, (n,), dtype=torch.int32, generator=g) for _ in range(2)]
+    scale = [torch.rand(n, generator=g) + 0.5 for _ in range(2)]
+    pts = torch.rand(2 * rows, generator=g) + 0.5
+    kw = dict(bias=b, scale=scale, per_token_scale=pts, group_list=[rows, rows],
+              group_list_type=1, split_item=3, output_dtype=torch.float32)
+    want = torch.cat([((x[i * rows:(i + 1) * rows].double() @ w[i].double() + b[i].double())
+                       * pts[i * rows:(i + 1) * rows, None].double() * scale[i].double())
+                      for i in range(2)])
+    for got in (gmm_allreduce.grouped_mat_mul([x], w, **kw)[0],
+                gmm_allreduce.grouped_mat_mul_all_reduce([x], w, world1, **kw)[0]):
+        torch.testing.assert_close(got, want.float(), rtol=3e-7, atol=0)  # fp32 roundings
+    with pytest.raises(ValueError, match=r"^bias: an int32 bias joins the int32 sums whole"):
+        gmm_allreduce.grouped_mat_mul([x], w, world_size=2, **kw)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x=torch.ones(4, 8)), TypeError, r"^bias\[0\]: expected a floating-point dtype, got Int"),
+    (dict(bias=[torch.zeros(6, dtype=torch.int32), torch.zeros(6)]), TypeError,
+     r"^bias: expected every tensor int32 \(added to the int32 sums\) or every one floating"),
+    (dict(combine_index=torch.zeros(4, dtype=torch.int64), num_tokens=1), ValueError,
+     r"^bias: an int32 bias is not supported with combine_index"),
+])
+def test_int32_bias_errors(change, error, match):
+    kw = dict(x=torch.ones(4, 8, dtype=torch.int8),
+              weight=[torch.ones(8, 6, dtype=torch.int8)] * 2,
+              bias=[torch.zeros(6, dtype=torch.int32)] * 2, scale=[torch.ones(6)] * 2,
+              per_token_scale=torch.ones(4), group_list=[2, 4], split_item=3)
+    kw.update(change)
+    if kw["x"].dtype != torch.int8:
+        kw = {k: v for k, v in kw.items() if k not in ("scale", "per_token_scale")}
+        kw["weight"] = [torch.ones(8, 6)] * 2
+    x = kw.pop("x")
+    with pytest.raises(error, match=match):
+        gmm_allreduce.grouped_mat_mul([x], **kw)
