@@ -4,7 +4,7 @@ from . import (
     autograd,  # noqa: F401  (registers the op's backward)
     nn,  # noqa: F401  (gmm_allreduce.nn after `import gmm_allreduce`, as torch.nn)
 )
-from .ascend import npu_grouped_matmul_finalize_routing
+from .ascend import npu_grouped_matmul, npu_grouped_matmul_finalize_routing
 from .cpu import cpu_capabilities
 from .ops import (
     grouped_mat_mul,
@@ -18,5 +18,5 @@ from .quant import quantize_per_token, quantize_weights
 
 __all__ = ["PackedWeights", "cpu_capabilities", "grouped_mat_mul", "grouped_mat_mul_all_reduce",
            "grouped_mat_mul_reduce_scatter", "npu_grouped_mat_mul_all_reduce",
-           "npu_grouped_matmul_finalize_routing", "prepack_weights",
+           "npu_grouped_matmul", "npu_grouped_matmul_finalize_routing", "prepack_weights",
            "quantize_per_token", "quantize_weights", "wait"]

@@ -139,3 +139,141 @@ def npu_grouped_matmul_finalize_routing(
         scale=list(scale.unbind(0)) if scale is not None else None,
         per_token_scale=rows(pertoken_scale), output_dtype=out_dtype)
     return out
+
+
+def _per_weight(arg: str, values, groups: int, split_3d: bool):
+    """A list argument of one tensor per weight; for a single 3-D weight [g, k, n], its one tensor
+    [g, ...] split per expert."""
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{arg}: expected a list of tensors, got {type(values).__name__}")
+    values = list(values)
+    if split_3d and len(values) == 1 and isinstance(values[0], torch.Tensor) \
+            and values[0].dim() >= 2 and values[0].shape[0] == groups:
+        values = list(values[0].unbind(0))
+    return values
+
+
+def _counts_from_pairs(group_list: torch.Tensor, groups: int) -> torch.Tensor:
+    """group_list_type 2's [E, 2] rows (group index, rows) as per-group counts, on its device."""
+    if group_list.dim() != 2 or group_list.shape[1] != 2:
+        raise ValueError(f"group_list: expected [E, 2] (group index, rows) for group_list_type=2, "
+                         f"got shape {tuple(group_list.shape)}")
+    counts = torch.zeros(groups, dtype=torch.int64, device=group_list.device)
+    return counts.index_add_(0, group_list[:, 0].long(), group_list[:, 1].long())
+
+
+def npu_grouped_matmul(
+    x,
+    weight,
+    *,
+    bias=None,
+    scale=None,
+    offset=None,
+    antiquant_scale=None,
+    antiquant_offset=None,
+    per_token_scale=None,
+    group_list=None,
+    activation_input=None,
+    activation_quant_scale=None,
+    activation_quant_offset=None,
+    split_item: int | None = 0,
+    group_type: int | None = None,
+    group_list_type: int = 0,
+    act_type: int = 0,
+    output_dtype: torch.dtype | None = None,
+    tuning_config=None,
+) -> list[torch.Tensor]:
+    """torch_npu's grouped matmul (no collective), on any device of ours.
+
+    Its rules: ``x`` and ``weight`` lists (a single 3-D weight ``[g, k, n]`` with its scales,
+    biases and antiquant scales as ``[g, n]``), ``group_list`` a list of cumulative offsets or a
+    tensor read by ``group_list_type`` (0 cumulative, 1 counts, 2 ``[E, 2]`` rows of (group, rows)),
+    ``group_type`` None, -1 (each x its own group) or 0 (groups along M); ``per_token_scale`` a list
+    (one tensor per x); ``output_dtype=None`` is x's dtype; W8A8 (int8 x and weights) takes an
+    int32 bias, added to the int32 sums before dequantisation, and float ``scale`` (its output
+    dtype then given: bfloat16 or float16, float32 too), with or without ``per_token_scale``;
+    weight-only int8 takes ``antiquant_scale`` and ``antiquant_offset`` per output channel.
+
+    Not supported, each a NotImplementedError naming the argument: ``offset``, the activation
+    arguments, ``act_type`` other than 0, ``group_type=2`` (groups along K), int64 (packed) scales
+    and int8 or int32 outputs of W8A8, int4 weights, per-group antiquant scales.
+    ``tuning_config`` (a tiling hint) is ignored.
+    """
+    _not_honoured(
+        offset=(offset, "the offset of a requantisation to int8"),
+        activation_input=(activation_input, "a fused activation's backward input"),
+        activation_quant_scale=(activation_quant_scale, "reserved by torch_npu"),
+        activation_quant_offset=(activation_quant_offset, "reserved by torch_npu"),
+    )
+    if act_type != 0:
+        raise NotImplementedError(f"act_type: fused activations are not supported here (got "
+                                  f"{act_type!r}); apply it to the outputs")
+    if group_type not in (None, -1, 0, 2):
+        raise ValueError(f"group_type: expected None, -1, 0 or 2, got {group_type!r}")
+    if group_type == 2:
+        raise NotImplementedError("group_type: 2 (groups along K) is not supported here; pass "
+                                  "None, -1 or 0")
+    if group_list_type not in (0, 1, 2):
+        raise ValueError(f"group_list_type: expected 0, 1 or 2, got {group_list_type!r}")
+    split_item = 0 if split_item is None else split_item
+    if isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple)):
+        raise TypeError(f"x: expected a list of tensors, got {type(x).__name__}")
+    weight = _per_weight("weight", weight, 0, split_3d=False)
+    single_3d = len(weight) == 1 and isinstance(weight[0], torch.Tensor) and weight[0].dim() == 3
+    if single_3d:
+        weight = list(weight[0].unbind(0))
+    if any(isinstance(w, torch.Tensor) and w.dtype == torch.int32 for w in weight):
+        raise NotImplementedError("weight: int4 weights packed in int32 are not supported here")
+    groups = len(weight)
+    bias = _per_weight("bias", bias, groups, single_3d)
+    scale = _per_weight("scale", scale, groups, single_3d)
+    antiquant_scale = _per_weight("antiquant_scale", antiquant_scale, groups, single_3d)
+    antiquant_offset = _per_weight("antiquant_offset", antiquant_offset, groups, single_3d)
+    if any(s.dim() != 1 for s in antiquant_scale or []):
+        raise NotImplementedError("antiquant_scale: per-group scales ([G, n]) are not supported "
+                                  "here; pass one scale per output channel")
+    if any(s.dtype in (torch.int64, torch.uint64) for s in scale or []):
+        raise NotImplementedError("scale: int64 scales (a requantisation to int8, packed) are not "
+                                  "supported here; pass float32 or bfloat16 scales and a float "
+                                  "output_dtype")
+    w8a8 = bool(x) and isinstance(x[0], torch.Tensor) and x[0].dtype == torch.int8
+    if w8a8 and output_dtype in (None, torch.int8, torch.int32):
+        raise NotImplementedError(f"output_dtype: {output_dtype} (an int8 or int32 output of int8 "
+                                  "x) is not supported here; pass torch.bfloat16, torch.float16 "
+                                  "or torch.float32")
+
+    # There split_item says only whether y is one tensor (2, 3) or one per group (0, 1); whether
+    # x is one tensor cut by group_list follows from x. Ours names the four pairs 0-3.
+    if split_item not in (0, 1, 2, 3):
+        raise ValueError(f"split_item: expected 0, 1, 2 or 3, got {split_item!r}")
+    gl, gl_type = group_list, group_list_type
+    if isinstance(group_list, torch.Tensor) and group_list_type == 2:
+        gl, gl_type = _counts_from_pairs(group_list, groups), 1
+    elif group_list is not None and not isinstance(group_list, torch.Tensor):
+        gl, gl_type = list(group_list), 0  # a list is always cumulative offsets there
+    if group_type == -1 and group_list is not None:
+        raise ValueError("group_list: must be None for group_type=-1 (each x is its own group)")
+    one_x = len(x) == 1 and gl is not None
+    if not one_x and gl is not None:  # several x: group_list, if given, must match their rows
+        ends = gl.tolist() if isinstance(gl, torch.Tensor) else gl
+        rows = [t.shape[0] for t in x]
+        got = torch.tensor(ends).cumsum(0).tolist() if gl_type == 1 else list(ends)
+        if got != torch.tensor(rows).cumsum(0).tolist():
+            raise ValueError(f"group_list: expected the rows of x's tensors ({rows}), got {ends}")
+        gl = None
+    one_y = split_item in (2, 3)
+    split_item = (3 if one_y else 1) if one_x else (2 if one_y else 0)
+
+    if per_token_scale is not None:
+        pts = _per_weight("per_token_scale", per_token_scale, 0, split_3d=False)
+        pts = [t.reshape(-1) for t in pts]  # [m] or [m, 1]
+        per_token_scale = pts[0] if len(pts) == 1 else torch.cat(pts)
+    elif w8a8 and scale is not None:  # per-channel scales alone: rows of scale 1
+        per_token_scale = torch.ones(sum(t.shape[0] for t in x), dtype=torch.float32,
+                                     device=x[0].device)
+    return grouped_mat_mul(
+        list(x), weight, bias=bias, group_list=gl, split_item=split_item, group_list_type=gl_type,
+        scale=scale, per_token_scale=per_token_scale, antiquant_scale=antiquant_scale,
+        antiquant_offset=antiquant_offset, output_dtype=output_dtype)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import gmm_allreduce
-from gmm_allreduce.ascend import npu_grouped_matmul_finalize_routing
+from gmm_allreduce.ascend import npu_grouped_matmul, npu_grouped_matmul_finalize_routing
 
 
 def _routing_case(m, k, n, batch, top_k, group_num, seed=0):
@@ -162,3 +162,183 @@ def test_finalize_routing_bad_calls(change, error, message):
 
 def test_the_functions_are_exported():
     assert gmm_allreduce.npu_grouped_matmul_finalize_routing is npu_grouped_matmul_finalize_routing
+    assert gmm_allreduce.npu_grouped_matmul is npu_grouped_matmul
+
+
+# ---- npu_grouped_matmul: the cases of op-plugin's test/test_custom_ops/test_npu_grouped_matmul.py
+
+def _normal(*size, dtype=torch.float16, std=0.1, g=None):
+    return torch.normal(0.0, std, size, generator=g).to(dtype)
+
+
+def _fp16_close(got, want):  # op-plugin: assertRtolEqual(..., 0.001) on fp16 outputs
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_grouped_matmul_several_x_weights_and_outputs():
+    # test_npu_grouped_matmul_0 (x, weight, y all lists; group_type=-1), its shapes.
+    g = torch.Generator().manual_seed(0)
+    x = [_normal(256, 256, g=g), _normal(1024, 256, g=g), _normal(512, 1024, g=g)]
+    w = [_normal(256, 256, g=g), _normal(256, 1024, g=g), _normal(1024, 128, g=g)]
+    b = [_normal(256, g=g), _normal(1024, g=g), _normal(128, g=g)]
+    x_before = [t.clone() for t in x]
+    out = npu_grouped_matmul(x, w, bias=b, group_list=None, split_item=0, group_type=-1)
+    assert len(out) == 3 and all(o.dtype == torch.float16 for o in out)
+    for o, xi, wi, bi in zip(out, x, w, b):
+        _fp16_close(o, xi.double() @ wi.double() + bi.double())
+    assert all(torch.equal(a, c) for a, c in zip(x, x_before))  # "assertRtolEqual(x[0], x_clone[0])"
+
+
+def test_grouped_matmul_x_of_more_dims():
+    # test_npu_grouped_matmul_0_multi_dim (x [7, 1024, 96] and [7, 1024, 32]), at 64 rows a batch
+    # and N 512 and 1024 instead of 5120 and 8192.
+    g = torch.Generator().manual_seed(1)
+    x = [_normal(7, 64, 96, g=g), _normal(7, 64, 32, g=g)]
+    w = [_normal(96, 512, g=g), _normal(32, 1024, g=g)]
+    b = [_normal(512, g=g), _normal(1024, g=g)]
+    out = npu_grouped_matmul(x, w, bias=b, split_item=0, group_type=-1)
+    for o, xi, wi, bi in zip(out, x, w, b):
+        assert o.shape == xi.shape[:-1] + (wi.shape[1],)
+        _fp16_close(o, xi.double() @ wi.double() + bi.double())
+
+
+@pytest.mark.parametrize("form", ["tensor", "list", "counts", "pairs"])
+def test_grouped_matmul_one_x_cut_by_group_list(form):
+    # test_npu_grouped_matmul_3 and _4 (one x [1792, 1024], three weights, one y; group_list
+    # [256, 1280, 1792] as a tensor and as a list); counts (group_list_type=1) and [E, 2] pairs
+    # (group_list_type=2) from the documented parameter.
+    g = torch.Generator().manual_seed(2)
+    x = _normal(1792, 1024, g=g)
+    w = [_normal(1024, 256, g=g) for _ in range(3)]
+    b = [_normal(256, g=g) for _ in range(3)]
+    ends = [256, 1280, 1792]
+    group_list, kind = {
+        "tensor": (torch.tensor(ends), 0),
+        "list": (ends, 0),
+        "counts": (torch.tensor([256, 1024, 512]), 1),
+        "pairs": (torch.tensor([[2, 512], [0, 256], [1, 1024]]), 2),
+    }[form]
+    (out,) = npu_grouped_matmul([x], w, bias=b, group_list=group_list, split_item=3, group_type=0,
+                                group_list_type=kind)
+    starts = [0, *ends[:-1]]
+    want = torch.cat([x[a:e].double() @ wi.double() + bi.double()
+                      for a, e, wi, bi in zip(starts, ends, w, b)])
+    _fp16_close(out, want)
+    outs = npu_grouped_matmul([x], w, bias=b, group_list=group_list, split_item=0, group_type=0,
+                              group_list_type=kind)  # one x, one y per group
+    _fp16_close(torch.cat(outs), want)
+
+
+def test_grouped_matmul_one_3d_weight():
+    # test_npu_grouped_matmul_1 (x [1792, 1024], one weight [2, 1024, 256], group_list
+    # [256, 1792], split_item 3).
+    g = torch.Generator().manual_seed(3)
+    x = _normal(1792, 1024, g=g)
+    w = _normal(2, 1024, 256, g=g)
+    (out,) = npu_grouped_matmul([x], [w], group_list=torch.tensor([256, 1792]), split_item=3,
+                                group_type=0)
+    _fp16_close(out, torch.cat([x[:256].double() @ w[0].double(), x[256:].double() @ w[1].double()]))
+
+
+def test_grouped_matmul_several_x_one_y():
+    # test_npu_grouped_matmul_2 (three x, three weights of N 256, one y; split_item 2).
+    g = torch.Generator().manual_seed(4)
+    x = [_normal(256, 256, g=g), _normal(1024, 256, g=g), _normal(512, 1024, g=g)]
+    w = [_normal(256, 256, g=g), _normal(256, 256, g=g), _normal(1024, 256, g=g)]
+    b = [_normal(256, g=g) for _ in range(3)]
+    (out,) = npu_grouped_matmul(x, w, bias=b, group_list=None, split_item=2, group_type=0)
+    _fp16_close(out, torch.cat([xi.double() @ wi.double() + bi.double()
+                                for xi, wi, bi in zip(x, w, b)]))
+
+
+@pytest.mark.parametrize("scale_dtype, output_dtype", [(torch.float32, torch.float16),
+                                                       (torch.bfloat16, torch.bfloat16)])
+def test_grouped_matmul_w8a8_with_an_int32_bias(scale_dtype, output_dtype):
+    # test_npu_grouped_matmul_quant_3 (int8 x [1792, 1024] and weights in [1, 5), int32 biases,
+    # per-channel scales from deq_scale_generate: uniform in [0.01, 0.03]; float32 scales give
+    # float16, bfloat16 scales bfloat16): y = (x @ w + bias) * scale.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(1, 5, (1792, 1024), dtype=torch.int8, generator=g)
+    w = [torch.randint(1, 5, (1024, 256), dtype=torch.int8, generator=g) for _ in range(3)]
+    b = [torch.randint(1, 5, (256,), dtype=torch.int32, generator=g) for _ in range(3)]
+    scale = [(torch.rand(256, generator=g) * 0.02 + 0.01).to(scale_dtype) for _ in range(3)]
+    (out,) = npu_grouped_matmul([x], w, bias=b, scale=scale,
+                                group_list=torch.tensor([256, 1280, 1792]), split_item=3,
+                                group_type=0, output_dtype=output_dtype)
+    assert out.dtype == output_dtype
+    ends = [0, 256, 1280, 1792]
+    want = torch.cat([(x[ends[i]:ends[i + 1]].double() @ w[i].double() + b[i].double())
+                      * scale[i].double() for i in range(3)])
+    rtol = 2e-3 if output_dtype == torch.float16 else 1e-2
+    torch.testing.assert_close(out.double(), want, rtol=rtol, atol=0)
+
+
+def test_grouped_matmul_w8a8_per_token_scales_as_a_list():
+    # The documented per-token case: per_token_scale a list, one [m] tensor per x.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(-128, 128, (48, 64), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (2, 64, 32), dtype=torch.int8, generator=g)
+    scale = torch.rand(2, 32, generator=g) + 0.5
+    pts = torch.rand(48, 1, generator=g) + 0.5
+    (out,) = npu_grouped_matmul([x], [w], scale=[scale], per_token_scale=[pts],
+                                group_list=torch.tensor([16, 32]), group_list_type=1,
+                                split_item=3, group_type=0, output_dtype=torch.float32)
+    want = torch.cat([(x[:16].double() @ w[0].double()) * scale[0].double(),
+                      (x[16:].double() @ w[1].double()) * scale[1].double()]) * pts.double()
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=0)
+
+
+def test_grouped_matmul_int8_weights_with_float_x():
+    # test_npu_grouped_matmul_antiquant_0 (fp16 x, int8 weights in [-9, 9), per-channel fp16
+    # antiquant scale and offset, fp16 bias): y = x @ ((w + offset) * scale) + bias.
+    g = torch.Generator().manual_seed(7)
+    x = [_normal(256, 256, std=0.05, g=g), _normal(1024, 256, std=0.05, g=g),
+         _normal(512, 1024, std=0.05, g=g)]
+    w = [torch.randint(-9, 9, size, dtype=torch.int8, generator=g)
+         for size in ((256, 256), (256, 1024), (1024, 128))]
+    n = [256, 1024, 128]
+    b = [_normal(k, std=0.05, g=g) for k in n]
+    s = [_normal(k, std=0.05, g=g) for k in n]
+    o = [_normal(k, std=0.05, g=g) for k in n]
+    out = npu_grouped_matmul(x, w, bias=b, antiquant_scale=s, antiquant_offset=o, split_item=0,
+                             group_type=-1)
+    for y, xi, wi, bi, si, oi in zip(out, x, w, b, s, o):
+        _fp16_close(y, xi.double() @ ((wi.double() + oi.double()) * si.double()) + bi.double())
+
+
+def _gm_small():
+    x = [torch.randint(-5, 5, (8, 16), dtype=torch.int8)]
+    w = [torch.randint(-5, 5, (16, 8), dtype=torch.int8) for _ in range(2)]
+    return x, w, dict(scale=[torch.ones(8)] * 2, group_list=[4, 8], split_item=3,
+                      output_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    # What torch_npu documents but ours cannot honour (op-plugin docs: the activation arguments,
+    # act_type, group_type 2, int64 scales of an int8 output, offset).
+    (dict(act_type=5), NotImplementedError, r"^act_type: fused activations"),
+    (dict(group_type=2), NotImplementedError, r"^group_type: 2 \(groups along K\)"),
+    (dict(offset=[torch.zeros(8)] * 2), NotImplementedError, r"^offset: not supported"),
+    (dict(activation_input=[torch.zeros(8)]), NotImplementedError, r"^activation_input"),
+    (dict(scale=[torch.ones(8, dtype=torch.int64)] * 2), NotImplementedError, r"^scale: int64"),
+    (dict(output_dtype=None), NotImplementedError, r"^output_dtype: None \(an int8 or int32"),
+    (dict(output_dtype=torch.int32), NotImplementedError, r"^output_dtype: torch.int32"),
+    (dict(weight=[torch.zeros(16, 1, dtype=torch.int32)] * 2), NotImplementedError,
+     r"^weight: int4"),
+    (dict(antiquant_scale=[torch.ones(2, 8)] * 2), NotImplementedError,
+     r"^antiquant_scale: per-group scales"),
+    # Calls torch_npu refuses too.
+    (dict(group_type=-1), ValueError, r"^group_list: must be None for group_type=-1"),
+    (dict(group_type=1), ValueError, r"^group_type: expected None, -1, 0 or 2"),
+    (dict(group_list_type=3), ValueError, r"^group_list_type: expected 0, 1 or 2"),
+    (dict(split_item=4), ValueError, r"^split_item: expected 0, 1, 2 or 3"),
+    (dict(x=[torch.zeros(4, 16, dtype=torch.int8)] * 2, group_list=[4, 6]), ValueError,
+     r"^group_list: expected the rows of x's tensors \(\[4, 4\]\), got \[4, 6\]"),
+    (dict(x=torch.zeros(8, 16, dtype=torch.int8)), TypeError, r"^x: expected a list of tensors"),
+])
+def test_grouped_matmul_bad_calls(change, error, message):
+    x, w, kw = _gm_small()
+    kw = {"x": x, "weight": w, **kw, **change}
+    x, w = kw.pop("x"), kw.pop("weight")
+    with pytest.raises(error, match=message):
+        npu_grouped_matmul(x, w, **kw)
