@@ -82,13 +82,23 @@ sanitize: $(DEPS)
 # and the CPU suite and the demo run on that build.
 CUDA_TORCHES ?= 2.14.1 2.11.0
 ARCHS_2.11.0 := 9.0
+# The suite each CUDA build runs: all of it by default. CI passes CUDA_TESTS=focused, the tests of
+# what differs in a CUDA build or under another torch (the build and its kernels' registration, the
+# CUDA engine's host logic through its CPU twins, the GPU tests, skipped without one, and the Python
+# fronts over that torch: fake kernels, autograd, torch.compile, opcheck, the errors), while the
+# whole suite runs on the plain and the sanitizer builds.
+CUDA_FOCUSED := tests/test_build.py tests/test_cuda.py tests/test_kernel_twins.py \
+  tests/test_compile_order.py tests/test_autograd.py tests/test_semantics.py tests/test_errors.py \
+  tests/test_quant.py tests/test_reduce_scatter.py tests/test_async.py
+CUDA_TESTS ?= tests
 cuda-check: $(addprefix cuda-check-,$(CUDA_TORCHES))
 
 cuda-check-%: .venv-cuda-%/.deps-$(DEPS_TAG)
 	bash tools/stage_tree.sh build/cuda-check-$*
 	cd build/cuda-check-$* && $(if $(ARCHS_$*),TORCH_CUDA_ARCH_LIST="$(ARCHS_$*)") GMM_TESTING=1 \
 	  $(abspath .venv-cuda-$*/bin/python) -m pip install -q --no-build-isolation --no-deps -e .
-	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m pytest -q -p no:cacheprovider tests
+	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m pytest -q -p no:cacheprovider \
+	  $(if $(filter focused,$(CUDA_TESTS)),$(CUDA_FOCUSED),$(CUDA_TESTS))
 	cd build/cuda-check-$* && $(abspath .venv-cuda-$*/bin/python) -m gmm_allreduce.demo
 
 .venv-cuda-2.14.1/.deps-$(DEPS_TAG): tools/cuda-constraints.txt
