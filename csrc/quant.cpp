@@ -286,7 +286,7 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
   const bool int8_vnni = on_cpu && plan_.quant == Quant::kInt8 && !int8_amx &&
                          r >= kInt8VnniMinRows && int8_vnni_takes(x, w);
   // Without VNNI (or AMX), any rows: ATen's int8 GEMM there is a reference loop. The weight's
-  // int16 pairs where it was packed (prepack.h), any layout; else the columns layout in place.
+  // int16 pairs where it was packed (prepack.h); else the weight itself (columns or rows layout).
   const bool no_vnni = on_cpu && plan_.quant == Quant::kInt8 && !int8_amx && !cpu_has_vnni();
   const at::Tensor int16_pack = no_vnni ? find_pack(w) : at::Tensor();
   const bool int8_avx2 =
