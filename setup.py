@@ -36,7 +36,8 @@ def flag(name: str) -> bool:
 
 
 def sources(*patterns):
-    return sorted(os.path.relpath(p, ROOT) for pat in patterns for p in glob.glob(os.path.join(ROOT, pat)))
+    return sorted(os.path.relpath(p, ROOT) for pat in patterns
+                  for p in glob.glob(os.path.join(ROOT, pat), recursive=True))
 
 
 def cuda_home():
@@ -83,24 +84,31 @@ if sanitize:
     link_flags = checked
 cxx_flags.append(CXX_STD)
 
-cpp_sources = sources("csrc/*.cpp", "csrc/aten/*.cpp", "csrc/comm/*.cpp", "csrc/comm/shm/*.cpp",
-                      "csrc/gemm/*.cpp")
+# Every folder's C++ but the CUDA engine's own files (csrc/cuda/, CUDA builds only; its host-side
+# planning in csrc/cuda/host/ is device-free and built everywhere, for the CPU twin tests) and the
+# test-only ops (csrc/testing/). Includes are written from csrc/ ("core/plan.h").
+cpp_sources = [p for p in sources("csrc/**/*.cpp")
+               if os.path.dirname(p) != os.path.join("csrc", "cuda")
+               and not p.startswith(os.path.join("csrc", "testing", ""))]
+include_dirs = [os.path.join(ROOT, "csrc")]
 if use_cuda:
     ext = CUDAExtension(
         "gmm_allreduce._C",
         cpp_sources + cuda_sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", CXX_STD]},
         extra_link_args=link_flags,
+        include_dirs=include_dirs,
         define_macros=[("GMM_WITH_CUDA", "1")],
     )
 else:
     ext = CppExtension("gmm_allreduce._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
-                       extra_link_args=link_flags)
+                       extra_link_args=link_flags, include_dirs=include_dirs)
 
 exts = [ext]
 if flag("GMM_TESTING"):
     # Its undefined symbols are _C's, found at import once _C is loaded globally (tests/conftest.py).
     exts.append(CppExtension("gmm_allreduce._testing", sources("csrc/testing/*.cpp"),
-                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags))
+                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
+                             include_dirs=include_dirs))
 
 setup(ext_modules=exts, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

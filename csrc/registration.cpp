@@ -1,36 +1,37 @@
 // The public ops' schemas: the only place they are written. Device kernels register in their own
-// files (aten/, cuda/); test-only ops live in testing/, built into another library for the tests
+// files (cpu/, cuda/); test-only ops live in testing/, built into another library for the tests
 // alone. The Python module _C exists so that `import gmm_allreduce._C` loads this library.
 #include <Python.h>
 #include <torch/library.h>
 
+// The ops' arguments, each written once: the operands, then what the collective ops or the
+// comm-free op take, then the combine and the quantised inputs. The C++ reads them by name
+// (core/args.cpp), the Python front, its fake kernels and autograd glue by the schema's names.
 // No argument has a default: the Python front passes them all, and the autograd glue relies on
 // the op's inputs arriving whole (the dispatcher drops trailing arguments equal to defaults).
+#define GMM_OPERANDS                                                                            \
+  "Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, Tensor? group_list_tensor, " \
+  "int split_item, "
+#define GMM_COLLECTIVE                                                                    \
+  "str group_name, str reduce_op, int comm_turn, int group_list_type, bool check_ranks, " \
+  "ScalarType? reduce_dtype, bool async_op, "
+#define GMM_COMPUTE "int group_list_type, int world_size, "
+#define GMM_COMBINE_AND_QUANT                                                              \
+  "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input, " \
+  "Tensor[]? scale, Tensor? per_token_scale, Tensor[]? antiquant_scale, "                  \
+  "Tensor[]? antiquant_offset, ScalarType? output_dtype"
+
 TORCH_LIBRARY(gmm_allreduce, m) {
-  m.def(
-      "grouped_mat_mul_all_reduce(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, str group_name, str reduce_op, int comm_turn, "
-      "int group_list_type, bool check_ranks, ScalarType? reduce_dtype, bool async_op, "
-      "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input, "
-      "Tensor[]? scale, Tensor? per_token_scale, Tensor[]? antiquant_scale, "
-      "Tensor[]? antiquant_offset, ScalarType? output_dtype) -> Tensor[]");
+  // The grouped products, summed over the group's ranks (core/collective.cpp has each op's
+  // collective).
+  m.def("grouped_mat_mul_all_reduce(" GMM_OPERANDS GMM_COLLECTIVE GMM_COMBINE_AND_QUANT
+        ") -> Tensor[]");
   // The same products, summed and scattered by rows over the group's n ranks: rank r gets rows
   // [r * M / n, (r + 1) * M / n) of the one output (split_item 2 and 3).
-  m.def(
-      "grouped_mat_mul_reduce_scatter(Tensor[] x, Tensor[] weight, Tensor[]? bias, "
-      "int[]? group_list, Tensor? group_list_tensor, int split_item, str group_name, "
-      "str reduce_op, int comm_turn, int group_list_type, bool check_ranks, "
-      "ScalarType? reduce_dtype, bool async_op, Tensor? combine_index, Tensor? combine_weight, "
-      "int? num_tokens, Tensor? shared_input, Tensor[]? scale, Tensor? per_token_scale, "
-      "Tensor[]? antiquant_scale, Tensor[]? antiquant_offset, ScalarType? output_dtype) -> "
-      "Tensor[]");
+  m.def("grouped_mat_mul_reduce_scatter(" GMM_OPERANDS GMM_COLLECTIVE GMM_COMBINE_AND_QUANT
+        ") -> Tensor[]");
   // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
-  m.def(
-      "grouped_mat_mul(Tensor[] x, Tensor[] weight, Tensor[]? bias, int[]? group_list, "
-      "Tensor? group_list_tensor, int split_item, int group_list_type, int world_size, "
-      "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, Tensor? shared_input, "
-      "Tensor[]? scale, Tensor? per_token_scale, Tensor[]? antiquant_scale, "
-      "Tensor[]? antiquant_offset, ScalarType? output_dtype) -> Tensor[]");
+  m.def("grouped_mat_mul(" GMM_OPERANDS GMM_COMPUTE GMM_COMBINE_AND_QUANT ") -> Tensor[]");
   // Gradients of x, weight, bias and combine_weight (output_mask picks which), with no
   // collective: the row-parallel convention, see backward.cpp. bias is passed for its dtypes (and,
   // with world_size, for this rank's partial products, which combine_weight's gradient needs:
@@ -48,11 +49,11 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   // Releases the shared memory of groups whose ProcessGroup objects are gone (the Python front
   // calls it when a group object it saw is freed).
   m.def("_release_destroyed_groups() -> ()");
-  // The CPU engine's policy (aten/cpu_isa.h) as (name, value) pairs, flattened: the host's tier,
+  // The CPU engine's policy (cpu/kernels/isa.h) as (name, value) pairs, flattened: the host's tier,
   // the tier in use under GMM_CPU_ISA, and the kernel each dtype takes
   // (gmm_allreduce.cpu_capabilities()).
   m.def("_cpu_policy() -> str[]");
-  // Packs the weights for the CPU engine at the current tier (aten/prepack.h): one entry per
+  // Packs the weights for the CPU engine at the current tier (cpu/prepack.h): one entry per
   // weight, None where the engine reads the weight as it is (gmm_allreduce.prepack_weights).
   m.def("_prepack_weights(Tensor[] weight) -> Tensor?[]");
 }

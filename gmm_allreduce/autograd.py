@@ -22,32 +22,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _C  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
+from ._schema import NAMES, arguments
 from .quant import is_quantised
 
 _BACKWARD = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce_backward
 _GATHER = torch.ops.gmm_allreduce._all_gather_rows
 
 
-# Each differentiable op's argument names, from its schema (registration.cpp).
-_NAMES = {op: tuple(arg.name for arg in getattr(torch.ops.gmm_allreduce, op).default._schema.arguments)
-          for op in ("grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter", "grouped_mat_mul")}
-
-
-def _arguments(op: str, inputs: tuple) -> dict:
-    """The op's inputs by their schema's names, not by position."""
-    return dict(zip(_NAMES[op], inputs))
-
-
 def _setup_context(ctx, inputs, output):
-    args = _arguments("grouped_mat_mul_all_reduce", inputs)
+    args = arguments("grouped_mat_mul_all_reduce", inputs)
     _save(ctx, "grouped_mat_mul_all_reduce", args, args["group_name"])
     ctx.sum_group = args["group_name"]  # combine_weight's gradient: partials summed over the group
 
 
 def _setup_context_scatter(ctx, inputs, output):
     """The reduce-scatter op: backward first all-gathers the output's gradient over the group."""
-    args = _arguments("grouped_mat_mul_reduce_scatter", inputs)
+    args = arguments("grouped_mat_mul_reduce_scatter", inputs)
     _save(ctx, "grouped_mat_mul_reduce_scatter", args, args["group_name"])
     ctx.gather_group = ctx.sum_group = args["group_name"]
 
@@ -55,7 +45,7 @@ def _setup_context_scatter(ctx, inputs, output):
 def _setup_context_compute(ctx, inputs, output):
     """grouped_mat_mul adds bias / world_size: its bias gradient is scaled alike; its output is
     this rank's part, so combine_weight's gradient is this rank's part too (no sum)."""
-    args = _arguments("grouped_mat_mul", inputs)
+    args = arguments("grouped_mat_mul", inputs)
     _save(ctx, "grouped_mat_mul", args, args["world_size"])
     ctx.bias_scale = 1 / args["world_size"]
 
@@ -114,7 +104,7 @@ def _backward(ctx, grads):
             torch.ops.gmm_allreduce._all_reduce_(grad_cw, ctx.sum_group)
         grad_cw = grad_cw.to(combine_weight.dtype)
     # One entry per input, shaped like it (autograd matches the structure, lists included).
-    out = dict.fromkeys(_NAMES[ctx.op])
+    out = dict.fromkeys(NAMES[ctx.op])
     out["x"] = grad_x if ctx.needs[0] else [None] * nx
     out["weight"] = grad_w if ctx.needs[1] else [None] * nw
     if ctx.bias_given:

@@ -15,20 +15,15 @@ from itertools import repeat
 import torch
 import torch.distributed as dist
 
-from . import (
-    _C,  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
-    inductor,
-)
+from . import inductor
+from ._schema import arguments, positional
 from .prepack import PackedWeights
 from .quant import QUANTISED, is_quantised
 
-_OP = torch.ops.gmm_allreduce.grouped_mat_mul_all_reduce
-_SCATTER = torch.ops.gmm_allreduce.grouped_mat_mul_reduce_scatter
-_COMPUTE = torch.ops.gmm_allreduce.grouped_mat_mul
 
-
-def _collective(op, name: str, default_split_item: int, doc: str):
-    """A public collective function over `op`: both collective ops share this signature."""
+def _collective(name: str, default_split_item: int, doc: str):
+    """The public function of the collective op `name`: both collective ops share this signature,
+    the only Python list of the op's arguments (the rest read them by the schema's names)."""
 
     def call(
         x: Sequence[torch.Tensor],
@@ -54,21 +49,14 @@ def _collective(op, name: str, default_split_item: int, doc: str):
         antiquant_offset: Sequence[torch.Tensor] | None = None,
         output_dtype: torch.dtype | None = None,
     ) -> list[torch.Tensor]:
-        operands = _operands(x, weight, bias, group_list)
-        quant = _quant(*operands[:3], scale, per_token_scale, antiquant_scale, antiquant_offset,
-                       output_dtype)
-        return op(*operands, _split_item(split_item, default_split_item),
-                  _group_name(hcomm), _str("reduce_op", reduce_op), _int("comm_turn", comm_turn),
-                  _int("group_list_type", group_list_type), _bool("check_ranks", check_ranks),
-                  _dtype("reduce_dtype", reduce_dtype), _async(async_op),
-                  *_combine(combine_index, combine_weight, num_tokens, shared_input), *quant)
+        return _call(name, default_split_item, locals())
 
     call.__name__ = call.__qualname__ = name
     call.__doc__ = doc
     return call
 
 
-grouped_mat_mul_all_reduce = _collective(_OP, "grouped_mat_mul_all_reduce", 0, doc="""\
+grouped_mat_mul_all_reduce = _collective("grouped_mat_mul_all_reduce", 0, doc="""\
 Grouped matmul, summed over the ranks of a process group.
 
 With n ranks, rank r holding x_i^r (its K-slice of the activations) and W_i^r (its K-slice of
@@ -121,7 +109,7 @@ Returns:
     with combine_index).
 """)
 
-grouped_mat_mul_reduce_scatter = _collective(_SCATTER, "grouped_mat_mul_reduce_scatter", 3, doc="""\
+grouped_mat_mul_reduce_scatter = _collective("grouped_mat_mul_reduce_scatter", 3, doc="""\
 Grouped matmul, summed over the ranks of a process group and scattered by rows: the
 row-parallel layer of sequence parallelism (Megatron-LM's ``--sequence-parallel``).
 
@@ -154,8 +142,8 @@ def wait(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(outputs)
 
 
-def _async(async_op) -> bool:
-    _bool("async_op", async_op)
+def _async(arg: str, async_op) -> bool:
+    _bool(arg, async_op)
     if async_op and torch.compiler.is_compiling():
         raise RuntimeError("async_op=True is not supported under torch.compile: compiled code "
                            "calls the op synchronously (pass async_op=False, and let the compiler "
@@ -197,60 +185,50 @@ def grouped_mat_mul(
 
     Same arguments, checks and outputs as grouped_mat_mul_all_reduce (same C++ plan and engine).
     """
-    operands = _operands(x, weight, bias, group_list)
-    quant = _quant(*operands[:3], scale, per_token_scale, antiquant_scale, antiquant_offset,
-                   output_dtype)
-    return _COMPUTE(
-        *operands,
-        _split_item(split_item, 0),
-        _int("group_list_type", group_list_type),
-        _int("world_size", world_size),
-        *_combine(combine_index, combine_weight, num_tokens, shared_input),
-        *quant,
-    )
+    return _call("grouped_mat_mul", 0, locals())
 
 
-def _combine(combine_index, combine_weight, num_tokens, shared_input) -> tuple:
-    """The schema's combine arguments, type-checked (their values are checked in C++)."""
-    for arg, value in (("combine_index", combine_index), ("combine_weight", combine_weight),
-                       ("shared_input", shared_input)):
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise TypeError(f"{arg}: expected None or a tensor, got {type(value).__name__}")
-    if num_tokens is not None:
-        num_tokens = _int("num_tokens", num_tokens)
-    return combine_index, combine_weight, num_tokens, shared_input
+def _call(op: str, default_split_item: int, given: dict) -> list[torch.Tensor]:
+    """The op `op` on a public function's arguments (`given`, by name): each normalised into the
+    schema's form and type-checked by its rule in _RULES, in that order (their values are checked
+    in C++)."""
+    a = dict(given)
+    if type(a["weight"]) is PackedWeights:
+        a["weight"].check()
+    a["x"], a["weight"] = _tensors("x", a["x"]), _tensors("weight", a["weight"])
+    a["bias"] = (_tensors("bias", a["bias"]) if a["bias"] is not None else []) or None
+    a["group_list"], a["group_list_tensor"] = _group_list(a["group_list"])
+    a["split_item"] = default_split_item if a["split_item"] is None else a["split_item"]
+    for arg, rule in _RULES:
+        if arg is None:
+            rule(a)
+        elif arg in a:
+            a[arg] = rule(arg, a[arg])
+    a["group_name"] = a.get("hcomm")
+    return getattr(torch.ops.gmm_allreduce, op)(*positional(op, a))
 
 
-def _quant(x, weight, bias, scale, per_token_scale, antiquant_scale, antiquant_offset,
-           output_dtype) -> tuple:
-    """The schema's quantisation arguments, type-checked (their values are checked in C++); a
-    quantised call whose inputs require grad is refused before any communication."""
-    lists = tuple(_tensors(arg, v) if v is not None else None for arg, v in
-                  (("scale", scale), ("antiquant_scale", antiquant_scale),
-                   ("antiquant_offset", antiquant_offset)))
-    if per_token_scale is not None and not isinstance(per_token_scale, torch.Tensor):
-        raise TypeError(f"per_token_scale: expected None or a tensor, got "
-                        f"{type(per_token_scale).__name__}")
-    scale, antiquant_scale, antiquant_offset = lists
-    if torch.is_grad_enabled() and is_quantised((*x, *weight), (*lists, per_token_scale)):
-        inputs = [*x, *weight, *(bias or []), *(scale or []), *(antiquant_scale or []),
-                  *(antiquant_offset or []), per_token_scale]
+def _optional(rule):
+    return lambda arg, value: None if value is None else rule(arg, value)
+
+
+def _tensor(arg: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{arg}: expected None or a tensor, got {type(value).__name__}")
+    return value
+
+
+def _refuse_grad(a: dict) -> None:
+    """A quantised call whose inputs require grad is refused before any communication."""
+    lists = (a["scale"], a["antiquant_scale"], a["antiquant_offset"])
+    if torch.is_grad_enabled() and is_quantised((*a["x"], *a["weight"]),
+                                                (*lists, a["per_token_scale"])):
+        inputs = [*a["x"], *a["weight"], *(a["bias"] or []), *(a["scale"] or []),
+                  *(a["antiquant_scale"] or []), *(a["antiquant_offset"] or []),
+                  a["per_token_scale"]]
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             raise RuntimeError("quantised calls (int8 or float8 x or weight) are inference-only: "
                                "an input requires grad (call under torch.no_grad(), or detach it)")
-    return scale, per_token_scale, antiquant_scale, antiquant_offset, _dtype("output_dtype",
-                                                                             output_dtype)
-
-
-def _operands(x, weight, bias, group_list) -> tuple:
-    """The schema's first five arguments: x, weight, bias (None for none), group_list as ints or
-    as a tensor."""
-    if type(weight) is PackedWeights:
-        weight.check()
-    x, weight = _tensors("x", x), _tensors("weight", weight)
-    bias = _tensors("bias", bias) if bias is not None else []
-    bias = bias or None
-    return (x, weight, bias, *_group_list(group_list))
 
 
 def _tensors(arg: str, value) -> list[torch.Tensor]:
@@ -265,12 +243,6 @@ def _tensors(arg: str, value) -> list[torch.Tensor]:
 
 
 _INT64 = (-(2**63), 2**63 - 1)
-
-
-def _split_item(value, default: int) -> int:
-    """split_item; None is the op's default (0, as MindSpeed's front reads None; 3 for the
-    reduce-scatter op)."""
-    return default if value is None else _int("split_item", value)
 
 
 def _int(arg: str, value) -> int:
@@ -309,7 +281,7 @@ def _group_list(value) -> tuple[list[int] | None, torch.Tensor | None]:
     raise TypeError(f"group_list: expected a list of ints or a tensor, got {type(value).__name__}")
 
 
-def _group_name(hcomm) -> str:
+def _group_name(arg: str, hcomm) -> str:
     if isinstance(hcomm, str):
         if not torch.compiler.is_compiling():
             try:
@@ -351,29 +323,22 @@ def _release_destroyed_groups() -> None:
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_reduce")
-def _fake(x, weight, bias, group_list, group_list_tensor, split_item, group_name, reduce_op,
-          comm_turn, group_list_type, check_ranks, reduce_dtype, async_op, combine_index,
-          combine_weight, num_tokens, shared_input, scale, per_token_scale, antiquant_scale,
-          antiquant_offset, output_dtype):
+def _fake(*args, **kwargs):
     inductor.register_lowering()  # a graph with the op is being traced: Inductor may lower it
-    return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type, combine_index, num_tokens, output_dtype)
+    return _fake_outputs(arguments("grouped_mat_mul_all_reduce", args, kwargs))
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_reduce_scatter")
-def _fake_scatter(x, weight, bias, group_list, group_list_tensor, split_item, group_name,
-                  reduce_op, comm_turn, group_list_type, check_ranks, reduce_dtype, async_op,
-                  combine_index, combine_weight, num_tokens, shared_input, scale, per_token_scale,
-                  antiquant_scale, antiquant_offset, output_dtype):
+def _fake_scatter(*args, **kwargs):
     inductor.register_lowering()
-    if split_item not in (2, 3):  # the C++ plan's checks, for a traced call
+    a = arguments("grouped_mat_mul_reduce_scatter", args, kwargs)
+    if a["split_item"] not in (2, 3):  # the C++ plan's checks, for a traced call
         raise ValueError("split_item: the reduce-scatter returns one tensor, scattered by rows: "
-                         f"expected 2 or 3, got {split_item}")
-    (y,) = _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type, combine_index, num_tokens, output_dtype)
-    ranks = dist.distributed_c10d._resolve_process_group(group_name).size()
+                         f"expected 2 or 3, got {a['split_item']}")
+    (y,) = _fake_outputs(a)
+    ranks = dist.distributed_c10d._resolve_process_group(a["group_name"]).size()
     if y.shape[0] % ranks != 0:
-        arg = "x" if combine_index is None else "num_tokens"
+        arg = "x" if a["combine_index"] is None else "num_tokens"
         raise ValueError(f"{arg}: the output's {y.shape[0]} rows cannot be scattered evenly over "
                          f"the group's {ranks} ranks")
     return [y.new_empty((y.shape[0] // ranks, y.shape[1]))]
@@ -386,23 +351,19 @@ def _fake_gather(t, group_name):
 
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul")
-def _fake_compute(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
-                  world_size, combine_index, combine_weight, num_tokens, shared_input, scale,
-                  per_token_scale, antiquant_scale, antiquant_offset, output_dtype):
-    return _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item,
-                         group_list_type, combine_index, num_tokens, output_dtype)
+def _fake_compute(*args, **kwargs):
+    return _fake_outputs(arguments("grouped_mat_mul", args, kwargs))
 
 
-def _fake_outputs(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
-                  combine_index=None, num_tokens=None, output_dtype=None):
-    """The outputs' shapes and dtype, as the C++ plan gives them; group_list None means a tensor
-    one."""
-    dtype = x[0].dtype
+def _fake_outputs(a: dict):
+    """The outputs' shapes and dtype, as the C++ plan gives them, from the call's arguments by
+    name; group_list None means a tensor one."""
+    dtype = a["x"][0].dtype
     if dtype in QUANTISED:  # W8A8: output_dtype, bf16 when None
-        dtype = output_dtype or torch.bfloat16
+        dtype = a["output_dtype"] or torch.bfloat16
     return [t.to(dtype) if t.dtype != dtype else t for t in _fake_shapes(
-        x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
-        combine_index, num_tokens)]
+        a["x"], a["weight"], a["bias"], a["group_list"], a["group_list_tensor"], a["split_item"],
+        a["group_list_type"], a["combine_index"], a["num_tokens"])]
 
 
 def _fake_shapes(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type,
@@ -439,3 +400,29 @@ def _fake_shapes(x, weight, bias, group_list, group_list_tensor, split_item, gro
     else:
         shapes = [(m, ni) for m, ni in zip(group_list, n)]
     return [x[0].new_empty(shape) for shape in shapes]
+
+
+# The public arguments' rules, in the order they are checked (None: a check of the whole call).
+# split_item None is the op's default (0, as MindSpeed's front reads None; 3 for the
+# reduce-scatter op).
+_RULES = (
+    ("scale", _optional(_tensors)),
+    ("antiquant_scale", _optional(_tensors)),
+    ("antiquant_offset", _optional(_tensors)),
+    ("per_token_scale", _optional(_tensor)),
+    (None, _refuse_grad),
+    ("output_dtype", _dtype),
+    ("split_item", _int),
+    ("hcomm", _group_name),
+    ("reduce_op", _str),
+    ("comm_turn", _int),
+    ("group_list_type", _int),
+    ("world_size", _int),
+    ("check_ranks", _bool),
+    ("reduce_dtype", _dtype),
+    ("async_op", _async),
+    ("combine_index", _optional(_tensor)),
+    ("combine_weight", _optional(_tensor)),
+    ("shared_input", _optional(_tensor)),
+    ("num_tokens", _optional(_int)),
+)

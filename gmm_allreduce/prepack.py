@@ -1,4 +1,4 @@
-"""Weights packed once for inference on the CPU (the packing itself is C++: csrc/aten/prepack.h)."""
+"""Weights packed once for inference on the CPU (the packing itself is C++: csrc/cpu/prepack.h)."""
 
 from __future__ import annotations
 

@@ -202,7 +202,7 @@ def reference_of(x, weight, kwargs):
 
 
 def expected_gemm(x, weight, kwargs) -> str:
-    """The GEMM the engine picks for the call on this GPU (the rule of csrc/gemm/choice.h)."""
+    """The GEMM the engine picks for the call on this GPU (the rule of csrc/cuda/host/choice.h)."""
     gl = kwargs.get("group_list")
     return torch.ops.gmm_allreduce._gemm_choice(
         x, weight, kwargs.get("bias"), gl if isinstance(gl, list) else None,

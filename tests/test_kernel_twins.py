@@ -1,16 +1,16 @@
 """The CUDA engine's logic, checked on the CPU through its test-only twins
 (csrc/testing/kernel_twins.cpp), which run the same source as the kernels or feed them:
-- the raw GEMM blocks the tiled kernel reads (csrc/gemm/blocks.cpp): the flat buffer computed
+- the raw GEMM blocks the tiled kernel reads (csrc/cuda/host/blocks.cpp): the flat buffer computed
   from them by the kernel's formula, chunk by chunk, equals the float64 reference, every element
   written;
-- the tiled kernel's schedule, tile staging and epilogue (csrc/gemm/tiles.h) around a scalar
+- the tiled kernel's schedule, tile staging and epilogue (csrc/cuda/host/tiles.h) around a scalar
   MMA in place of its WMMA fragments: the reference again, for fp16 and bf16, for host-planned
   blocks and for split_item 3 with its group rows on the device;
-- the row offsets of a device group_list (write_row_ends, csrc/gemm/epilogue.h): exact for
+- the row offsets of a device group_list (write_row_ends, csrc/cuda/host/epilogue.h): exact for
   valid lists, in bounds, non-decreasing and ending at the chunk's rows for any list;
 - the bias epilogue (bias_launches, add_bias_at): bias_i / world on exactly group i's elements, in
   the plan's layout and in the rows layout of split_item 3, and from the loop GEMM's fp32 products;
-- the GEMM choice (csrc/gemm/choice.h) per arch, layout and forced strategy.
+- the GEMM choice (csrc/cuda/host/choice.h) per arch, layout and forced strategy.
 What stays unverified without a GPU is the device code around them: launches, WMMA fragments,
 shared-memory synchronisation, the CUTLASS call."""
 

@@ -1,10 +1,10 @@
-#include "all_reduce.h"
+#include "comm/all_reduce.h"
 
 #include <algorithm>
 #include <atomic>
 #include <mutex>
 
-#include "shm/same_host_group.h"
+#include "comm/shm/same_host_group.h"
 
 namespace gmm_allreduce {
 namespace {

@@ -10,7 +10,7 @@
 #include <memory>
 #include <vector>
 
-#include "group.h"
+#include "comm/group.h"
 
 namespace gmm_allreduce {
 

@@ -1,4 +1,4 @@
-#include "deferred.h"
+#include "comm/deferred.h"
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 

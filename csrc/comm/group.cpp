@@ -1,4 +1,4 @@
-#include "group.h"
+#include "comm/group.h"
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 

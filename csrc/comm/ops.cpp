@@ -3,8 +3,8 @@
 // memory (schemas in registration.cpp).
 #include <torch/library.h>
 
-#include "all_reduce.h"
-#include "reduce_scatter.h"
+#include "comm/all_reduce.h"
+#include "comm/reduce_scatter.h"
 
 namespace gmm_allreduce {
 namespace {

@@ -1,7 +1,7 @@
-#include "reduce_scatter.h"
+#include "comm/reduce_scatter.h"
 
-#include "all_reduce.h"
-#include "shm/same_host_group.h"
+#include "comm/all_reduce.h"
+#include "comm/shm/same_host_group.h"
 
 namespace gmm_allreduce {
 namespace {

@@ -1,5 +1,5 @@
 // The CUDA engine: the op's kernel for CUDA tensors, on the shared validation, plan and
-// all-reduce of op.cpp. Per chunk it runs one of three GEMMs (the rule: ../gemm/choice.h) into
+// all-reduce of op.cpp. Per chunk it runs one of three GEMMs (the rule: cuda/host/choice.h) into
 // the flat output buffer, and the bias epilogue where the GEMM does not fuse it:
 // - grouped: torch's CUTLASS bf16 grouped GEMM (at::cuda::detail::bf16bf16_grouped_mm, given our
 //   buffer as its output), one launch; group offsets written on the device (from a device
@@ -24,12 +24,12 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "../combine.h"
-#include "../gemm/blocks.h"
-#include "../gemm/choice.h"
-#include "../op.h"
-#include "../quant.h"
-#include "launches.h"
+#include "core/combine.h"
+#include "core/op.h"
+#include "core/quant_gemm.h"
+#include "cuda/host/blocks.h"
+#include "cuda/host/choice.h"
+#include "cuda/launches.h"
 
 namespace gmm_allreduce::cuda {
 namespace {
@@ -124,6 +124,9 @@ void loop_gemm(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor
 void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
                   const Chunk& chunk);
 
+// Quantised calls take ATen's products (cuBLASLt's int8 and fp8 GEMMs where they apply).
+constexpr QuantProducts kQuantProducts{.product = &aten_product};
+
 // A combined call: the products of every expert row (bias included) by the GEMM the call gets,
 // into a scratch buffer, then the combine epilogue's ATen ops (an fp32 index_add_, no host read of
 // combine_index), all with the first chunk (Combine::on_device).
@@ -141,8 +144,10 @@ void compute_combined(const Plan& plan, const OpArgs& a, int64_t world_size, at:
 
 void compute_cuda(const Plan& plan, const OpArgs& a, int64_t world_size, at::Tensor& flat,
                   const Chunk& chunk) {
-  // Quantised calls: ATen's int8 and fp8 GEMMs per group (quant.h).
-  if (plan.quant != Quant::kNone) return compute_quantized(plan, a, world_size, flat, chunk);
+  // Quantised calls: ATen's int8 and fp8 GEMMs per group (core/quant_gemm.h).
+  if (plan.quant != Quant::kNone) {
+    return compute_quantized(plan, a, world_size, flat, chunk, kQuantProducts);
+  }
   if (plan.combine) return compute_combined(plan, a, world_size, flat, chunk);
   if (chunk.elem_end == chunk.elem_begin) return;
   std::optional<at::Tensor> weight3;
@@ -186,10 +191,6 @@ constexpr Engine kCudaEngine{.compute = &compute_cuda,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gmm_allreduce, CUDA, m) {
-  m.impl("grouped_mat_mul_all_reduce", &op_kernel<&kCudaEngine, Collective::kAllReduce>);
-  m.impl("grouped_mat_mul_reduce_scatter", &op_kernel<&kCudaEngine, Collective::kReduceScatter>);
-  m.impl("grouped_mat_mul", &compute_kernel<&kCudaEngine>);
-}
+TORCH_LIBRARY_IMPL(gmm_allreduce, CUDA, m) { register_op_kernels<&kCudaEngine>(m); }
 
 }  // namespace gmm_allreduce::cuda

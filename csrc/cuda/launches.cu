@@ -4,9 +4,9 @@
 
 #include <algorithm>
 
-#include "../gemm/choice.h"
-#include "../gemm/epilogue.h"
-#include "launches.h"
+#include "cuda/host/choice.h"
+#include "cuda/host/epilogue.h"
+#include "cuda/launches.h"
 
 namespace gmm_allreduce::cuda {
 namespace {

@@ -8,9 +8,9 @@
 #include <optional>
 #include <vector>
 
-#include "../gemm/epilogue.h"
-#include "../gemm/tiles.h"
-#include "../plan.h"
+#include "core/plan.h"
+#include "cuda/host/epilogue.h"
+#include "cuda/host/tiles.h"
 
 namespace gmm_allreduce::cuda {
 

@@ -12,7 +12,7 @@
 // quarter of the tile with tensor-core WMMA 16x16x16 fragments in fp32. Epilogue: fp32 tile to
 // shared memory, then y = round(acc + bias / world_size): one rounding into x's type, or none for
 // partials kept in fp32 (reduce_dtype float32). Schedule, staging and
-// epilogue are host-and-device code in ../gemm/tiles.h, checked on the CPU by its twin; this
+// epilogue are host-and-device code in cuda/host/tiles.h, checked on the CPU by its twin; this
 // file adds the WMMA. It is the simple, general kernel (the scheduling and TMA/WGMMA pipeline of a
 // Hopper kernel are left to the grouped GEMM); it serves where launches, not FLOPs, dominate: many
 // small groups.
@@ -25,8 +25,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../gemm/tiles.h"
-#include "launches.h"
+#include "cuda/host/tiles.h"
+#include "cuda/launches.h"
 
 namespace gmm_allreduce::cuda {
 namespace {

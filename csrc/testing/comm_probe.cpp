@@ -5,8 +5,8 @@
 // how often a waiting rank of the same-host group checks its peers.
 #include <torch/library.h>
 
-#include "../comm/all_reduce.h"
-#include "../comm/shm/same_host_group.h"
+#include "comm/all_reduce.h"
+#include "comm/shm/same_host_group.h"
 
 namespace gmm_allreduce {
 namespace {

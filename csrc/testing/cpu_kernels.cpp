@@ -6,10 +6,10 @@
 
 #include <algorithm>
 
-#include "../aten/cpu_isa.h"
-#include "../aten/int8_amx.h"
-#include "../aten/int8_avx2.h"
-#include "../aten/int8_vnni.h"
+#include "cpu/kernels/int8_amx.h"
+#include "cpu/kernels/int8_avx2.h"
+#include "cpu/kernels/int8_vnni.h"
+#include "cpu/kernels/isa.h"
 
 namespace {
 
@@ -64,7 +64,7 @@ TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
   m.def("_avx2_int8_takes(Tensor x, Tensor w) -> bool");
   m.def("_avx2_int8_mm(Tensor x, Tensor w) -> Tensor");
   m.def("_avx2_int8_packed_mm(Tensor x, Tensor w) -> Tensor");
-  // The CPU products the engine ran since the last call (aten/cpu_isa.h's CpuKernel names).
+  // The CPU products the engine ran since the last call (cpu/kernels/isa.h's CpuKernel names).
   m.def("_cpu_kernels_taken() -> str[]");
 }
 

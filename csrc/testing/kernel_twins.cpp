@@ -20,10 +20,10 @@
 #include <algorithm>
 #include <limits>
 
-#include "../gemm/blocks.h"
-#include "../gemm/choice.h"
-#include "../gemm/epilogue.h"
-#include "../gemm/tiles.h"
+#include "cuda/host/blocks.h"
+#include "cuda/host/choice.h"
+#include "cuda/host/epilogue.h"
+#include "cuda/host/tiles.h"
 
 namespace gmm_allreduce {
 namespace {
@@ -59,14 +59,15 @@ OpArgs twin_args(at::TensorList x, at::TensorList weight, std::optional<at::Tens
                  at::OptionalIntArrayRef group_list,
                  const std::optional<at::Tensor>& group_list_tensor, int64_t split_item,
                  int64_t group_list_type, int64_t comm_turn) {
-  return {.x = x,
-          .weight = weight,
-          .bias = bias,
-          .group_list = group_list,
-          .group_list_tensor = group_list_tensor,
-          .split_item = split_item,
-          .comm_turn = comm_turn,
-          .group_list_type = group_list_type};
+  OpArgs args{.x = x.vec(),
+              .weight = weight.vec(),
+              .group_list_tensor = group_list_tensor,
+              .split_item = split_item,
+              .group_list_type = group_list_type,
+              .collective = {.comm_turn = comm_turn}};
+  if (bias) args.bias = bias->vec();
+  if (group_list) args.group_list = group_list->vec();
+  return args;
 }
 
 // The flat buffer after fn(plan, blocks) for every chunk's blocks, in order; it starts as NaN, so
@@ -185,8 +186,7 @@ at::Tensor chunk_row_ends(const at::Tensor& values, int64_t group_list_type, con
 // rows are not read by the plan, as on the GPU. `values` is the group_list tensor.
 Plan rows_plan(OpArgs& args, at::Tensor& values) {
   TORCH_CHECK(args.split_item == 3, "rows_layout: split_item 3 only");
-  values =
-      args.group_list ? at::tensor(args.group_list->vec(), at::kLong) : *args.group_list_tensor;
+  values = args.group_list ? at::tensor(*args.group_list, at::kLong) : *args.group_list_tensor;
   args.group_list = std::nullopt;
   args.group_list_tensor = values;
   args.keep_group_list_on_device = true;
@@ -202,7 +202,7 @@ at::Tensor tiled_reference(at::TensorList x, at::TensorList weight,
                            bool rows_layout, std::optional<at::ScalarType> reduce_dtype) {
   OpArgs args = twin_args(x, weight, bias, group_list, group_list_tensor, split_item,
                           group_list_type, comm_turn);
-  args.reduce_dtype = reduce_dtype;
+  args.collective.reduce_dtype = reduce_dtype;
   TORCH_CHECK(x.empty() || x[0].scalar_type() == at::kHalf || x[0].scalar_type() == at::kBFloat16,
               "_tiled_reference: float16 or bfloat16 only");
   if (!rows_layout) {
@@ -264,7 +264,7 @@ std::string gemm_choice(at::TensorList x, at::TensorList weight, std::optional<a
                         std::optional<at::ScalarType> reduce_dtype) {
   OpArgs args =
       twin_args(x, weight, bias, group_list, group_list_tensor, split_item, group_list_type, 0);
-  args.reduce_dtype = reduce_dtype;
+  args.collective.reduce_dtype = reduce_dtype;
   const GemmDevice device{static_cast<int>(capability_major), parse_gemm(forced)};
   Plan plan = make_plan(args);  // validated as the op validates it
   // The CUDA engine's hook decides whether the rows stay on the device before planning, for a

@@ -1,4 +1,4 @@
-#include "rank_sum.h"
+#include "comm/shm/rank_sum.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "../../float_bits.h"
+#include "util/float_bits.h"
 
 namespace gmm_allreduce {
 namespace {

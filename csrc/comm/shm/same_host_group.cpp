@@ -1,4 +1,4 @@
-#include "same_host_group.h"
+#include "comm/shm/same_host_group.h"
 
 #include <ATen/record_function.h>
 #include <c10/util/irange.h>
@@ -19,8 +19,8 @@
 #include <sstream>
 #include <thread>
 
-#include "../../env.h"
-#include "rank_sum.h"
+#include "comm/shm/rank_sum.h"
+#include "util/env.h"
 
 namespace gmm_allreduce {
 namespace {

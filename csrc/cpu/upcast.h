@@ -1,0 +1,26 @@
+// 16-bit GEMMs on a CPU without a native kernel for them (cpu/kernels/isa.h): fp32 GEMMs on
+// operands upcast (exactly) by our own loops, a block of rows at a time, and the fp32 sums rounded
+// once into the output. Our loops rather than ATen's conversions: at a few thousand elements ATen's
+// dispatch of each conversion costs more than the conversion (benchmarks/RESULTS.md, "Figures
+// behind the code's thresholds").
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace gmm_allreduce {
+
+// t (2-D, fp16 or bf16) as fp32 in the same layout (rows contiguous, or the transposed view of
+// contiguous rows); any other dtype or layout through ATen's conversion. With `reuse`, up to
+// kScratchFloats elements land in this thread's scratch, which the next upcast with `reuse`
+// overwrites: for a weight used once and dropped before the next one.
+at::Tensor upcast(const at::Tensor& t, bool reuse = false);
+
+// The most elements the scratch holds (16 MiB of fp32 a thread, kept once used).
+constexpr int64_t kScratchFloats = int64_t{1} << 22;
+
+// y = x @ w (+ bias, fp32) for 16-bit x and w: fp32 GEMMs on upcast blocks of x's rows (about
+// 4 MB of fp32 whatever x's size), w upcast once; rounded once into y when it is 16-bit, written
+// in place when it is fp32 (reduce_dtype float32's buffer). y's rows contiguous.
+void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
+
+}  // namespace gmm_allreduce
