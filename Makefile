@@ -121,6 +121,7 @@ lint: $(DEPS)
 	$(PY) -m pip install -q ruff==0.17.6 clang-format==23.1.5
 	$(VENV)/bin/ruff check gmm_allreduce tests tools examples setup.py
 	$(VENV)/bin/clang-format --dry-run --Werror $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+	$(PY) tools/layers.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
