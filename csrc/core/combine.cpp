@@ -40,14 +40,14 @@ GMM_VECTOR_CLONES void axpy_f64(double* acc, const double* y, const double* bias
 
 // The row kernel for products of dtype `y` into an accumulator of `A`, as one signature.
 template <typename A>
-using RowKernel = void (*)(A*, const void*, const A*, A, int64_t);
+using AxpyKernel = void (*)(A*, const void*, const A*, A, int64_t);
 
 template <typename A, typename S, void (*K)(A*, const S*, const A*, A, int64_t)>
 void row_as(A* acc, const void* y, const A* bias, A w, int64_t n) {
   K(acc, static_cast<const S*>(y), bias, w, n);
 }
 
-RowKernel<float> float_kernel(at::ScalarType y) {
+AxpyKernel<float> float_kernel(at::ScalarType y) {
   switch (y) {
     case at::kBFloat16:
       return &row_as<float, uint16_t, &axpy_bf16>;

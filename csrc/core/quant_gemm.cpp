@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/combine.h"
+#include "util/block_rows.h"
 #include "util/float_bits.h"
 
 namespace gmm_allreduce {
@@ -58,11 +59,6 @@ RowKernel row_kernel(at::ScalarType p, at::ScalarType o) {
   if (o == at::kHalf)
     return from == 0 ? &i32_to_f16 : from == 1 ? &f32_to_f16 : from == 3 ? &f16_to_f16 : nullptr;
   return nullptr;
-}
-
-// A [rows, cols] block's row count of about `budget` elements.
-int64_t rows_per_block(int64_t cols, int64_t budget) {
-  return std::max<int64_t>(1, budget / std::max<int64_t>(cols, 1));
 }
 
 }  // namespace
@@ -139,7 +135,7 @@ void QuantEpilogue::apply(at::Tensor p) const {
   const int64_t src_row = n_ * static_cast<int64_t>(p.element_size());
   auto* dst = static_cast<char*>(out_.mutable_data_ptr());
   const int64_t dst_row = out_.stride(0) * static_cast<int64_t>(out_.element_size());
-  at::parallel_for(0, p.size(0), rows_per_block(n_, 1 << 14), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, p.size(0), block_rows(n_, 1 << 14), [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       kernel(dst + j * dst_row, src + j * src_row, row_p_ != nullptr ? row_p_[j] : 1.0f, col_p_,
              add_p_, sum_p_ != nullptr ? sum_p_[j] : 0.0f, off_p_, n_);
@@ -250,7 +246,7 @@ void compute_quantized(const Plan& plan, const OpArgs& args, int64_t world_size,
     const GroupPlan& g = plan.groups[i];
     const auto [first, last] = rows_in_chunk(g, chunk);
     // Blocks of about 256K products: the int32/fp32 product stays in cache for its epilogue.
-    const int64_t rows = rows_per_block(g.n, int64_t{1} << 18);
+    const int64_t rows = block_rows(g.n, int64_t{1} << 18);
     for (int64_t r = first; r < last; r += rows) {
       const int64_t count = std::min(rows, last - r);
       at::Tensor y =

@@ -14,14 +14,10 @@
 #include "cpu/kernels/isa.h"
 #include "cpu/quant.h"
 #include "cpu/upcast.h"
+#include "util/block_rows.h"
 
 namespace gmm_allreduce {
 namespace {
-
-// Rows of a block whose rows hold `per_row` elements each, about `budget` elements in all.
-int64_t block_rows(int64_t per_row, int64_t budget) {
-  return std::max<int64_t>(1, budget / std::max<int64_t>(per_row, 1));
-}
 
 // y += bias, added in bias's (accumulation) dtype and rounded once more into y. On the CPU a block
 // of rows at a time: TensorIterator's mixed-dtype in-place add is several times slower there on

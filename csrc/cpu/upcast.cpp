@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/kernels/isa.h"
+#include "util/block_rows.h"
 #include "util/float_bits.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -85,11 +86,6 @@ template <typename Fn>
 void over(int64_t n, int64_t grain, const Fn& fn) {
   if (n < grain) return fn(int64_t{0}, n);
   at::parallel_for(0, n, grain, fn);
-}
-
-// Rows of a block whose rows hold `per_row` elements each, about `budget` elements in all.
-int64_t block_rows(int64_t per_row, int64_t budget) {
-  return std::max<int64_t>(1, budget / std::max<int64_t>(per_row, 1));
 }
 
 bool is_16bit(const at::Tensor& t) {

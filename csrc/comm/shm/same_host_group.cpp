@@ -40,8 +40,10 @@ constexpr int64_t kSmallBytes = int64_t{256} << 10;
 // Entries under this user's prefix that one setup's sweep examines at most.
 constexpr int kMaxSweep = 64;
 
+}  // namespace
+
 // Who made a segment, and its shape: the start of its header, read by the sweep with pread.
-struct Identity {
+struct SegmentIdentity {
   uint64_t magic;
   uint64_t nonce;  // the random number the segment's name carries
   int32_t rank;
@@ -53,22 +55,20 @@ struct Identity {
   int64_t slot_bytes;  // each of its two slots' size
 };
 
-struct SlotHeader {
+struct SegmentSlotHeader {
   int64_t bytes;  // this round's size and type: ranks that disagree raise
   int32_t dtype;
   int32_t room;  // 0: the owner found no room for this round; every rank refuses it
 };
 
-}  // namespace
-
 // One rank's segment's header; its two slots follow at kHeaderBytes. Its sequence words are
 // written by their owner only, read by all.
 struct SameHostGroup::Segment {
-  Identity id;
+  SegmentIdentity id;
   alignas(64) std::atomic<uint64_t> copied;   // the last round whose data the owner copied in
   alignas(64) std::atomic<uint64_t> reduced;  // the last round whose part the owner summed
   std::atomic<int32_t> aborted;               // the owner gave up (a timeout, a dead peer)
-  alignas(64) SlotHeader slot[2];             // rounds alternate between the two slots
+  alignas(64) SegmentSlotHeader slot[2];      // rounds alternate between the two slots
 };
 
 namespace {
@@ -116,12 +116,13 @@ uint64_t pid_namespace() {
 // Opens `name` in the directory `dir` without blocking (a FIFO) or following a link, and reads
 // the identity at its start if it is a regular file of this user at least `min_size` long: no
 // mapping, so a file another process truncates cannot fault this one. -1 otherwise.
-int open_checked(int dir, const char* name, int flags, Identity* id, struct stat* st) {
+int open_checked(int dir, const char* name, int flags, SegmentIdentity* id, struct stat* st) {
   const int fd = openat(dir, name, flags | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
   if (fd < 0) return -1;
-  const bool ok = fstat(fd, st) == 0 && S_ISREG(st->st_mode) && st->st_uid == geteuid() &&
-                  st->st_size >= kHeaderBytes &&
-                  pread(fd, id, sizeof(Identity), 0) == static_cast<ssize_t>(sizeof(Identity));
+  const bool ok =
+      fstat(fd, st) == 0 && S_ISREG(st->st_mode) && st->st_uid == geteuid() &&
+      st->st_size >= kHeaderBytes &&
+      pread(fd, id, sizeof(SegmentIdentity), 0) == static_cast<ssize_t>(sizeof(SegmentIdentity));
   if (!ok) {
     close(fd);
     return -1;
@@ -146,7 +147,7 @@ void sweep_stale_segments() {
     const std::string name = e->d_name;
     if (name.rfind(prefix, 0) != 0) continue;
     if (++examined > kMaxSweep) break;
-    Identity id{};
+    SegmentIdentity id{};
     struct stat st{};
     const int fd = open_checked(dirfd(dir), name.c_str(), O_RDONLY, &id, &st);
     if (fd < 0) continue;
@@ -162,7 +163,7 @@ void sweep_stale_segments() {
 // otherwise, and `bytes` the mapping's size.
 SameHostGroup::Segment* open_segment(uint64_t nonce, int rank, int world, int64_t* bytes) {
   if (nonce == 0) return nullptr;  // that rank failed to create one
-  Identity id{};
+  SegmentIdentity id{};
   struct stat st{};
   const int fd = open_checked(AT_FDCWD, segment_path(nonce).c_str(), O_RDWR, &id, &st);
   if (fd < 0) return nullptr;  // another host's /dev/shm (or container's)
@@ -267,7 +268,7 @@ std::unique_ptr<SameHostGroup> SameHostGroup::create(c10d::ProcessGroup& group,
   // A peer is watched for death where its pid names its process here (the same pid namespace).
   shm->pids_.assign(world, 0);
   for (int r = 0; r < world; ++r) {
-    const Identity& id = shm->segments_[r]->id;
+    const SegmentIdentity& id = shm->segments_[r]->id;
     if (r != rank && id.start_time >= 0 && start_time_of(id.pid) == id.start_time) {
       shm->pids_[r] = id.pid;
     }
@@ -288,15 +289,15 @@ bool SameHostGroup::create_own(uint64_t nonce, int64_t slot_bytes) {
     s = map_segment(fd, bytes);
   }
   if (s != nullptr) {
-    s->id = Identity{.magic = kMagic,
-                     .nonce = nonce,
-                     .rank = rank_,
-                     .world = world_,
-                     .pid = static_cast<int32_t>(getpid()),
-                     .unused = 0,
-                     .start_time = start_time_of(getpid()),
-                     .pid_ns = pid_namespace(),
-                     .slot_bytes = slot_bytes};
+    s->id = SegmentIdentity{.magic = kMagic,
+                            .nonce = nonce,
+                            .rank = rank_,
+                            .world = world_,
+                            .pid = static_cast<int32_t>(getpid()),
+                            .unused = 0,
+                            .start_time = start_time_of(getpid()),
+                            .pid_ns = pid_namespace(),
+                            .slot_bytes = slot_bytes};
     s->copied.store(0);
     s->reduced.store(0);
     s->aborted.store(0);
@@ -418,7 +419,7 @@ void SameHostGroup::wait_for(uint64_t seq, bool reduced) {
 
 std::vector<const char*> SameHostGroup::exchange(uint64_t seq, int64_t bytes, at::ScalarType dtype,
                                                  bool room) {
-  SlotHeader& mine = segments_[rank_]->slot[seq % 2];
+  SegmentSlotHeader& mine = segments_[rank_]->slot[seq % 2];
   mine.bytes = bytes;
   mine.dtype = static_cast<int32_t>(dtype);
   mine.room = room ? 1 : 0;
@@ -427,7 +428,7 @@ std::vector<const char*> SameHostGroup::exchange(uint64_t seq, int64_t bytes, at
   std::vector<const char*> in(world_);
   bool agree = true;
   for (int r = 0; r < world_; ++r) {
-    const SlotHeader& s = segments_[r]->slot[seq % 2];
+    const SegmentSlotHeader& s = segments_[r]->slot[seq % 2];
     if (s.room == 0) {  // every rank sees it, and refuses the round
       ++refused_;
       return {};
@@ -438,7 +439,7 @@ std::vector<const char*> SameHostGroup::exchange(uint64_t seq, int64_t bytes, at
   if (!agree) {  // the same message on every rank
     std::string sizes;
     for (int r = 0; r < world_; ++r) {
-      const SlotHeader& s = segments_[r]->slot[seq % 2];
+      const SegmentSlotHeader& s = segments_[r]->slot[seq % 2];
       sizes += (r ? ", " : "") + std::to_string(s.bytes) + " bytes of " +
                c10::toString(static_cast<at::ScalarType>(s.dtype));
     }

@@ -18,15 +18,15 @@
 namespace gmm_allreduce {
 namespace {
 
-// k in steps of 16 (one register of int16); a tile of kTileRows rows by kTileCols columns (12
+// k in steps of 16 (one register of int16); a tile of kAvx2TileRows rows by kTileCols columns (12
 // accumulators, 3 rows of x and one column of the weight: AVX2's 16 registers).
 constexpr int64_t kStep = 16;
-constexpr int kTileRows = 3;
+constexpr int kAvx2TileRows = 3;
 constexpr int kTileCols = 4;
 // Rows and columns of the blocks handed to the sink: 8 tiles of rows, whose int16 x (8 KiB per
 // 1024 of k) stays in L1 while the tiles of columns go by.
-constexpr int64_t kBlockRows = 8 * kTileRows;
-constexpr int64_t kChunk = 256;
+constexpr int64_t kBlockRows = 8 * kAvx2TileRows;
+constexpr int64_t kAvx2Chunk = 256;
 // The packed kernel: panels of kPanel columns, a tile of up to kPackedRows rows by one panel (12
 // accumulators, two registers of weight, one broadcast pair of x).
 constexpr int64_t kPanel = 16;
@@ -82,24 +82,24 @@ GMM_AVX2 void tile(const int16_t* x, int64_t ldx, const int8_t* const (&w)[kTile
 }
 
 // Output columns [n_begin, n_end) of x @ w, handed to `sink` a block of kBlockRows rows and up to
-// kChunk columns at a time. x16 holds x widened to int16, its rows ldx apart.
+// kAvx2Chunk columns at a time. x16 holds x widened to int16, its rows ldx apart.
 GMM_AVX2 void columns(const int16_t* x16, int64_t ldx, const int8_t* x, int64_t ldx8, int64_t r,
                       int64_t k, const int8_t* w, int64_t ldw, int64_t n_begin, int64_t n_end,
                       BlockSink<int32_t> sink) {
   const int64_t k16 = k / kStep * kStep;
-  alignas(32) int32_t block[kBlockRows * kChunk];
-  for (int64_t c0 = n_begin; c0 < n_end; c0 += kChunk) {
-    const int64_t c1 = std::min(n_end, c0 + kChunk);
+  alignas(32) int32_t block[kBlockRows * kAvx2Chunk];
+  for (int64_t c0 = n_begin; c0 < n_end; c0 += kAvx2Chunk) {
+    const int64_t c1 = std::min(n_end, c0 + kAvx2Chunk);
     for (int64_t m0 = 0; m0 < r; m0 += kBlockRows) {
       const int64_t rows = std::min(kBlockRows, r - m0);
       for (int64_t n0 = c0; n0 < c1; n0 += kTileCols) {
         const int64_t cols = std::min<int64_t>(kTileCols, c1 - n0);
         const int8_t* wc[kTileCols];  // past `cols`: the last column again, its sums not kept
         for (int c = 0; c < kTileCols; ++c) wc[c] = w + (n0 + std::min<int64_t>(c, cols - 1)) * ldw;
-        for (int64_t i = 0; i < rows; i += kTileRows) {
-          alignas(16) int32_t sums[kTileRows * kTileCols];
+        for (int64_t i = 0; i < rows; i += kAvx2TileRows) {
+          alignas(16) int32_t sums[kAvx2TileRows * kTileCols];
           const int16_t* xi = x16 + (m0 + i) * ldx;
-          const int64_t tile_rows = std::min<int64_t>(kTileRows, rows - i);
+          const int64_t tile_rows = std::min<int64_t>(kAvx2TileRows, rows - i);
           if (tile_rows == 3) {
             tile<3>(xi, ldx, wc, k16, sums);
           } else if (tile_rows == 2) {
@@ -112,12 +112,12 @@ GMM_AVX2 void columns(const int16_t* x16, int64_t ldx, const int8_t* x, int64_t 
             for (int64_t c = 0; c < cols; ++c) {
               int32_t s = sums[t * kTileCols + c];
               for (int64_t kk = k16; kk < k; ++kk) s += int32_t{xr[kk]} * int32_t{wc[c][kk]};
-              block[(i + t) * kChunk + (n0 - c0) + c] = s;
+              block[(i + t) * kAvx2Chunk + (n0 - c0) + c] = s;
             }
           }
         }
       }
-      sink(m0, rows, c0, c1 - c0, block, kChunk);
+      sink(m0, rows, c0, c1 - c0, block, kAvx2Chunk);
     }
   }
 }
@@ -231,23 +231,23 @@ constexpr PackedTile kPackedTiles[kPackedRows + 1] = {
     nullptr,         &packed_tile<1>, &packed_tile<2>, &packed_tile<3>,
     &packed_tile<4>, &packed_tile<5>, &packed_tile<6>};
 
-// Output columns [c0, c1) (c1 - c0 <= kChunk) of x @ w from their packed panels (the first is
+// Output columns [c0, c1) (c1 - c0 <= kAvx2Chunk) of x @ w from their packed panels (the first is
 // column c0's), a block of kBlockRows rows to `sink` at a time.
 GMM_AVX2 void packed_chunk(const int16_t* x16, int64_t k2, int64_t r, const int16_t* first,
                            int64_t c0, int64_t c1, BlockSink<int32_t> sink) {
   const int64_t ldx = 2 * k2;
-  alignas(32) int32_t block[kBlockRows * kChunk];
+  alignas(32) int32_t block[kBlockRows * kAvx2Chunk];
   for (int64_t m0 = 0; m0 < r; m0 += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, r - m0);
     for (int64_t n0 = c0; n0 < c1; n0 += kPanel) {
       const int16_t* panel = first + (n0 - c0) / kPanel * k2 * 2 * kPanel;
       for (int64_t i = 0; i < rows; i += kPackedRows) {
         const int16_t* xi = x16 + (m0 + i) * ldx;
-        int32_t* out = block + i * kChunk + (n0 - c0);
-        kPackedTiles[std::min<int64_t>(kPackedRows, rows - i)](xi, ldx, panel, k2, out, kChunk);
+        int32_t* out = block + i * kAvx2Chunk + (n0 - c0);
+        kPackedTiles[std::min<int64_t>(kPackedRows, rows - i)](xi, ldx, panel, k2, out, kAvx2Chunk);
       }
     }
-    sink(m0, rows, c0, c1 - c0, block, kChunk);
+    sink(m0, rows, c0, c1 - c0, block, kAvx2Chunk);
   }
 }
 
@@ -282,20 +282,20 @@ void int8_avx2_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t>
   widen_x(x_p, x.stride(0), r, k, width, x16_p);
   const int8_t* w_p = w.const_data_ptr<int8_t>();
   const int64_t sk = w.stride(0), sc = w.stride(1);
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = (n + kAvx2Chunk - 1) / kAvx2Chunk;
   // Threads take chunks of columns: about 2^22 multiply-adds each at least.
   const int64_t grain =
-      std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * k * kChunk));
+      std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * k * kAvx2Chunk));
   at::parallel_for(0, chunks, grain, [&](int64_t b, int64_t e) {
     if (!widen) {
-      columns(x16_p, width, x_p, x.stride(0), r, k, w_p, sc, b * kChunk, std::min(n, e * kChunk),
-              sink);
+      columns(x16_p, width, x_p, x.stride(0), r, k, w_p, sc, b * kAvx2Chunk,
+              std::min(n, e * kAvx2Chunk), sink);
       return;
     }
     thread_local std::vector<int16_t> scratch;  // kept: no page faults at every call
-    scratch.resize(std::max<size_t>(scratch.size(), kChunk / kPanel * panel_size(k)));
+    scratch.resize(std::max<size_t>(scratch.size(), kAvx2Chunk / kPanel * panel_size(k)));
     for (int64_t c = b; c < e; ++c) {
-      const int64_t c0 = c * kChunk, c1 = std::min(n, c0 + kChunk);
+      const int64_t c0 = c * kAvx2Chunk, c1 = std::min(n, c0 + kAvx2Chunk);
       for (int64_t n0 = c0; n0 < c1; n0 += kPanel) {
         widen_panel(w_p + n0 * sc, sk, sc, k, std::min(kPanel, c1 - n0),
                     scratch.data() + (n0 - c0) / kPanel * panel_size(k));
@@ -347,13 +347,13 @@ void int8_avx2_gemm_packed(const at::Tensor& x, const at::Tensor& packed, int64_
   int16_t* x16_p = x16.mutable_data_ptr<int16_t>();
   widen_x(x.const_data_ptr<int8_t>(), x.stride(0), r, k, 2 * k2, x16_p);
   const int16_t* packed_p = packed.const_data_ptr<int16_t>();
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = (n + kAvx2Chunk - 1) / kAvx2Chunk;
   const int64_t grain =
-      std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * k * kChunk));
+      std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * k * kAvx2Chunk));
   at::parallel_for(0, chunks, grain, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
-      packed_chunk(x16_p, k2, r, packed_p + c * kChunk / kPanel * panel_size(k), c * kChunk,
-                   std::min(n, (c + 1) * kChunk), sink);
+      packed_chunk(x16_p, k2, r, packed_p + c * kAvx2Chunk / kPanel * panel_size(k), c * kAvx2Chunk,
+                   std::min(n, (c + 1) * kAvx2Chunk), sink);
     }
   });
 #endif

@@ -25,8 +25,8 @@ constexpr int64_t kPanelRows = 16;
 constexpr int64_t kLine = 64;
 // Rows and columns of the blocks handed to the sink; columns per pass over k (the accumulators:
 // 2 panels of rows times kPass columns).
-constexpr int64_t kBlockRows = 2 * kPanelRows;
-constexpr int64_t kChunk = 256;
+constexpr int64_t kVnniBlockRows = 2 * kPanelRows;
+constexpr int64_t kVnniChunk = 256;
 constexpr int kPass = 8;
 
 #ifdef GMM_VNNI_KERNEL
@@ -110,18 +110,18 @@ GMM_VNNI inline void pass(const uint8_t* x0, const uint8_t* x1, bool two, const 
 }
 
 // Output columns [n_begin, n_end) (multiples of 16) of x @ w, handed to `sink` a block of 32
-// rows and up to kChunk columns at a time.
+// rows and up to kVnniChunk columns at a time.
 GMM_VNNI void columns(const uint8_t* packed, int64_t r, int64_t k, const int8_t* w, int64_t ldw,
                       int64_t n_begin, int64_t n_end, BlockSink<int32_t> sink) {
   const int64_t k4 = (k + 3) / 4;
-  alignas(64) int32_t offset[kChunk];
-  alignas(64) int32_t block[kBlockRows * kChunk];
-  for (int64_t c0 = n_begin; c0 < n_end; c0 += kChunk) {
-    const int64_t c1 = std::min(n_end, c0 + kChunk);
+  alignas(64) int32_t offset[kVnniChunk];
+  alignas(64) int32_t block[kVnniBlockRows * kVnniChunk];
+  for (int64_t c0 = n_begin; c0 < n_end; c0 += kVnniChunk) {
+    const int64_t c1 = std::min(n_end, c0 + kVnniChunk);
     for (int64_t n0 = c0; n0 < c1; n0 += 16) {
       _mm512_store_si512(offset + (n0 - c0), offsets(w + n0 * ldw, ldw, k));
     }
-    for (int64_t m0 = 0; m0 < r; m0 += kBlockRows) {
+    for (int64_t m0 = 0; m0 < r; m0 += kVnniBlockRows) {
       const bool two = m0 + kPanelRows < r;
       const uint8_t* x0 = packed + (m0 / kPanelRows) * k4 * kLine;
       const uint8_t* x1 = x0 + k4 * kLine;
@@ -138,13 +138,13 @@ GMM_VNNI void columns(const uint8_t* packed, int64_t r, int64_t k, const int8_t*
             t[kPass + c] = rest[h][c];
           }
           transpose16(t);  // t[i]: row 16h + i's 16 columns
-          int32_t* dst = block + h * kPanelRows * kChunk + (n0 - c0);
+          int32_t* dst = block + h * kPanelRows * kVnniChunk + (n0 - c0);
           GMM_UNROLL
           for (int i = 0; i < 16; ++i)
-            _mm512_store_si512(dst + i * kChunk, _mm512_sub_epi32(t[i], off));
+            _mm512_store_si512(dst + i * kVnniChunk, _mm512_sub_epi32(t[i], off));
         }
       }
-      sink(m0, std::min(kBlockRows, r - m0), c0, c1 - c0, block, kChunk);
+      sink(m0, std::min(kVnniBlockRows, r - m0), c0, c1 - c0, block, kVnniChunk);
     }
   }
 }
@@ -170,18 +170,18 @@ void int8_vnni_gemm(const at::Tensor& x, const at::Tensor& w, BlockSink<int32_t>
 #ifdef GMM_VNNI_KERNEL
   const int64_t r = x.size(0), k = x.size(1), n = w.size(1);
   if (r == 0 || n == 0) return;
-  const int64_t panels = (r + kBlockRows - 1) / kBlockRows * 2;
+  const int64_t panels = (r + kVnniBlockRows - 1) / kVnniBlockRows * 2;
   const int64_t k4 = (k + 3) / 4;
   at::Tensor packed = at::empty({panels * k4 * kLine}, x.options().dtype(at::kByte));
   uint8_t* packed_p = packed.mutable_data_ptr<uint8_t>();
   pack_x(x.const_data_ptr<int8_t>(), x.stride(0), r, k, panels, packed_p);
   const int8_t* w_p = w.const_data_ptr<int8_t>();
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = (n + kVnniChunk - 1) / kVnniChunk;
   // Threads take chunks of columns: about 2^22 multiply-adds each at least.
   const int64_t grain =
-      std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * k * kChunk));
+      std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * k * kVnniChunk));
   at::parallel_for(0, chunks, grain, [&](int64_t b, int64_t e) {
-    columns(packed_p, r, k, w_p, w.stride(1), b * kChunk, std::min(n, e * kChunk), sink);
+    columns(packed_p, r, k, w_p, w.stride(1), b * kVnniChunk, std::min(n, e * kVnniChunk), sink);
   });
 #endif
 }
