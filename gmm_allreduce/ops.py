@@ -7,6 +7,7 @@ schema arguments.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import weakref
 from collections.abc import Sequence
@@ -16,47 +17,75 @@ import torch
 import torch.distributed as dist
 
 from . import inductor
-from ._schema import arguments, positional
+from ._schema import NAMES, arguments, positional
 from .prepack import PackedWeights
 from .quant import QUANTISED, is_quantised
 
+# The fronts' keyword arguments, their defaults and types: the one Python list of the ops'
+# arguments. Each front takes those its op's schema has (grouped_mat_mul: no collective's), and
+# split_item None is the op's default (0, as MindSpeed's front reads None; 3 for the reduce-scatter
+# op). The rest of the package reads arguments by the schema's names (_schema.py).
+_KEYWORDS = (
+    ("bias", None, "Sequence[torch.Tensor] | None"),
+    ("group_list", None, "Sequence[int] | torch.Tensor | None"),
+    ("split_item", None, "int | None"),
+    ("reduce_op", "sum", "str"),
+    ("comm_turn", 0, "int"),
+    ("group_list_type", 0, "int"),
+    ("world_size", 1, "int"),
+    ("check_ranks", False, "bool"),
+    ("reduce_dtype", None, "torch.dtype | None"),
+    ("async_op", False, "bool"),
+    ("combine_index", None, "torch.Tensor | None"),
+    ("combine_weight", None, "torch.Tensor | None"),
+    ("num_tokens", None, "int | None"),
+    ("shared_input", None, "torch.Tensor | None"),
+    ("scale", None, "Sequence[torch.Tensor] | None"),
+    ("per_token_scale", None, "torch.Tensor | None"),
+    ("antiquant_scale", None, "Sequence[torch.Tensor] | None"),
+    ("antiquant_offset", None, "Sequence[torch.Tensor] | None"),
+    ("output_dtype", None, "torch.dtype | None"),
+)
 
-def _collective(name: str, default_split_item: int, doc: str):
-    """The public function of the collective op `name`: both collective ops share this signature,
-    the only Python list of the op's arguments (the rest read them by the schema's names)."""
 
-    def call(
-        x: Sequence[torch.Tensor],
-        weight: Sequence[torch.Tensor],
-        hcomm: str | dist.ProcessGroup | None = None,
-        *,
-        bias: Sequence[torch.Tensor] | None = None,
-        group_list: Sequence[int] | torch.Tensor | None = None,
-        split_item: int | None = default_split_item,
-        reduce_op: str = "sum",
-        comm_turn: int = 0,
-        group_list_type: int = 0,
-        check_ranks: bool = False,
-        reduce_dtype: torch.dtype | None = None,
-        async_op: bool = False,
-        combine_index: torch.Tensor | None = None,
-        combine_weight: torch.Tensor | None = None,
-        num_tokens: int | None = None,
-        shared_input: torch.Tensor | None = None,
-        scale: Sequence[torch.Tensor] | None = None,
-        per_token_scale: torch.Tensor | None = None,
-        antiquant_scale: Sequence[torch.Tensor] | None = None,
-        antiquant_offset: Sequence[torch.Tensor] | None = None,
-        output_dtype: torch.dtype | None = None,
-    ) -> list[torch.Tensor]:
-        return _call(name, default_split_item, locals())
+def _front(name: str, default_split_item: int, doc: str):
+    """The public function of the op `name`: x, weight (and for a collective op hcomm) by position
+    or keyword, then its keywords of _KEYWORDS. Written without locals() or inspect's binding, which
+    torch.compile cannot trace."""
+    defaults = {k: v for k, v, _ in _KEYWORDS if k in NAMES[name]}
+    collective = "group_name" in NAMES[name]
 
+    def call(x, weight, *args, **kwargs) -> list[torch.Tensor]:
+        if len(args) > (1 if collective else 0):
+            raise TypeError(f"{name}() takes {3 if collective else 2} positional arguments but "
+                            f"{2 + len(args)} were given")
+        given = dict(defaults)
+        for key, value in kwargs.items():
+            if key not in defaults and not (collective and key == "hcomm" and not args):
+                raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+            given[key] = value
+        given["x"], given["weight"] = x, weight
+        if collective:
+            given["hcomm"] = args[0] if args else kwargs.get("hcomm")
+        return _call(name, default_split_item, given)
+
+    positional = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation="Sequence[torch.Tensor]") for p in ("x", "weight")]
+    if collective:
+        positional.append(inspect.Parameter("hcomm", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                            default=None,
+                                            annotation="str | dist.ProcessGroup | None"))
+    keywords = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=t,
+                                  default=default_split_item if k == "split_item" else v)
+                for k, v, t in _KEYWORDS if k in defaults]
+    call.__signature__ = inspect.Signature(positional + keywords,
+                                           return_annotation="list[torch.Tensor]")
     call.__name__ = call.__qualname__ = name
     call.__doc__ = doc
     return call
 
 
-grouped_mat_mul_all_reduce = _collective("grouped_mat_mul_all_reduce", 0, doc="""\
+grouped_mat_mul_all_reduce = _front("grouped_mat_mul_all_reduce", 0, doc="""\
 Grouped matmul, summed over the ranks of a process group.
 
 With n ranks, rank r holding x_i^r (its K-slice of the activations) and W_i^r (its K-slice of
@@ -109,7 +138,7 @@ Returns:
     with combine_index).
 """)
 
-grouped_mat_mul_reduce_scatter = _collective("grouped_mat_mul_reduce_scatter", 3, doc="""\
+grouped_mat_mul_reduce_scatter = _front("grouped_mat_mul_reduce_scatter", 3, doc="""\
 Grouped matmul, summed over the ranks of a process group and scattered by rows: the
 row-parallel layer of sequence parallelism (Megatron-LM's ``--sequence-parallel``).
 
@@ -161,31 +190,13 @@ def _bool(name: str, value) -> bool:
 npu_grouped_mat_mul_all_reduce = grouped_mat_mul_all_reduce
 
 
-def grouped_mat_mul(
-    x: Sequence[torch.Tensor],
-    weight: Sequence[torch.Tensor],
-    *,
-    bias: Sequence[torch.Tensor] | None = None,
-    group_list: Sequence[int] | torch.Tensor | None = None,
-    split_item: int | None = 0,
-    group_list_type: int = 0,
-    world_size: int = 1,
-    combine_index: torch.Tensor | None = None,
-    combine_weight: torch.Tensor | None = None,
-    num_tokens: int | None = None,
-    shared_input: torch.Tensor | None = None,
-    scale: Sequence[torch.Tensor] | None = None,
-    per_token_scale: torch.Tensor | None = None,
-    antiquant_scale: Sequence[torch.Tensor] | None = None,
-    antiquant_offset: Sequence[torch.Tensor] | None = None,
-    output_dtype: torch.dtype | None = None,
-) -> list[torch.Tensor]:
-    """One rank's part of the op, with no collective: x_i @ W_i + bias_i / world_size (combined
-    into token rows with combine_index, as the collective ops do before their sum).
+grouped_mat_mul = _front("grouped_mat_mul", 0, doc="""\
+One rank's part of the op, with no collective: x_i @ W_i + bias_i / world_size (combined into
+token rows with combine_index, as the collective ops do before their sum).
 
-    Same arguments, checks and outputs as grouped_mat_mul_all_reduce (same C++ plan and engine).
-    """
-    return _call("grouped_mat_mul", 0, locals())
+Same arguments, checks and outputs as grouped_mat_mul_all_reduce (same C++ plan and engine), with
+world_size (1 unless given) in place of the collective's.
+""")
 
 
 def _call(op: str, default_split_item: int, given: dict) -> list[torch.Tensor]:
