@@ -1,6 +1,7 @@
-// The CUDA engine: the op's kernel for CUDA tensors, on the shared validation, plan and
-// all-reduce of op.cpp. Per chunk it runs one of three GEMMs (the rule: cuda/host/choice.h) into
-// the flat output buffer, and the bias epilogue where the GEMM does not fuse it:
+// The CUDA engine: the op's kernel for CUDA tensors, under the driver's validation, plan and
+// collective strategies (core/op.cpp). Per chunk it runs one of three GEMMs (the rule:
+// cuda/host/choice.h) into the flat output buffer, and the bias epilogue where the GEMM does not
+// fuse it:
 // - grouped: torch's CUTLASS bf16 grouped GEMM (at::cuda::detail::bf16bf16_grouped_mm, given our
 //   buffer as its output), one launch; group offsets written on the device (from a device
 //   group_list, or from the plan's rows passed as kernel parameters), so that nothing copies from
