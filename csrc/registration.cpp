@@ -21,6 +21,13 @@
   "Tensor[]? scale, Tensor? per_token_scale, Tensor[]? antiquant_scale, "                  \
   "Tensor[]? antiquant_offset, ScalarType? output_dtype"
 
+// The expert block's operands (core/mlp.h), then its collective's arguments.
+#define GMM_MLP_OPERANDS                                                                    \
+  "Tensor hidden_states, Tensor[] w13, Tensor[] w2, Tensor topk_ids, Tensor topk_weights, " \
+  "str activation, Tensor[]? w13_bias, Tensor[]? w2_bias, Tensor? shared_input, "
+#define GMM_MLP_COLLECTIVE \
+  "str group_name, int comm_turn, bool check_ranks, ScalarType? reduce_dtype, bool async_op"
+
 TORCH_LIBRARY(gmm_allreduce, m) {
   // The grouped products, summed over the group's ranks (core/collective.cpp has each op's
   // collective).
@@ -32,6 +39,19 @@ TORCH_LIBRARY(gmm_allreduce, m) {
         ") -> Tensor[]");
   // The same grouped matmul without the collective (bias divided by world_size): one rank's part.
   m.def("grouped_mat_mul(" GMM_OPERANDS GMM_COMPUTE GMM_COMBINE_AND_QUANT ") -> Tensor[]");
+  // The expert block: an MoE MLP (gate_up, gated activation, down, routing weights) into token
+  // rows, summed over the group's ranks, or scattered by rows, or (grouped_mlp) one rank's part.
+  m.def("grouped_mlp_all_reduce(" GMM_MLP_OPERANDS GMM_MLP_COLLECTIVE ") -> Tensor");
+  m.def("grouped_mlp_reduce_scatter(" GMM_MLP_OPERANDS GMM_MLP_COLLECTIVE ") -> Tensor");
+  m.def("grouped_mlp(" GMM_MLP_OPERANDS "int world_size) -> Tensor");
+  // The block's gradients of hidden_states, w13, w2, w13_bias, w2_bias and topk_weights
+  // (output_mask picks which) with no collective: hidden_states' and topk_weights' are this rank's
+  // parts in the accumulation dtype, for the caller to sum over the group (core/mlp_backward.cpp).
+  m.def(
+      "grouped_mlp_backward(Tensor grad, Tensor hidden_states, Tensor[] w13, Tensor[] w2, "
+      "Tensor topk_ids, Tensor topk_weights, str activation, Tensor[]? w13_bias, "
+      "Tensor[]? w2_bias, int world_size, bool[5] output_mask) -> (Tensor, Tensor[], Tensor[], "
+      "Tensor[], Tensor[], Tensor)");
   // Gradients of x, weight, bias and combine_weight (output_mask picks which), with no
   // collective: the row-parallel convention, see backward.cpp. bias is passed for its dtypes (and,
   // with world_size, for this rank's partial products, which combine_weight's gradient needs:

@@ -5,6 +5,7 @@ from . import (
     nn,  # noqa: F401  (gmm_allreduce.nn after `import gmm_allreduce`, as torch.nn)
 )
 from .ascend import npu_grouped_matmul, npu_grouped_matmul_finalize_routing
+from .block import grouped_mlp, grouped_mlp_all_reduce, grouped_mlp_reduce_scatter
 from .cpu import cpu_capabilities
 from .ops import (
     grouped_mat_mul,
@@ -17,6 +18,7 @@ from .prepack import PackedWeights, prepack_weights
 from .quant import quantize_per_token, quantize_weights
 
 __all__ = ["PackedWeights", "cpu_capabilities", "grouped_mat_mul", "grouped_mat_mul_all_reduce",
-           "grouped_mat_mul_reduce_scatter", "npu_grouped_mat_mul_all_reduce",
+           "grouped_mat_mul_reduce_scatter", "grouped_mlp", "grouped_mlp_all_reduce",
+           "grouped_mlp_reduce_scatter", "npu_grouped_mat_mul_all_reduce",
            "npu_grouped_matmul", "npu_grouped_matmul_finalize_routing", "prepack_weights",
            "quantize_per_token", "quantize_weights", "wait"]

@@ -82,6 +82,14 @@ OpArgs read_args(const c10::OperatorHandle& op, const torch::jit::Stack& stack) 
   read(arg("async_op"), a.collective.async_op);
   read(arg("reduce_dtype"), a.collective.reduce_dtype);
   read(arg("world_size"), a.collective.ranks);
+  read(arg("hidden_states"), a.mlp.hidden);
+  read(arg("w13"), a.mlp.w13);
+  read(arg("w2"), a.weight);
+  read(arg("w13_bias"), a.mlp.w13_bias);
+  read(arg("w2_bias"), a.bias);
+  read(arg("topk_ids"), a.mlp.topk_ids);
+  read(arg("topk_weights"), a.mlp.topk_weights);
+  read(arg("activation"), a.mlp.activation);
   return a;
 }
 

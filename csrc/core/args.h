@@ -47,6 +47,25 @@ struct QuantArgs {
   std::optional<at::ScalarType> output_dtype;
 };
 
+// The expert block (core/mlp.h): the first layer of an MoE MLP, whose gated activation is the x of
+// the call's down product. Its ops take the token rows, the routing and the gate_up weights; the
+// driver turns them into a combined call (route_mlp), whose x the engine computes per block of
+// expert rows (or the driver, whole, for an engine that does not fuse the block).
+enum class Activation : int8_t { kSilu, kGelu };
+
+struct MlpArgs {
+  std::optional<at::Tensor> hidden;  // hidden_states [T, H]: set for a block's call
+  std::vector<at::Tensor> w13;       // per expert [H, 2 * I]: gate columns, then up columns
+  std::optional<std::vector<at::Tensor>> w13_bias;  // per expert [2 * I]
+  std::optional<at::Tensor> topk_ids;      // [T, k]: the expert of each (token, slot), -1 for none
+  std::optional<at::Tensor> topk_weights;  // [T, k]
+  std::string activation = "silu";
+  Activation act = Activation::kSilu;  // activation's value, set by route_mlp
+  // Set by route_mlp: whether x is computed by the engine from these (true), or holds the
+  // activations already (the driver computed them for an engine that does not fuse the block).
+  bool fused = false;
+};
+
 // The collective and how it runs.
 struct CollectiveArgs {
   Collective kind = Collective::kNone;
@@ -74,6 +93,7 @@ struct OpArgs {
   CombineArgs combine;
   QuantArgs quant;
   CollectiveArgs collective;
+  MlpArgs mlp;
   // Set by an engine that computes split_item 3 from group_list_tensor on x's device itself
   // (Engine::takes_device_group_list, which checks that the tensor is on the device): make_plan
   // then leaves the tensor's values unread and unvalidated, since reading them would be a

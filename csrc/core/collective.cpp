@@ -120,9 +120,11 @@ std::vector<at::Tensor> reduce_scatter(const Engine& engine, Plan plan, const Op
 }
 
 constexpr CollectiveStrategy kStrategies[] = {
-    {Collective::kNone, "grouped_mat_mul", &keep_chunks, &compute_only},
-    {Collective::kAllReduce, "grouped_mat_mul_all_reduce", &keep_chunks, &all_reduce},
-    {Collective::kReduceScatter, "grouped_mat_mul_reduce_scatter", &plan_scatter, &reduce_scatter},
+    {Collective::kNone, "grouped_mat_mul", "grouped_mlp", &keep_chunks, &compute_only},
+    {Collective::kAllReduce, "grouped_mat_mul_all_reduce", "grouped_mlp_all_reduce", &keep_chunks,
+     &all_reduce},
+    {Collective::kReduceScatter, "grouped_mat_mul_reduce_scatter", "grouped_mlp_reduce_scatter",
+     &plan_scatter, &reduce_scatter},
 };
 
 }  // namespace
@@ -136,7 +138,7 @@ const CollectiveStrategy& collective_strategy(Collective kind) {
 
 const CollectiveStrategy* collective_strategy(std::string_view op) {
   for (const CollectiveStrategy& s : kStrategies) {
-    if (op == s.op) return &s;
+    if (op == s.op || op == s.mlp_op) return &s;
   }
   return nullptr;
 }
@@ -144,6 +146,7 @@ const CollectiveStrategy* collective_strategy(std::string_view op) {
 std::vector<const char*> strategy_ops() {
   std::vector<const char*> ops;
   for (const CollectiveStrategy& s : kStrategies) ops.push_back(s.op);
+  for (const CollectiveStrategy& s : kStrategies) ops.push_back(s.mlp_op);
   return ops;
 }
 

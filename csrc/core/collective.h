@@ -17,7 +17,8 @@ namespace gmm_allreduce {
 
 struct CollectiveStrategy {
   Collective kind;
-  const char* op;  // the op (registration.cpp) whose calls end with it
+  const char* op;      // the op (registration.cpp) whose calls end with it
+  const char* mlp_op;  // the expert block's op (core/mlp.h) that ends with it
   // Its rules on a planned call (the output's shape, args.collective.ranks set), raised before any
   // communication, and its chunks: by default make_plan's, cut by comm_turn.
   void (*plan)(Plan& plan, const OpArgs& args);
@@ -32,7 +33,7 @@ struct CollectiveStrategy {
 const CollectiveStrategy& collective_strategy(Collective kind);
 const CollectiveStrategy* collective_strategy(std::string_view op);
 
-// The ops that end with a strategy, by name.
+// The ops that end with a strategy, by name (the grouped products', then the expert block's).
 std::vector<const char*> strategy_ops();
 
 // The whole plan of a call: make_plan, then its collective's rules and chunks.

@@ -185,23 +185,30 @@ void combine_groups(const Plan& plan, const OpArgs& args, int64_t world_size, at
   if (!plan.device.is_cpu()) mine = Combine::on_device(plan, chunk);
   if (!mine) return;
   Combine combine(plan, args, world_size, flat, *mine);
+  // A fused expert block's x is computed by the engine from the rows it is handed (core/mlp.h):
+  // none is passed, and the rows are always listed.
+  const bool fused = args.mlp.fused;
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
     if (g.m == 0 || g.n == 0) continue;
-    // Blocks of about 1M elements of x and products together.
-    const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(g.k + g.n, 1));
+    // Blocks of about 1M elements of x and products together (with a block's gate_up products
+    // and gathered hidden rows, for a fused block).
+    const int64_t width = g.k + g.n + (fused ? 2 * g.k + args.mlp.hidden->size(1) : 0);
+    const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(width, 1));
     if (combine.whole()) {
       for (int64_t r = 0; r < g.m; r += rows) {
         const int64_t count = std::min(rows, g.m - r);
-        combine.add(i, products(i, group_x(plan, args.x, i, r, count), r, at::Tensor()), r);
+        const at::Tensor y = fused ? products(i, at::Tensor(), r, at::arange(r, r + count))
+                                   : products(i, group_x(plan, args.x, i, r, count), r, {});
+        combine.add(i, y, r);
       }
       continue;
     }
     const at::Tensor selected = combine.rows_of(i);  // this chunk's rows of the group
-    const at::Tensor x = group_x(plan, args.x, i);
+    const at::Tensor x = fused ? at::Tensor() : group_x(plan, args.x, i);
     for (int64_t r = 0; r < selected.numel(); r += rows) {
       const at::Tensor some = selected.narrow(0, r, std::min(rows, selected.numel() - r));
-      combine.add(i, products(i, x.index_select(0, some), 0, some), some);
+      combine.add(i, products(i, fused ? x : x.index_select(0, some), 0, some), some);
     }
   }
   combine.finish();

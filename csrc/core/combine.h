@@ -69,7 +69,8 @@ class Combine {
 
 // An engine's products of group i's rows `x` ([r, K]): rows [r0, r0 + r) of the group, or the
 // listed `rows` (counted from the group's first row) when defined; [r, N], rows contiguous, without
-// the bias.
+// the bias. For a fused expert block x is undefined and `rows` always given: the engine computes
+// those rows' x (core/mlp.h).
 using GroupProducts = c10::function_ref<at::Tensor(size_t i, const at::Tensor& x, int64_t r0,
                                                    const at::Tensor& rows)>;
 

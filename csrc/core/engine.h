@@ -23,6 +23,9 @@ struct Engine {
   // validation and any communication, raising a ValueError naming what is wrong. It must accept
   // any arguments.
   void (*check_environment)(const OpArgs& args) = nullptr;
+  // Optional: whether `compute` computes an expert block's activations itself (core/mlp.h), a
+  // block of expert rows at a time, from MlpArgs; otherwise the driver computes them first.
+  bool (*fuses_mlp)(const OpArgs& args) = nullptr;
 };
 
 // Calls fn(i, y, x) for each group i with output rows in `chunk`: y is that block of the flat

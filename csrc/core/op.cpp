@@ -4,15 +4,15 @@
 
 #include "core/collective.h"
 #include "core/consensus.h"
+#include "core/mlp.h"
 
 namespace gmm_allreduce {
 
 std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args) {
   // Nothing for an empty x, rejected below.
-  const at::OptionalDeviceGuard guard(at::device_of(args.x));
+  const at::OptionalDeviceGuard guard(is_mlp(args) ? at::device_of(*args.mlp.hidden)
+                                                   : at::device_of(args.x));
   if (engine.check_environment != nullptr) engine.check_environment(args);
-  args.keep_group_list_on_device =
-      engine.takes_device_group_list != nullptr && engine.takes_device_group_list(args);
   const CollectiveStrategy& strategy = collective_strategy(args.collective.kind);
   // Everything that can reject the call happens here, before the first collective.
   GroupPtr group;
@@ -23,6 +23,9 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args) {
     group = resolve_group(args.collective.group_name);
     args.collective.ranks = group->getSize();
   }
+  if (is_mlp(args)) route_mlp(args, engine.fuses_mlp != nullptr && engine.fuses_mlp(args));
+  args.keep_group_list_on_device =
+      engine.takes_device_group_list != nullptr && engine.takes_device_group_list(args);
   Plan plan = group && args.collective.check_ranks ? make_plan_agreed(args, group, &plan_call)
                                                    : plan_call(args);
   return strategy.run(engine, std::move(plan), args, group);
@@ -36,7 +39,12 @@ void run_boxed(const Engine& engine, const c10::OperatorHandle& op, torch::jit::
   args.collective.kind = strategy->kind;
   std::vector<at::Tensor> outputs = run_op(engine, std::move(args));
   torch::jit::drop(*stack, op.schema().arguments().size());
-  torch::jit::push(*stack, c10::IValue(std::move(outputs)));
+  // An op returns its outputs as a list, or (the expert block's) its one output.
+  if (op.schema().returns().front().type()->kind() == c10::TypeKind::TensorType) {
+    torch::jit::push(*stack, c10::IValue(std::move(outputs.front())));
+  } else {
+    torch::jit::push(*stack, c10::IValue(std::move(outputs)));
+  }
 }
 
 }  // namespace gmm_allreduce

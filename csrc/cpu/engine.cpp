@@ -12,6 +12,7 @@
 #include "core/op.h"
 #include "core/quant_gemm.h"
 #include "cpu/kernels/isa.h"
+#include "cpu/mlp.h"
 #include "cpu/quant.h"
 #include "cpu/upcast.h"
 #include "util/block_rows.h"
@@ -38,18 +39,27 @@ void add_bias(at::Tensor& y, const at::Tensor& bias) {
 // A combined call's chunk: the combine epilogue over each group's products a block of rows at a
 // time, which adds the bias, scales by the routing weights and sums into the token rows in fp32.
 // The products are fp32 where the GEMM runs in fp32 anyway (fp32 x, 16-bit x that the CPU has no
-// native GEMM for, reduce_dtype float32: `in_fp32(i)`), else x's dtype (one rounding).
+// native GEMM for, reduce_dtype float32: `in_fp32(i)`), else x's dtype (one rounding). For a fused
+// expert block, each block's x is its rows' activations (cpu/mlp.h), the gate_up product in fp32
+// alike.
 void compute_combined(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
                       const Chunk& chunk, c10::function_ref<bool(size_t)> in_fp32) {
-  size_t upcast_group = plan.groups.size();  // the group whose weight w32 holds
-  at::Tensor w32;
+  size_t held = plan.groups.size();  // the group whose weights w and w13 are
+  at::Tensor w, w13;
   combine_groups(plan, args, world_size, flat, chunk,
-                 [&](size_t i, const at::Tensor& x, int64_t, const at::Tensor&) {
-                   if (x.is_cpu())
-                     note_kernel(in_fp32(i) ? CpuKernel::kUpcast : CpuKernel::kNative);
-                   if (!in_fp32(i)) return at::mm(x, args.weight[i]);
-                   if (upcast_group != i) w32 = upcast(args.weight[i], true), upcast_group = i;
-                   return at::mm(upcast(x), w32);
+                 [&](size_t i, const at::Tensor& x, int64_t, const at::Tensor& rows) {
+                   const bool fp32 = in_fp32(i);
+                   if (plan.device.is_cpu())
+                     note_kernel(fp32 ? CpuKernel::kUpcast : CpuKernel::kNative);
+                   if (held != i) {  // the weights of group i, upcast once for all its blocks
+                     w = fp32 ? upcast(args.weight[i], /*scratch=*/0) : args.weight[i];
+                     if (args.mlp.fused) {
+                       w13 = fp32 ? upcast(args.mlp.w13[i], /*scratch=*/1) : args.mlp.w13[i];
+                     }
+                     held = i;
+                   }
+                   const at::Tensor a = args.mlp.fused ? gated_rows(plan, args, i, rows, w13) : x;
+                   return at::mm(fp32 && a.scalar_type() != at::kFloat ? upcast(a) : a, w);
                  });
 }
 
@@ -95,10 +105,17 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
 // The CPU's tier: a GMM_CPU_ISA it does not know fails the call here, before any communication
 // (with check_ranks, on every rank).
 void check_environment(const OpArgs& args) {
-  if (!args.x.empty() && args.x[0].defined() && args.x[0].is_cpu()) cpu_tier();
+  const bool on_cpu = args.mlp.hidden
+                          ? args.mlp.hidden->is_cpu()
+                          : !args.x.empty() && args.x[0].defined() && args.x[0].is_cpu();
+  if (on_cpu) cpu_tier();
 }
 
-constexpr Engine kAtenEngine{.compute = &compute_aten, .check_environment = &check_environment};
+// A block on the CPU is fused (cpu/mlp.h); on another device served by ATen, composed.
+bool fuses_mlp(const OpArgs& args) { return args.mlp.hidden && args.mlp.hidden->is_cpu(); }
+
+constexpr Engine kAtenEngine{
+    .compute = &compute_aten, .check_environment = &check_environment, .fuses_mlp = &fuses_mlp};
 
 }  // namespace
 

@@ -115,14 +115,15 @@ void round_rows(const float* src, at::Tensor& y) {
 
 }  // namespace
 
-at::Tensor upcast(const at::Tensor& t, bool reuse) {
+at::Tensor upcast(const at::Tensor& t, int slot) {
   const std::optional<bool> transposed = dense_2d(t);
   if (!t.is_cpu() || !is_16bit(t) || !transposed) return t.to(at::kFloat);
   // The thread's scratch: its pages stay mapped and warm from one group to the next (a fresh
   // allocation of a weight's size costs a page fault per 4 KiB on every call).
-  thread_local at::Tensor scratch;
+  thread_local at::Tensor scratches[2];
   at::Tensor out;
-  if (reuse && t.numel() <= kScratchFloats) {
+  if (slot >= 0 && t.numel() <= kScratchFloats) {
+    at::Tensor& scratch = scratches[slot];
     if (!scratch.defined() || scratch.numel() < t.numel()) {
       scratch = at::empty({t.numel()}, t.options().dtype(at::kFloat));
     }
@@ -143,7 +144,7 @@ at::Tensor upcast(const at::Tensor& t, bool reuse) {
 }
 
 void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  const at::Tensor w32 = upcast(w, /*reuse=*/true);
+  const at::Tensor w32 = upcast(w, /*scratch=*/0);
   const int64_t rows = block_rows(x.size(1) + y.size(1), int64_t{1} << 20);
   const bool fp32_out = y.scalar_type() == at::kFloat;
   for (int64_t r = 0; r < y.size(0); r += rows) {

@@ -10,12 +10,14 @@
 namespace gmm_allreduce {
 
 // t (2-D, fp16 or bf16) as fp32 in the same layout (rows contiguous, or the transposed view of
-// contiguous rows); any other dtype or layout through ATen's conversion. With `reuse`, up to
-// kScratchFloats elements land in this thread's scratch, which the next upcast with `reuse`
-// overwrites: for a weight used once and dropped before the next one.
-at::Tensor upcast(const at::Tensor& t, bool reuse = false);
+// contiguous rows); any other dtype or layout through ATen's conversion. With a `scratch` slot (0
+// or 1), up to kScratchFloats elements land in that slot of this thread's scratch, which the next
+// upcast into the same slot overwrites: for a weight used and dropped before the next one (an
+// expert block keeps its two weights in the two slots).
+constexpr int kNoScratch = -1;
+at::Tensor upcast(const at::Tensor& t, int scratch = kNoScratch);
 
-// The most elements the scratch holds (16 MiB of fp32 a thread, kept once used).
+// The most elements a scratch slot holds (16 MiB of fp32 a thread, kept once used).
 constexpr int64_t kScratchFloats = int64_t{1} << 22;
 
 // y = x @ w (+ bias, fp32) for 16-bit x and w: fp32 GEMMs on upcast blocks of x's rows (about

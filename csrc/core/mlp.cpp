@@ -1,0 +1,215 @@
+#include "core/mlp.h"
+
+#include <ATen/OpMathType.h>
+#include <c10/util/irange.h>
+
+#include <string>
+
+namespace gmm_allreduce {
+namespace {
+
+std::string indexed(const char* arg, size_t i) {
+  return std::string(arg) + "[" + std::to_string(i) + "]";
+}
+
+Activation parse_activation(const std::string& s) {
+  if (s == "silu") return Activation::kSilu;
+  if (s == "gelu") return Activation::kGelu;
+  TORCH_CHECK_VALUE(false, "activation: expected \"silu\" (silu(gate) * up) or \"gelu\" ",
+                    "(gelu(gate, tanh) * up), got \"", s, "\"");
+}
+
+void check_tensor(const std::string& arg, const at::Tensor& t, const at::Tensor& hidden) {
+  TORCH_CHECK_VALUE(t.defined(), arg, ": expected a tensor, got None");
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, arg, ": expected a dense (strided) tensor, got ",
+                   "layout ", t.layout());
+  TORCH_CHECK_VALUE(t.device() == hidden.device(), arg, ": expected a tensor on ", hidden.device(),
+                    " like hidden_states, got one on ", t.device());
+}
+
+// A per-expert list of 2-D weights [rows, cols] of hidden's dtype; returns cols of the first.
+void check_weights(const char* arg, at::TensorList w, const at::Tensor& hidden, size_t experts,
+                   int64_t rows, const char* rows_are) {
+  TORCH_CHECK_VALUE(w.size() == experts, arg, ": expected ", experts,
+                    " tensors (one per expert of w13), got ", w.size());
+  for (const auto i : c10::irange(w.size())) {
+    check_tensor(indexed(arg, i), w[i], hidden);
+    TORCH_CHECK_TYPE(w[i].scalar_type() == hidden.scalar_type(), indexed(arg, i),
+                     ": expected dtype ", hidden.scalar_type(), " like hidden_states, got ",
+                     w[i].scalar_type());
+    TORCH_CHECK_VALUE(w[i].dim() == 2, indexed(arg, i), ": expected a 2-D tensor, got ", w[i].dim(),
+                      "-D");
+    TORCH_CHECK_VALUE(w[i].size(0) == rows, indexed(arg, i), ": expected ", rows, " rows (",
+                      rows_are, "), got ", w[i].size(0));
+    TORCH_CHECK_VALUE(w[i].size(1) == w[0].size(1), indexed(arg, i), ": expected ", w[0].size(1),
+                      " columns like ", arg, "[0], got ", w[i].size(1));
+  }
+}
+
+void check_biases(const char* arg, const std::optional<std::vector<at::Tensor>>& bias,
+                  const at::Tensor& hidden, size_t experts, int64_t n, const char* n_is) {
+  if (!bias) return;
+  TORCH_CHECK_VALUE(bias->size() == experts, arg, ": expected ", experts,
+                    " tensors (one per expert), got ", bias->size());
+  for (const auto i : c10::irange(bias->size())) {
+    const at::Tensor& b = (*bias)[i];
+    check_tensor(indexed(arg, i), b, hidden);
+    TORCH_CHECK_TYPE(at::isFloatingType(b.scalar_type()), indexed(arg, i),
+                     ": expected a floating-point dtype, got ", b.scalar_type());
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, indexed(arg, i),
+                      ": expected a 1-D tensor of ", n, " values (", n_is, "), got shape ",
+                      b.sizes());
+  }
+}
+
+// The block's own arguments; the rest (shared_input, the collective's) the plan checks.
+void check_mlp(const OpArgs& a) {
+  const at::Tensor& h = *a.mlp.hidden;
+  TORCH_CHECK_TYPE(h.layout() == at::kStrided, "hidden_states: expected a dense (strided) tensor");
+  TORCH_CHECK_TYPE(at::isFloatingType(h.scalar_type()),
+                   "hidden_states: expected a floating-point dtype (float16, bfloat16, float32, "
+                   "float64), got ",
+                   h.scalar_type());
+  TORCH_CHECK_VALUE(h.dim() == 2, "hidden_states: expected a 2-D tensor [T, H], got ", h.dim(),
+                    "-D");
+  const std::vector<at::Tensor>& w13 = a.mlp.w13;
+  TORCH_CHECK_VALUE(!w13.empty(), "w13: expected at least one expert's weight, got none");
+  const size_t experts = w13.size();
+  check_weights("w13", w13, h, experts, h.size(1), "H, the columns of hidden_states");
+  const int64_t two_i = w13[0].size(1);
+  TORCH_CHECK_VALUE(two_i % 2 == 0, "w13[0]: expected an even number of columns (the gate's I, ",
+                    "then the up's I), got ", two_i);
+  check_weights("w2", a.weight, h, experts, two_i / 2, "I, half the columns of w13");
+  check_biases("w13_bias", a.mlp.w13_bias, h, experts, two_i, "2 * I, the columns of w13");
+  check_biases("w2_bias", a.bias, h, experts, a.weight[0].size(1), "the columns of w2");
+
+  const at::Tensor& ids = *a.mlp.topk_ids;
+  const at::Tensor& weights = *a.mlp.topk_weights;
+  TORCH_CHECK_TYPE(ids.layout() == at::kStrided, "topk_ids: expected a dense (strided) tensor");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                   "topk_ids: expected an int64 or int32 tensor, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == h.size(0) && ids.size(1) >= 1,
+                    "topk_ids: expected a tensor [T, k] with T = ", h.size(0),
+                    " (the rows of hidden_states) and k >= 1, got shape ", ids.sizes());
+  TORCH_CHECK_VALUE(ids.device().is_cpu() || ids.device() == h.device(),
+                    "topk_ids: expected a tensor on cpu or on ", h.device(),
+                    " like hidden_states, got one on ", ids.device());
+  check_tensor("topk_weights", weights, h);
+  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()),
+                   "topk_weights: expected a floating-point dtype, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.sizes() == ids.sizes(), "topk_weights: expected the shape of topk_ids ",
+                    ids.sizes(), ", got ", weights.sizes());
+  if (a.collective.kind == Collective::kReduceScatter) {
+    TORCH_CHECK_VALUE(h.size(0) % a.collective.ranks == 0, "hidden_states: the output's ",
+                      h.size(0), " token rows cannot be scattered evenly over the group's ",
+                      a.collective.ranks,
+                      " ranks (rank r gets rows [r * T / n, (r + 1) * T / n)); ",
+                      "pad T to a multiple of ", a.collective.ranks);
+  }
+}
+
+// The rows of a host topk_ids, expert-major (a counting sort: within an expert, in token then slot
+// order); ids are checked here.
+Routing route_on_host(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t experts) {
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const int64_t k = ids.size(1);
+  Routing r;
+  r.counts.assign(experts, 0);
+  for (const auto j : c10::irange(ids.numel())) {
+    TORCH_CHECK_VALUE(id[j] >= -1 && id[j] < experts, "topk_ids[", j / k, ", ", j % k,
+                      "]: expected an expert in [0, ", experts, ") or -1 (none), got ", id[j]);
+    if (id[j] >= 0) ++r.counts[id[j]];
+  }
+  std::vector<int64_t> next(experts, 0);
+  int64_t rows = 0;
+  for (const auto e : c10::irange(experts)) next[e] = rows, rows += r.counts[e];
+  r.slot = at::empty({rows}, at::kLong);
+  int64_t* s = r.slot.mutable_data_ptr<int64_t>();
+  for (const auto j : c10::irange(ids.numel())) {
+    if (id[j] >= 0) s[next[id[j]]++] = j;
+  }
+  r.token = r.slot.div(k, "floor");
+  r.weight = topk_weights.reshape({-1}).index_select(0, r.slot.to(topk_weights.device()));
+  return r;
+}
+
+// The same on the device, without reading the ids on the host (see route_mlp for the dropped ids).
+Routing route_on_device(const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                        int64_t experts) {
+  const at::Tensor ids = topk_ids.to(topk_weights.device(), at::kLong).reshape({-1});
+  const at::Tensor valid = ids.ge(0).logical_and_(ids.lt(experts));
+  const at::Tensor key = at::where(valid, ids, experts - 1);
+  const at::Tensor order = std::get<1>(key.sort(/*stable=*/true, 0, false));
+  const at::Tensor kept = valid.index_select(0, order);
+  Routing r;
+  r.device_counts = at::bincount(key, {}, experts);
+  r.slot = order;
+  r.token = at::where(kept, order.div(topk_ids.size(1), "floor"), topk_ids.size(0));
+  r.weight = topk_weights.reshape({-1}).index_select(0, order).mul(kept);
+  return r;
+}
+
+// The activations of the routed rows, whole: the gate_up products of the gathered rows through the
+// comm-free op (on whichever engine serves the device), then the activation.
+at::Tensor activations(const OpArgs& a) {
+  const at::Tensor gathered = a.mlp.hidden->index_select(
+      0, a.combine.index->to(a.mlp.hidden->device()).clamp(0, a.mlp.hidden->size(0) - 1));
+  const at::Tensor pre =
+      call_by_name("grouped_mat_mul", {{"x", std::vector<at::Tensor>{gathered}},
+                                       {"weight", a.mlp.w13},
+                                       {"bias", a.mlp.w13_bias},
+                                       {"group_list", a.group_list},
+                                       {"group_list_tensor", a.group_list_tensor},
+                                       {"split_item", 3},
+                                       {"group_list_type", 1},
+                                       {"world_size", 1}})[0]
+          .toTensorVector()[0];
+  return gate(pre, a.mlp.act).to(gathered.scalar_type());
+}
+
+}  // namespace
+
+Activation check_mlp_args(const OpArgs& a) {
+  check_mlp(a);
+  return parse_activation(a.mlp.activation);
+}
+
+Routing route(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t experts) {
+  return topk_ids.device().is_cpu() ? route_on_host(topk_ids, topk_weights, experts)
+                                    : route_on_device(topk_ids, topk_weights, experts);
+}
+
+at::Tensor gate(const at::Tensor& pre, Activation act) {
+  const int64_t i = pre.size(1) / 2;
+  const at::ScalarType acc = at::toOpMathType(pre.scalar_type());
+  const bool in_place = pre.scalar_type() == acc;
+  at::Tensor g = in_place ? pre.narrow(1, 0, i) : pre.narrow(1, 0, i).to(acc);
+  const at::Tensor up = pre.narrow(1, i, i);
+  act == Activation::kSilu ? at::silu_(g) : at::gelu_(g, "tanh");
+  return g.mul_(up);
+}
+
+void route_mlp(OpArgs& a, bool fused) {
+  a.mlp.act = check_mlp_args(a);
+  const at::Tensor& h = *a.mlp.hidden;
+  const int64_t experts = static_cast<int64_t>(a.mlp.w13.size());
+  const int64_t inter = a.mlp.w13[0].size(1) / 2;
+  Routing r = route(*a.mlp.topk_ids, *a.mlp.topk_weights, experts);
+  const int64_t rows = r.token.numel();
+  if (r.device_counts.defined()) {
+    a.group_list_tensor = r.device_counts;
+  } else {
+    a.group_list = std::move(r.counts);
+  }
+  a.combine.index = r.token.to(h.device());
+  a.combine.weight = r.weight;
+  a.split_item = 3;
+  a.group_list_type = 1;
+  a.combine.num_tokens = h.size(0);
+  a.mlp.fused = fused;
+  // Fused: x only gives the plan its shape (its pages are never touched); else the activations.
+  a.x = {fused ? at::empty({rows, inter}, h.options()) : activations(a)};
+}
+
+}  // namespace gmm_allreduce

@@ -1,0 +1,25 @@
+#include "cpu/mlp.h"
+
+#include <ATen/OpMathType.h>
+
+#include "core/mlp.h"
+#include "cpu/upcast.h"
+
+namespace gmm_allreduce {
+
+at::Tensor gated_rows(const Plan& plan, const OpArgs& args, size_t i, const at::Tensor& rows,
+                      const at::Tensor& w13) {
+  const at::Tensor tokens = args.combine.index->index_select(0, rows.add(plan.groups[i].out_row));
+  const at::Tensor h = args.mlp.hidden->index_select(0, tokens);  // [r, H]
+  const bool in_fp32 = w13.scalar_type() != h.scalar_type();
+  at::Tensor pre = at::mm(in_fp32 ? upcast(h) : h, w13);
+  const at::ScalarType acc = at::toOpMathType(plan.dtype);
+  if (args.mlp.w13_bias) {
+    if (pre.scalar_type() != acc) pre = pre.to(acc);
+    pre.add_((*args.mlp.w13_bias)[i].to(acc));
+  }
+  const at::Tensor a = gate(pre, args.mlp.act);
+  return in_fp32 || a.scalar_type() == plan.dtype ? a : a.to(plan.dtype);
+}
+
+}  // namespace gmm_allreduce

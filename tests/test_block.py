@@ -1,0 +1,361 @@
+"""The expert block (grouped_mlp_all_reduce, grouped_mlp_reduce_scatter, grouped_mlp): against the
+float64 reference (gmm_allreduce.reference.expert_block, summed over the ranks' I-slices) at world
+sizes 1, 2 and 4, in every float dtype and activation, both collective ops and the comm-free op,
+comm_turn, async_op, empty experts, tokens with no expert, k = 1 and 8; every input's gradient
+against float64 autograd; errors naming the argument before any communication; inputs unchanged;
+the same bytes every call; every CPU tier; opcheck and torch.compile."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gmm_allreduce
+from gmm_allreduce.reference import expert_block
+
+# Relative (norm) error bounds of the block's output, by dtype: the 16-bit ones round the inputs,
+# the activations (where the GEMMs run natively) and the output.
+BOUND = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    name: str
+    tokens: int = 16
+    top_k: int = 2
+    experts: int = 4
+    hidden: int = 12
+    inter: int = 6  # a rank's I
+    out: int = 12
+    dtype: torch.dtype = torch.float32
+    activation: str = "silu"
+    biases: bool = True
+    shared: bool = True
+    none_ids: bool = True  # some (token, slot) with id -1
+    empty_expert: bool = True  # the last expert gets no row
+    seed: int = 0
+
+
+SHAPES = [Block("small"), Block("k1", top_k=1, biases=False, shared=False),
+          Block("k8", top_k=8, experts=9, none_ids=False, empty_expert=False),
+          Block("one_token", tokens=4, top_k=3, experts=5, hidden=5, inter=3, out=7),
+          Block("wide", tokens=32, experts=8, hidden=40, inter=24, out=16, shared=False)]
+
+
+def inputs(b: Block, rank: int) -> dict:
+    """Rank `rank`'s inputs in float64: the routing and hidden_states shared by every rank, its own
+    I-slice of the weights and biases (and its own shared-expert partial)."""
+    g = torch.Generator().manual_seed(b.seed)
+    hidden = torch.randn(b.tokens, b.hidden, generator=g, dtype=torch.float64)
+    live = b.experts - 1 if b.empty_expert else b.experts
+    ids = torch.stack([torch.randperm(live, generator=g)[:b.top_k] for _ in range(b.tokens)])
+    if b.none_ids:
+        ids[torch.rand(ids.shape, generator=g) < 0.2] = -1
+        ids[0] = -1  # a token with no expert at all
+    weights = torch.rand(b.tokens, b.top_k, generator=g, dtype=torch.float64)
+    g.manual_seed(b.seed * 1000 + rank + 1)
+    e, h, i, n = b.experts, b.hidden, b.inter, b.out
+    return dict(hidden_states=hidden, topk_ids=ids, topk_weights=weights,
+                w13=torch.randn(e, h, 2 * i, generator=g, dtype=torch.float64) / h ** 0.5,
+                w2=torch.randn(e, i, n, generator=g, dtype=torch.float64) / i ** 0.5,
+                w13_bias=torch.randn(e, 2 * i, generator=g, dtype=torch.float64) if b.biases else None,
+                w2_bias=torch.randn(e, n, generator=g, dtype=torch.float64) if b.biases else None,
+                shared_input=torch.randn(b.tokens, n, generator=g, dtype=torch.float64) if b.shared else None)
+
+
+def cast(a: dict, dtype) -> dict:
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and k != "topk_weights" else v for k, v in a.items()} | {
+        "topk_weights": a["topk_weights"].float() if dtype != torch.float64 else a["topk_weights"]}
+
+
+def want(b: Block, world: int) -> torch.Tensor:
+    w2_bias = inputs(b, 0)["w2_bias"]  # one parameter, replicated: the same on every rank
+    total = 0
+    for r in range(world):
+        a = inputs(b, r)
+        a["w2_bias"] = w2_bias
+        total = total + expert_block(a["hidden_states"], a["w13"], a["w2"], a["topk_ids"],
+                                     a["topk_weights"], b.activation, a["w13_bias"], w2_bias,
+                                     a["shared_input"], world)
+    return total
+
+
+def call(b: Block, op: str, extra: dict | None = None) -> torch.Tensor:
+    """On every rank: the op on this rank's inputs, checked unchanged afterwards."""
+    rank = dist.get_rank()
+    a = cast(inputs(b, rank), b.dtype)
+    a["w2_bias"] = cast(inputs(b, 0), b.dtype)["w2_bias"]
+    before = {k: v.clone() for k, v in a.items() if v is not None}
+    kw = dict(topk_ids=a["topk_ids"], topk_weights=a["topk_weights"], activation=b.activation,
+              w13_bias=a["w13_bias"], w2_bias=a["w2_bias"], shared_input=a["shared_input"],
+              **(extra or {}))
+    fn = {"all_reduce": gmm_allreduce.grouped_mlp_all_reduce,
+          "reduce_scatter": gmm_allreduce.grouped_mlp_reduce_scatter}[op]
+    # w13 and w2 as [E, 2I, H] / [E, N, I] transposed views on odd seeds (vLLM's layout).
+    w13, w2 = a["w13"], a["w2"]
+    if b.seed % 2:
+        w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)
+        w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    y = fn(a["hidden_states"], w13, w2, dist.group.WORLD, **kw)
+    if (extra or {}).get("async_op"):
+        (y,) = gmm_allreduce.wait([y])
+    for k, v in before.items():
+        assert torch.equal(v, a[k]), f"{b.name}: {k} was modified"
+    return y.clone()
+
+
+def check(b: Block, y: torch.Tensor, world: int, rank: int = 0, scattered: bool = False):
+    ref = want(b, world)
+    if scattered:
+        rows = b.tokens // world
+        ref = ref[rank * rows:(rank + 1) * rows]
+    assert y.dtype == b.dtype and y.shape == ref.shape, (b.name, y.dtype, y.shape)
+    error = float((y.double() - ref).norm() / ref.norm())
+    assert error < BOUND[b.dtype] * world, f"{b.name} {b.dtype} {b.activation}: {error:.2e} off"
+
+
+def blocks(dtype, activation):
+    return [dataclasses.replace(s, dtype=dtype, activation=activation, seed=i)
+            for i, s in enumerate(SHAPES)]
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("world", [1, 2, 4], ids=lambda w: f"w{w}")
+def test_all_reduce_matches_reference(pools, world, dtype, activation):
+    cases = blocks(dtype, activation)
+    per_rank = pools(world).run(_run_all, cases, "all_reduce", {})
+    for case, y in zip(cases, per_rank[0]):
+        check(case, y, world)
+    for other in per_rank[1:]:  # every rank the same bytes
+        assert all(torch.equal(a, b) for a, b in zip(per_rank[0], other))
+
+
+@pytest.mark.parametrize("comm_turn", [0, 3], ids=lambda t: f"turn{t}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("world", [1, 2, 4], ids=lambda w: f"w{w}")
+def test_reduce_scatter_matches_reference(pools, world, dtype, comm_turn):
+    cases = [c for c in blocks(dtype, "silu") if c.tokens % world == 0]
+    per_rank = pools(world).run(_run_all, cases, "reduce_scatter", {"comm_turn": comm_turn})
+    for rank, outputs in enumerate(per_rank):
+        for case, y in zip(cases, outputs):
+            check(case, y, world, rank, scattered=True)
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"w{w}")
+def test_comm_turn_async_and_reduce_dtype(pools, world):
+    """comm_turn and async_op give the plain call's bytes; reduce_dtype=float32 the reference."""
+    cases = blocks(torch.bfloat16, "silu")
+    pool = pools(world)
+    plain = pool.run(_run_all, cases, "all_reduce", {})
+    for extra in ({"comm_turn": 3}, {"async_op": True}, {"comm_turn": 2, "async_op": True}):
+        got = pool.run(_run_all, cases, "all_reduce", extra)
+        assert all(torch.equal(a, b) for a, b in zip(plain[0], got[0])), extra
+    fp32 = pool.run(_run_all, cases, "all_reduce", {"reduce_dtype": torch.float32})
+    for case, y in zip(cases, fp32[0]):
+        check(case, y, world)
+
+
+def _run_all(cases, op, extra):
+    return [call(case, op, extra) for case in cases]
+
+
+def test_comm_free_op_is_one_ranks_part():
+    b = Block("part", dtype=torch.float64)
+    a = inputs(b, 0)
+    y = gmm_allreduce.grouped_mlp(a["hidden_states"], a["w13"], a["w2"], topk_ids=a["topk_ids"],
+                                  topk_weights=a["topk_weights"], w13_bias=a["w13_bias"],
+                                  w2_bias=a["w2_bias"], shared_input=a["shared_input"],
+                                  world_size=3)
+    ref = expert_block(a["hidden_states"], a["w13"], a["w2"], a["topk_ids"], a["topk_weights"],
+                       "silu", a["w13_bias"], a["w2_bias"], a["shared_input"], 3)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_lists_int32_ids_and_the_same_bytes_every_call():
+    b = Block("lists", dtype=torch.bfloat16, tokens=64, hidden=32, inter=16, out=32)
+    a = cast(inputs(b, 0), torch.bfloat16)
+    kw = dict(topk_ids=a["topk_ids"].int(), topk_weights=a["topk_weights"])
+    first = gmm_allreduce.grouped_mlp(a["hidden_states"], list(a["w13"]), list(a["w2"]), **kw)
+    for _ in range(3):
+        again = gmm_allreduce.grouped_mlp(a["hidden_states"], a["w13"], a["w2"], **kw)
+        assert torch.equal(first, again)
+
+
+def test_every_cpu_tier(tier):
+    """Under each tier's cap (fp32 GEMMs of upcast operands below avx512_bf16), the reference."""
+    for dtype in DTYPES:
+        for case in blocks(dtype, "silu")[:3]:
+            a = cast(inputs(case, 0), dtype)
+            y = gmm_allreduce.grouped_mlp(a["hidden_states"], a["w13"], a["w2"],
+                                          topk_ids=a["topk_ids"], topk_weights=a["topk_weights"],
+                                          w13_bias=a["w13_bias"], w2_bias=a["w2_bias"],
+                                          shared_input=a["shared_input"])
+            check(case, y, 1)
+
+
+# Gradients: every input against float64 autograd through the reference, summed over the ranks.
+def grads_of(b: Block, op: str):
+    rank = dist.get_rank()
+    a = inputs(b, rank)
+    a["w2_bias"] = inputs(b, 0)["w2_bias"]
+    leaves = {k: v.clone().requires_grad_() for k, v in a.items()
+              if v is not None and k != "topk_ids"}
+    fn = {"all_reduce": gmm_allreduce.grouped_mlp_all_reduce,
+          "reduce_scatter": gmm_allreduce.grouped_mlp_reduce_scatter}[op]
+    y = fn(leaves["hidden_states"], leaves["w13"], leaves["w2"], dist.group.WORLD,
+           topk_ids=a["topk_ids"], topk_weights=leaves["topk_weights"], activation=b.activation,
+           w13_bias=leaves.get("w13_bias"), w2_bias=leaves.get("w2_bias"),
+           shared_input=leaves.get("shared_input"), comm_turn=2)
+    probe = _probe(b)
+    if op == "reduce_scatter":
+        rows = b.tokens // dist.get_world_size()
+        probe = probe[rank * rows:(rank + 1) * rows]
+    (y * probe).sum().backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def _probe(b: Block) -> torch.Tensor:
+    return torch.randn(b.tokens, b.out, generator=torch.Generator().manual_seed(7),
+                       dtype=torch.float64)
+
+
+def reference_grads(b: Block, world: int) -> list[dict]:
+    ranks = [inputs(b, r) for r in range(world)]
+    shared = {k: ranks[0][k].clone().requires_grad_() for k in ("hidden_states", "topk_weights")}
+    if b.biases:
+        shared["w2_bias"] = ranks[0]["w2_bias"].clone().requires_grad_()
+    own = [{k: a[k].clone().requires_grad_() for k in ("w13", "w2", "w13_bias", "shared_input")
+            if a[k] is not None} for a in ranks]
+    out = sum(expert_block(shared["hidden_states"], o["w13"], o["w2"], ranks[0]["topk_ids"],
+                           shared["topk_weights"], b.activation, o.get("w13_bias"),
+                           shared.get("w2_bias"), o.get("shared_input"), world) for o in own)
+    (out * _probe(b)).sum().backward()
+    return [{**{k: v.grad for k, v in shared.items()}, **{k: v.grad for k, v in o.items()}}
+            for o in own]
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "reduce_scatter"])
+@pytest.mark.parametrize("world", [1, 2, 4], ids=lambda w: f"w{w}")
+def test_grads_match_reference(pools, world, op):
+    cases = [dataclasses.replace(s, dtype=torch.float64, activation=act, seed=i)
+             for i, (s, act) in enumerate(zip(SHAPES[:4], ("silu", "gelu", "silu", "gelu")))]
+    for case in cases:
+        got = pools(world).run(grads_of, case, op)
+        expected = reference_grads(case, world)
+        for rank in range(world):
+            for name, g in expected[rank].items():
+                torch.testing.assert_close(got[rank][name], g, atol=1e-10, rtol=1e-10,
+                                           msg=lambda m, n=name, r=rank, c=case.name: f"{c} {n} rank {r}: {m}")
+
+
+def test_gradcheck_and_16bit_grads(world1):
+    b = Block("gc", tokens=6, top_k=2, experts=3, hidden=4, inter=3, out=5, dtype=torch.float64)
+    a = inputs(b, 0)
+
+    def f(h, w13, w2, wt, b13, b2, sh):
+        return gmm_allreduce.grouped_mlp_all_reduce(h, w13, w2, world1, topk_ids=a["topk_ids"],
+                                                    topk_weights=wt, w13_bias=b13, w2_bias=b2,
+                                                    shared_input=sh, activation="gelu")
+
+    leaves = [a[k].clone().requires_grad_() for k in ("hidden_states", "w13", "w2", "topk_weights",
+                                                        "w13_bias", "w2_bias", "shared_input")]
+    assert torch.autograd.gradcheck(f, leaves)
+    # bf16 inputs: gradients in their dtypes, near the float64 ones
+    low = [t.detach().to(torch.bfloat16 if i != 3 else torch.float32).requires_grad_()
+           for i, t in enumerate(leaves)]
+    f(*low).float().sum().backward()
+    f(*leaves).sum().backward()
+    for lo, hi in zip(low, leaves):
+        assert lo.grad.dtype == lo.dtype
+        assert float((lo.grad.double() - hi.grad).norm() / hi.grad.norm()) < 3e-2
+
+
+def test_opcheck_and_compile(world1):
+    b = Block("compile")
+    a = cast(inputs(b, 0), torch.float32)
+    args = (a["hidden_states"], list(a["w13"]), list(a["w2"]), a["topk_ids"], a["topk_weights"],
+            "silu", list(a["w13_bias"]), list(a["w2_bias"]), a["shared_input"], world1.group_name,
+            0, False, None, False)
+    torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mlp_all_reduce, args)
+    kw = dict(topk_ids=a["topk_ids"], topk_weights=a["topk_weights"], w13_bias=a["w13_bias"],
+              w2_bias=a["w2_bias"], shared_input=a["shared_input"])
+    compiled = torch.compile(
+        lambda h, w13, w2: gmm_allreduce.grouped_mlp_all_reduce(h, w13, w2, world1, **kw),
+        fullgraph=True)
+    eager = gmm_allreduce.grouped_mlp_all_reduce(a["hidden_states"], a["w13"], a["w2"], world1, **kw)
+    assert torch.equal(compiled(a["hidden_states"], a["w13"], a["w2"]), eager)
+
+
+def _bad(over):
+    b = Block("bad")
+    a = cast(inputs(b, 0), torch.float32)
+    kw = dict(hidden_states=a["hidden_states"], w13=a["w13"], w2=a["w2"], topk_ids=a["topk_ids"],
+              topk_weights=a["topk_weights"], w13_bias=a["w13_bias"], w2_bias=a["w2_bias"],
+              shared_input=a["shared_input"])
+    kw.update(over(kw) if callable(over) else over)
+    return kw
+
+
+BAD = [
+    ({"hidden_states": torch.zeros(16)}, ValueError, "hidden_states: expected a 2-D"),
+    (lambda k: {"hidden_states": k["hidden_states"].int()}, TypeError, "hidden_states: expected a floating"),
+    (lambda k: {"w13": k["w13"][:, :5]}, ValueError, r"w13\[0\]: expected 12 rows"),
+    (lambda k: {"w13": k["w13"][:, :, :11]}, ValueError, r"w13\[0\]: expected an even"),
+    (lambda k: {"w13": list(k["w13"][:3])}, ValueError, "w2: expected 3 tensors"),
+    (lambda k: {"w13": [k["w13"][0], k["w13"][1][:, :10], *k["w13"][2:]]}, ValueError,
+     r"w13\[1\]: expected 12 columns"),
+    (lambda k: {"w13": k["w13"].double()}, TypeError, r"w13\[0\]: expected dtype Float like hidden_states, got Double"),
+    (lambda k: {"w2": k["w2"][:, :4]}, ValueError, r"w2\[0\]: expected 6 rows"),
+    (lambda k: {"w2": k["w2"].half()}, TypeError, r"w2\[0\]: expected dtype"),
+    (lambda k: {"w2": [k["w2"][0], k["w2"][1][:, :5], *k["w2"][2:]]}, ValueError,
+     r"w2\[1\]: expected 12 columns"),
+    (lambda k: {"w2": k["w2"][0]}, ValueError, "w2: expected a 3-D"),
+    ({"w2": "w"}, TypeError, "w2: expected a tensor or a list"),
+    (lambda k: {"w13_bias": k["w13_bias"][:, :4]}, ValueError, r"w13_bias\[0\]: expected a 1-D tensor of 12"),
+    (lambda k: {"w2_bias": k["w2_bias"][:2]}, ValueError, "w2_bias: expected 4 tensors"),
+    (lambda k: {"w2_bias": k["w2_bias"].int()}, TypeError, r"w2_bias\[0\]: expected a floating"),
+    (lambda k: {"topk_ids": k["topk_ids"].float()}, TypeError, "topk_ids: expected an int64"),
+    (lambda k: {"topk_ids": k["topk_ids"][:5]}, ValueError, "topk_ids: expected a tensor .T, k. with T = 16"),
+    (lambda k: {"topk_ids": k["topk_ids"].clamp(min=0) + 4}, ValueError,
+     r"topk_ids\[0, 0\]: expected an expert in \[0, 4\)"),
+    (lambda k: {"topk_ids": k["topk_ids"].clamp(min=-2) - 1}, ValueError, r"topk_ids\[\d+, \d\]: expected an expert"),
+    (lambda k: {"topk_weights": k["topk_weights"][:, :1]}, ValueError, "topk_weights: expected the shape"),
+    (lambda k: {"topk_weights": k["topk_weights"].long()}, TypeError, "topk_weights: expected a floating"),
+    ({"topk_weights": [1.0]}, TypeError, "topk_weights: expected None or a tensor"),
+    ({"activation": "relu"}, ValueError, "activation: expected \"silu\""),
+    ({"activation": 1}, TypeError, "activation: expected a str"),
+    (lambda k: {"shared_input": k["shared_input"][:3]}, ValueError, "shared_input: expected a tensor"),
+    ({"comm_turn": -1}, ValueError, "comm_turn: expected an integer >= 0"),
+    ({"comm_turn": 1.5}, TypeError, "comm_turn: expected an int"),
+    ({"async_op": 1}, TypeError, "async_op: expected True or False"),
+    ({"check_ranks": "yes"}, TypeError, "check_ranks: expected True or False"),
+    ({"reduce_dtype": torch.float16}, ValueError, "reduce_dtype: expected None or torch.float32"),
+    ({"hcomm": 3}, TypeError, "hcomm: expected a group name"),
+]
+
+
+@pytest.mark.parametrize("over, error, match", BAD)
+def test_bad_arguments(world1, over, error, match):
+    kw = _bad(over)
+    hcomm = kw.pop("hcomm", world1)
+    with pytest.raises(error, match=match):
+        gmm_allreduce.grouped_mlp_all_reduce(kw.pop("hidden_states"), kw.pop("w13"), kw.pop("w2"),
+                                             hcomm, **kw)
+
+
+def test_reduce_scatter_needs_tokens_divisible(pools):
+    assert pools(2).run(_raises_odd) == [True, True]
+
+
+def _raises_odd():
+    b = Block("odd", tokens=5)
+    a = cast(inputs(b, dist.get_rank()), torch.float32)
+    with pytest.raises(ValueError, match="hidden_states: the output's 5 token rows cannot be"):
+        gmm_allreduce.grouped_mlp_reduce_scatter(a["hidden_states"], a["w13"], a["w2"],
+                                                 topk_ids=a["topk_ids"],
+                                                 topk_weights=a["topk_weights"])
+    return True
