@@ -1,4 +1,5 @@
-"""GroupedRowParallelLinear, torch.compile over the op, and the MoE training example."""
+"""GroupedRowParallelLinear, ExpertsMLP, torch.compile over the op, and the MoE training
+example."""
 
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import gmm_allreduce
-from gmm_allreduce.nn import GroupedRowParallelLinear
+from gmm_allreduce.nn import ExpertsMLP, GroupedRowParallelLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,50 @@ def test_layer_is_the_single_process_layer_sliced(pools):
     assert all(pools(2).run(layer_against_single_process))
 
 
+def experts_against_single_process(bias):
+    """On every rank: ExpertsMLP holds its slice of the single-process layer, and its forward and
+    gradients (hidden_states' and topk_weights' whole, the weights' sliced) are that layer's."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    torch.manual_seed(0)
+    layer = ExpertsMLP(4, 6, 3, out_features=5, bias=bias)
+    torch.manual_seed(0)
+    full = ExpertsMLP(4, 6, 3 * world, out_features=5, bias=bias, group=alone)
+    mine = slice(rank * 3, (rank + 1) * 3)
+    gate, up = full.gate_up_proj.chunk(2, dim=2)
+    assert torch.equal(layer.gate_up_proj, torch.cat([gate[..., mine], up[..., mine]], dim=2))
+    assert torch.equal(layer.down_proj, full.down_proj[:, mine])
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 6, generator=gen)
+    ids = torch.randint(-1, 4, (10, 2), generator=gen)
+    weights = torch.rand(10, 2, generator=gen)
+    outs, grads = [], []
+    for module in (layer, full):
+        h, w = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        y = module(h, ids, w)
+        (y * torch.arange(50.0).view(10, 5).sin()).sum().backward()
+        outs.append(y)
+        grads.append((h.grad, w.grad))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    gate, up = full.gate_up_proj.grad.chunk(2, dim=2)
+    torch.testing.assert_close(layer.gate_up_proj.grad,
+                               torch.cat([gate[..., mine], up[..., mine]], dim=2), atol=1e-5, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(layer.down_bias.grad, full.down_bias.grad, atol=1e-5, rtol=1e-5)
+    return True
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_experts_mlp_is_the_single_process_layer_sliced(pools, bias):
+    assert all(pools(2).run(experts_against_single_process, bias))
+
+
 def test_layer_repr_and_checks(world1):
+    assert "intermediate_features=8 (8 per rank)" in repr(ExpertsMLP(2, 4, 8))
+    with pytest.raises(ValueError, match="num_experts must be >= 1"):
+        ExpertsMLP(0, 4, 8)
     assert "in_features=6 (6 per rank)" in repr(GroupedRowParallelLinear(2, 6, 3))
     with pytest.raises(ValueError, match="num_groups must be >= 1"):
         GroupedRowParallelLinear(0, 6, 3)

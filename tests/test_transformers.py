@@ -1,5 +1,6 @@
 """The transformers integration: a tiny Qwen2-MoE (random config, no download; it has a shared
-expert) sharded over 2 and 4 CPU ranks gives the single-process model's logits and gradients."""
+expert) sharded over 2 and 4 CPU ranks gives the single-process model's logits and gradients,
+through the expert block op (silu), and through the composed ops (an activation the block lacks)."""
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from gmm_allreduce.integrations.transformers import shard_experts
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-4), torch.bfloat16: dict(atol=3e-2, rtol=5e-2)}
 
 
-def tiny_qwen2_moe(dtype):
-    config = Qwen2MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+def tiny_qwen2_moe(dtype, hidden_act="silu"):
+    config = Qwen2MoeConfig(hidden_act=hidden_act, vocab_size=96, hidden_size=32, intermediate_size=48,
                             moe_intermediate_size=16, shared_expert_intermediate_size=24,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
@@ -44,7 +45,7 @@ def _sharded(name: str, grad: torch.Tensor, rank: int, ranks: int) -> torch.Tens
     return grad
 
 
-def logits_and_grads(dtype):
+def logits_and_grads(dtype, hidden_act="silu"):
     """On every rank: the sharded model's logits and gradients against the single process's."""
     rank, ranks = dist.get_rank(), dist.get_world_size()
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -54,8 +55,8 @@ def logits_and_grads(dtype):
         out.loss.backward()
         return out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
-    want_logits, want_grads = run(tiny_qwen2_moe(dtype))
-    model = shard_experts(tiny_qwen2_moe(dtype))
+    want_logits, want_grads = run(tiny_qwen2_moe(dtype, hidden_act))
+    model = shard_experts(tiny_qwen2_moe(dtype, hidden_act))
     got_logits, got_grads = run(model)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got_logits, want_logits, **tol)
@@ -71,6 +72,11 @@ def logits_and_grads(dtype):
 def test_sharded_qwen2_moe_matches_one_process(pools, world, dtype):
     per_rank = pools(world).run(logits_and_grads, dtype)
     assert all(torch.equal(per_rank[0], logits) for logits in per_rank[1:])
+
+
+def test_an_activation_the_block_lacks_runs_composed(pools):
+    per_rank = pools(2).run(logits_and_grads, torch.float32, "relu")
+    assert torch.equal(per_rank[0], per_rank[1])
 
 
 def test_the_implementation_is_selected(world1):

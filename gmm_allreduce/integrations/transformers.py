@@ -6,9 +6,12 @@ named by ``config._experts_implementation``. Importing this module registers ``"
 
 - each rank holds the experts split along the intermediate dim: ``gate_up_proj`` column-parallel
   (its gate and up rows ``[r I/n, (r+1) I/n)``), ``down_proj`` row-parallel (its columns alike);
-- the up projection runs locally (``gmm_allreduce.grouped_mat_mul``, on the rows sorted by expert);
-- the down projection, the combine (each token's top-k rows weighted and summed) and the
-  all-reduce are ONE call of ``grouped_mat_mul_all_reduce``, reducing [T, H].
+- the whole block (routing, gate_up, the gated activation, down, the combine of each token's top-k
+  rows and the all-reduce of [T, H]) is ONE call of ``grouped_mlp_all_reduce``, its weights
+  passed as transposed views; an activation the block op lacks (``config.hidden_act`` other than
+  silu or a tanh gelu) runs composed instead: the up projection locally
+  (``gmm_allreduce.grouped_mat_mul`` on the rows sorted by expert), then the down projection, the
+  combine and the all-reduce in one call of ``grouped_mat_mul_all_reduce``.
 
 ``shard_experts(model, group)`` turns a loaded model (the same weights on every rank) into that
 layout and selects the implementation. A block with a shared expert (Qwen2-MoE's
@@ -28,9 +31,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.integrations.moe import ExpertsInterface
 
+from ..block import grouped_mlp_all_reduce
 from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce
 
 NAME = "gmm_allreduce"
+
+# transformers' activation names (ACT2FN) that the block op computes.
+_BLOCK_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu",
+                      "gelu_new": "gelu"}
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -58,6 +66,12 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
                     ) -> torch.Tensor:
     """The "gmm_allreduce" experts implementation, on a module sharded by shard_experts."""
     group = self._gmm_group
+    activation = _BLOCK_ACTIVATIONS.get(getattr(getattr(self, "config", None), "hidden_act", None))
+    if activation is not None:  # hidden_states' gradient is summed over the group by the op
+        return grouped_mlp_all_reduce(hidden_states, self.gate_up_proj.transpose(1, 2),
+                                      self.down_proj.transpose(1, 2), group, topk_ids=top_k_index,
+                                      topk_weights=top_k_weights, activation=activation,
+                                      shared_input=shared_input)
     tokens, top_k = top_k_index.shape
     experts = self.gate_up_proj.shape[0]
     # The token-expert pairs sorted by expert: expert row j is token order[j] // top_k's.
