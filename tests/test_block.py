@@ -359,3 +359,54 @@ def _raises_odd():
                                                  topk_ids=a["topk_ids"],
                                                  topk_weights=a["topk_weights"])
     return True
+
+
+# The paths a CPU-only host does not take by itself (test-only ops): the device form of the
+# routing, the block composed as on a device that does not fuse it, the 16-bit few-rows kernel.
+def test_the_device_routing_drops_what_the_host_routing_omits():
+    ops = torch.ops.gmm_allreduce
+    ids = torch.tensor([[0, 2], [-1, 1], [2, 0], [1, -1], [7, 2]])  # 7: out of range, dropped
+    weights = torch.rand(5, 2)
+    host_ids = ids.masked_fill(ids >= 3, -1)
+    counts, slot, token, weight = ops._mlp_route(host_ids, weights, 3, False)
+    d_counts, d_slot, d_token, d_weight = ops._mlp_route(ids, weights, 3, True)
+    assert counts.tolist() == [2, 2, 3]
+    m = int(counts.sum())
+    # The same rows in the same order; the dropped ones last, in the last expert, weight 0, token T.
+    assert torch.equal(slot, d_slot[:m]) and torch.equal(token, d_token[:m])
+    assert torch.equal(weight, d_weight[:m])
+    assert d_counts.tolist() == [2, 2, 3 + 3] and d_token[m:].tolist() == [5] * 3
+    assert d_weight[m:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_composed_path_matches(dtype, activation):
+    for case in blocks(dtype, activation)[:4]:
+        a = cast(inputs(case, 0), dtype)
+        y = torch.ops.gmm_allreduce._grouped_mlp_composed(
+            a["hidden_states"], list(a["w13"]), list(a["w2"]), a["topk_ids"], a["topk_weights"],
+            activation, list(a["w13_bias"]) if case.biases else None,
+            list(a["w2_bias"]) if case.biases else None)
+        if a["shared_input"] is not None:  # the test op takes none: the reference's added here
+            y = (y.double() + a["shared_input"].double()).to(dtype)
+        check(case, y, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_few_rows_kernel(dtype):
+    ops = torch.ops.gmm_allreduce
+    import gmm_allreduce
+
+    if gmm_allreduce.cpu_capabilities()["host"] == "baseline":
+        pytest.skip("no AVX2 on this CPU")
+    g = torch.Generator().manual_seed(3)
+    for r, k, n in ((1, 7, 5), (3, 64, 40), (8, 129, 33), (9, 16, 8), (32, 200, 17)):
+        x = torch.randn(r, k, generator=g).to(dtype)
+        for w in (torch.randn(k, n, generator=g).to(dtype),
+                  torch.randn(n, k, generator=g).to(dtype).t()):
+            assert ops._few_rows_takes(x, w)
+            torch.testing.assert_close(ops._few_rows_mm(x, w), x.float() @ w.float(),
+                                       atol=1e-4, rtol=1e-4)
+    assert not ops._few_rows_takes(torch.randn(33, 4).to(dtype), torch.randn(4, 4).to(dtype))
+    assert not ops._few_rows_takes(torch.randn(2, 4), torch.randn(4, 4))

@@ -139,11 +139,13 @@ Routing route_on_device(const at::Tensor& topk_ids, const at::Tensor& topk_weigh
                         int64_t experts) {
   const at::Tensor ids = topk_ids.to(topk_weights.device(), at::kLong).reshape({-1});
   const at::Tensor valid = ids.ge(0).logical_and_(ids.lt(experts));
-  const at::Tensor key = at::where(valid, ids, experts - 1);
-  const at::Tensor order = std::get<1>(key.sort(/*stable=*/true, 0, false));
+  // Sorted with the dropped rows after every expert's, counted in the last expert's.
+  const at::Tensor order = std::get<1>(at::where(valid, ids, experts).sort(true, 0, false));
   const at::Tensor kept = valid.index_select(0, order);
+  const at::Tensor key = at::where(valid, ids, experts - 1);
   Routing r;
-  r.device_counts = at::bincount(key, {}, experts);
+  // Counted by an index_add_: at::bincount reads the ids' maximum on the host (a sync).
+  r.device_counts = at::zeros({experts}, key.options()).index_add_(0, key, at::ones_like(key));
   r.slot = order;
   r.token = at::where(kept, order.div(topk_ids.size(1), "floor"), topk_ids.size(0));
   r.weight = topk_weights.reshape({-1}).index_select(0, order).mul(kept);
@@ -175,9 +177,10 @@ Activation check_mlp_args(const OpArgs& a) {
   return parse_activation(a.mlp.activation);
 }
 
-Routing route(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t experts) {
-  return topk_ids.device().is_cpu() ? route_on_host(topk_ids, topk_weights, experts)
-                                    : route_on_device(topk_ids, topk_weights, experts);
+Routing route(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t experts,
+              bool device_form) {
+  return device_form ? route_on_device(topk_ids, topk_weights, experts)
+                     : route_on_host(topk_ids, topk_weights, experts);
 }
 
 at::Tensor gate(const at::Tensor& pre, Activation act) {
@@ -195,7 +198,7 @@ void route_mlp(OpArgs& a, bool fused) {
   const at::Tensor& h = *a.mlp.hidden;
   const int64_t experts = static_cast<int64_t>(a.mlp.w13.size());
   const int64_t inter = a.mlp.w13[0].size(1) / 2;
-  Routing r = route(*a.mlp.topk_ids, *a.mlp.topk_weights, experts);
+  Routing r = route(*a.mlp.topk_ids, *a.mlp.topk_weights, experts, !a.mlp.topk_ids->is_cpu());
   const int64_t rows = r.token.numel();
   if (r.device_counts.defined()) {
     a.group_list_tensor = r.device_counts;

@@ -27,11 +27,11 @@ inline bool is_mlp(const OpArgs& a) { return a.mlp.hidden.has_value(); }
 // T against args.collective.ranks), naming them; returns the activation.
 Activation check_mlp_args(const OpArgs& args);
 
-// The expert rows of a routing, expert-major; on the host (a host topk_ids, checked: ids in
-// [-1, E), -1 meaning none) within an expert in token then slot order, with `counts` per expert;
-// on the device (a device topk_ids, unread on the host) the same order, `device_counts` per expert
-// on the device, and the rows of an id outside [0, E) last in the last expert with weight 0 and
-// token T (outside the output).
+// The expert rows of a routing, expert-major, within an expert in token then slot order. The host
+// form (for a host topk_ids, whose ids it checks: in [-1, E), -1 meaning none) gives `counts` per
+// expert; the device form (a device topk_ids, never read on the host) gives `device_counts` on
+// the device, the rows of an id outside [0, E) last in the last expert, with weight 0 and token T
+// (outside the output).
 struct Routing {
   std::vector<int64_t> counts;  // host routing
   at::Tensor device_counts;     // device routing
@@ -39,7 +39,8 @@ struct Routing {
   at::Tensor token;             // int64 [M]: each row's token
   at::Tensor weight;            // [M]: each row's topk weight, in topk_weights' dtype
 };
-Routing route(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t experts);
+Routing route(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t experts,
+              bool device_form);
 
 // Checks the block's arguments (before any communication; args.collective.ranks set) and turns the
 // call into its combined down product: x (the activations, or with `fused` an unwritten [M, I]

@@ -54,7 +54,7 @@ Grads grouped_mlp_backward(const at::Tensor& grad, const at::Tensor& hidden, at:
   const int64_t experts = static_cast<int64_t>(w13.size());
   const int64_t tokens = hidden.size(0);
   const int64_t inter = w13[0].size(1) / 2;
-  const Routing r = route(topk_ids, topk_weights, experts);
+  const Routing r = route(topk_ids, topk_weights, experts, !topk_ids.is_cpu());
   const std::vector<int64_t> counts =
       r.device_counts.defined()
           ? std::vector<int64_t>(r.device_counts.cpu().data_ptr<int64_t>(),

@@ -2,6 +2,8 @@
 // output buffer. It uses only ATen ops, so it is registered as the CompositeExplicitAutograd
 // kernel: it serves the CPU and any device that has ATen matmuls and a c10d backend; a device
 // with its own kernel (csrc/cuda/) takes precedence.
+#include "cpu/engine.h"
+
 #include <ATen/OpMathType.h>
 #include <c10/util/FunctionRef.h>
 #include <torch/library.h>
@@ -44,22 +46,15 @@ void add_bias(at::Tensor& y, const at::Tensor& bias) {
 // alike.
 void compute_combined(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
                       const Chunk& chunk, c10::function_ref<bool(size_t)> in_fp32) {
-  size_t held = plan.groups.size();  // the group whose weights w and w13 are
-  at::Tensor w, w13;
+  Fp32Products down(/*scratch=*/0), gate_up(/*scratch=*/1);
   combine_groups(plan, args, world_size, flat, chunk,
                  [&](size_t i, const at::Tensor& x, int64_t, const at::Tensor& rows) {
                    const bool fp32 = in_fp32(i);
                    if (plan.device.is_cpu())
                      note_kernel(fp32 ? CpuKernel::kUpcast : CpuKernel::kNative);
-                   if (held != i) {  // the weights of group i, upcast once for all its blocks
-                     w = fp32 ? upcast(args.weight[i], /*scratch=*/0) : args.weight[i];
-                     if (args.mlp.fused) {
-                       w13 = fp32 ? upcast(args.mlp.w13[i], /*scratch=*/1) : args.mlp.w13[i];
-                     }
-                     held = i;
-                   }
-                   const at::Tensor a = args.mlp.fused ? gated_rows(plan, args, i, rows, w13) : x;
-                   return at::mm(fp32 && a.scalar_type() != at::kFloat ? upcast(a) : a, w);
+                   const at::Tensor a =
+                       args.mlp.fused ? gated_rows(plan, args, i, rows, fp32, gate_up) : x;
+                   return fp32 ? down(a, args.weight[i]) : at::mm(a, args.weight[i]);
                  });
 }
 
@@ -118,6 +113,8 @@ constexpr Engine kAtenEngine{
     .compute = &compute_aten, .check_environment = &check_environment, .fuses_mlp = &fuses_mlp};
 
 }  // namespace
+
+const Engine& cpu_engine() { return kAtenEngine; }
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
   register_op_kernels<&kAtenEngine>(m);

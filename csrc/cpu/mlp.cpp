@@ -3,16 +3,15 @@
 #include <ATen/OpMathType.h>
 
 #include "core/mlp.h"
-#include "cpu/upcast.h"
 
 namespace gmm_allreduce {
 
 at::Tensor gated_rows(const Plan& plan, const OpArgs& args, size_t i, const at::Tensor& rows,
-                      const at::Tensor& w13) {
+                      bool in_fp32, Fp32Products& products) {
   const at::Tensor tokens = args.combine.index->index_select(0, rows.add(plan.groups[i].out_row));
   const at::Tensor h = args.mlp.hidden->index_select(0, tokens);  // [r, H]
-  const bool in_fp32 = w13.scalar_type() != h.scalar_type();
-  at::Tensor pre = at::mm(in_fp32 ? upcast(h) : h, w13);
+  const at::Tensor& w13 = args.mlp.w13[i];
+  at::Tensor pre = in_fp32 ? products(h, w13) : at::mm(h, w13);
   const at::ScalarType acc = at::toOpMathType(plan.dtype);
   if (args.mlp.w13_bias) {
     if (pre.scalar_type() != acc) pre = pre.to(acc);

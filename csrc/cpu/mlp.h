@@ -6,15 +6,16 @@
 #include <ATen/ATen.h>
 
 #include "core/plan.h"
+#include "cpu/upcast.h"
 
 namespace gmm_allreduce {
 
 // The activations of group (expert) i's rows `rows` (int64, counted from the group's first row),
-// [r, I], with `w13` its gate_up weight: w13[i] itself, or upcast to fp32 (cpu/upcast.h), which
-// makes the GEMM run in fp32 on upcast rows and the activations stay fp32 for the down product's
-// fp32 GEMM. Otherwise they come in x's dtype, rounded once from the activation computed in fp32
-// (fp64 for fp64).
+// [r, I]. With `in_fp32`, the gate_up product runs in fp32 (`products`, cpu/upcast.h) and the
+// activations stay fp32 for the down product's fp32 GEMM; otherwise the product is ATen's in x's
+// dtype and the activations are rounded once to it from the activation computed in fp32 (fp64 for
+// fp64).
 at::Tensor gated_rows(const Plan& plan, const OpArgs& args, size_t i, const at::Tensor& rows,
-                      const at::Tensor& w13);
+                      bool in_fp32, Fp32Products& products);
 
 }  // namespace gmm_allreduce

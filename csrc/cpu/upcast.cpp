@@ -7,6 +7,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/kernels/int8_weight.h"
 #include "cpu/kernels/isa.h"
 #include "util/block_rows.h"
 #include "util/float_bits.h"
@@ -161,6 +162,15 @@ void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const 
       out.copy_(bias.defined() ? at::addmm(bias, x32, w32) : at::mm(x32, w32));
     }
   }
+}
+
+at::Tensor Fp32Products::operator()(const at::Tensor& x, const at::Tensor& w) {
+  if (few_rows_mm_takes(x, w)) return few_rows_mm(x, w);
+  if (held_ != w.unsafeGetTensorImpl() || !w32_.defined()) {
+    w32_ = upcast(w, scratch_);
+    held_ = w.unsafeGetTensorImpl();
+  }
+  return at::mm(x.scalar_type() == at::kFloat ? x : upcast(x), w32_);
 }
 
 }  // namespace gmm_allreduce

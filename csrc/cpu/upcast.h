@@ -25,4 +25,19 @@ constexpr int64_t kScratchFloats = int64_t{1} << 22;
 // in place when it is fp32 (reduce_dtype float32's buffer). y's rows contiguous.
 void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
 
+// x @ w in fp32 for a 16-bit w and x of w's dtype or fp32, a call's groups one after another: a
+// few rows (a decode step) through few_rows_mm (cpu/kernels/int8_weight.h), the weight read once;
+// more through an fp32 GEMM on x upcast and w upcast once into a scratch slot, kept while the
+// next products use the same weight.
+class Fp32Products {
+ public:
+  explicit Fp32Products(int scratch) : scratch_(scratch) {}
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& w);
+
+ private:
+  int scratch_;
+  const c10::TensorImpl* held_ = nullptr;  // the weight w32_ holds
+  at::Tensor w32_;
+};
+
 }  // namespace gmm_allreduce

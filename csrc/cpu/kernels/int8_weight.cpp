@@ -12,7 +12,7 @@
 #define GMM_INT8_WEIGHT_AVX512 1
 #define GMM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define GMM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#define GMM_AVX2 __attribute__((target("avx2,fma")))
+#define GMM_WEIGHT_AVX2 __attribute__((target("avx2,fma,f16c")))
 // Loops over a tile's registers, unrolled before GCC places the registers (else they live on
 // the stack).
 #define GMM_UNROLL _Pragma("GCC unroll 16")
@@ -169,39 +169,48 @@ GMM_AVX512_BF16 void cols_tile(const at::BFloat16* x, int64_t ldx, const int8_t*
   store_sums<R, C>(acc, y, ldy, n0, cols);
 }
 
-// The AVX2 kernels (CPUs without AVX-512): 8 lanes, no masks; the weight's tail columns or tail of
-// k go through a zero-padded copy.
+// The AVX2 kernels (CPUs without AVX-512, and 16-bit weights everywhere): 8 lanes, no masks; the
+// weight's tail columns or tail of k go through a zero-padded copy.
 
-// 8 int8 weights as fp32.
-GMM_AVX2 inline __m256 widen8(const int8_t* p) {
+// 8 weights as fp32: int8, bf16 (the high half of an fp32) or fp16 (F16C, which every AVX2 host
+// has: cpu/kernels/isa.h).
+GMM_WEIGHT_AVX2 inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+GMM_WEIGHT_AVX2 inline __m256 widen8(const at::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+GMM_WEIGHT_AVX2 inline __m256 widen8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 
-// 8 int8 weights, the first `count` of them read (the rest zero), as fp32.
-GMM_AVX2 inline __m256 widen8_part(const int8_t* p, int64_t count) {
-  alignas(8) int8_t part[8] = {};
+// 8 weights, the first `count` of them read (the rest zero), as fp32.
+template <typename W>
+GMM_WEIGHT_AVX2 inline __m256 widen8_part(const W* p, int64_t count) {
+  alignas(16) W part[8] = {};
   std::copy_n(p, std::max<int64_t>(0, std::min<int64_t>(count, 8)), part);
   return widen8(part);
 }
 
 // 8 fp32, the first `count` read (the rest zero).
-GMM_AVX2 inline __m256 load8_part(const float* p, int64_t count) {
+GMM_WEIGHT_AVX2 inline __m256 load8_part(const float* p, int64_t count) {
   alignas(32) float part[8] = {};
   std::copy_n(p, std::max<int64_t>(0, std::min<int64_t>(count, 8)), part);
   return _mm256_load_ps(part);
 }
 
 // The lane sums of 4 vectors, in order.
-GMM_AVX2 inline __m128 lane_sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
+GMM_WEIGHT_AVX2 inline __m128 lane_sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
 // rows_tile on AVX2: y[r, n0 + c] for R rows and 8 * B columns (`cols` of them valid).
-template <int R, int B>
-GMM_AVX2 void rows_tile_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k,
-                             float* y, int64_t ldy, int64_t n0, int64_t cols) {
+template <int R, int B, typename W>
+GMM_WEIGHT_AVX2 void rows_tile_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k,
+                                    float* y, int64_t ldy, int64_t n0, int64_t cols) {
   __m256 acc[R][B];
   GMM_UNROLL
   for (int r = 0; r < R; ++r) {
@@ -210,7 +219,7 @@ GMM_AVX2 void rows_tile_avx2(const float* x, int64_t ldx, const int8_t* w, int64
   }
   const bool whole = cols >= 8 * B;
   for (int64_t kk = 0; kk < k; ++kk) {
-    const int8_t* wr = w + kk * ldw + n0;
+    const W* wr = w + kk * ldw + n0;
     _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * ldw), _MM_HINT_T0);
     GMM_UNROLL
     for (int b = 0; b < B; ++b) {
@@ -235,14 +244,14 @@ GMM_AVX2 void rows_tile_avx2(const float* x, int64_t ldx, const int8_t* w, int64
 
 // cols_tile on AVX2: y[r, n0 + c] for R rows and C columns (`cols` of them valid) as dot products
 // over k, 8 lanes at a time.
-template <int R, int C>
-GMM_AVX2 void cols_tile_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k,
-                             float* y, int64_t ldy, int64_t n0, int64_t cols) {
+template <int R, int C, typename W>
+GMM_WEIGHT_AVX2 void cols_tile_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k,
+                                    float* y, int64_t ldy, int64_t n0, int64_t cols) {
   constexpr int kAcc = (R * C + 3) / 4 * 4;
   __m256 acc[kAcc];  // row r, column c: acc[r * C + c]; the rest zero
   GMM_UNROLL
   for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_setzero_ps();
-  const int8_t* wc[C];  // past `cols`: the last column again, not stored
+  const W* wc[C];  // past `cols`: the last column again, not stored
   GMM_UNROLL
   for (int c = 0; c < C; ++c) wc[c] = w + (n0 + std::min<int64_t>(c, cols - 1)) * ldw;
   const int64_t k8 = k / 8 * 8;
@@ -298,10 +307,10 @@ constexpr int kBlocks = R >= 4 ? 2 : 8 / R;
 
 // y[0:R, :] from x's R rows (fp32, or bf16 with the weight in the columns layout), the weight's
 // column tiles split between threads; on AVX2 (`kAvx2`) or AVX-512.
-template <int R, bool kAvx2, typename X>
+template <int R, bool kAvx2, typename X, typename W = int8_t>
 void rows_mm(const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) {
   const int64_t k = w.size(0);
-  const auto* wp = w.const_data_ptr<int8_t>();
+  const auto* wp = static_cast<const W*>(w.const_data_ptr());
   const bool rows = w.stride(1) == 1;
   const int64_t ldw = rows ? w.stride(0) : w.stride(1);
   const int64_t width =
@@ -319,6 +328,8 @@ void rows_mm(const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) 
         } else {
           cols_tile_avx2<R, kColsAvx2<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
         }
+      } else if constexpr (!std::is_same_v<W, int8_t>) {
+        TORCH_INTERNAL_ASSERT(false, "16-bit weights: the AVX2 kernels");
       } else if constexpr (!std::is_same_v<X, float>) {
         cols_tile<R, kBlocks<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
       } else if (rows) {
@@ -330,10 +341,22 @@ void rows_mm(const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) 
   });
 }
 
-template <bool kAvx2, typename X, int... R>
+template <bool kAvx2, typename W, typename X, int... R>
 void mm_rows(int64_t r, const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n,
              std::integer_sequence<int, R...>) {
-  ((r == R + 1 ? rows_mm<R + 1, kAvx2>(x, ldx, w, y, n) : void()), ...);
+  ((r == R + 1 ? rows_mm<R + 1, kAvx2, X, W>(x, ldx, w, y, n) : void()), ...);
+}
+
+// y [r, n] (fp32) = x [r, k] (fp32, rows contiguous) @ w, a pass over the weight per 8 rows.
+template <bool kAvx2, typename W, typename X>
+void all_rows(const X* x, const at::Tensor& w, at::Tensor& y) {
+  constexpr int64_t kRows = 8;
+  const int64_t r = y.size(0), k = w.size(0), n = w.size(1);
+  for (int64_t r0 = 0; r0 < r; r0 += kRows) {
+    mm_rows<kAvx2, W>(std::min(kRows, r - r0), x + r0 * k, k, w,
+                      y.mutable_data_ptr<float>() + r0 * n, n,
+                      std::make_integer_sequence<int, kRows>{});
+  }
 }
 
 #endif  // GMM_INT8_WEIGHT_AVX512
@@ -354,33 +377,45 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w) {
                   w.dim() == 2 && x.size(1) == w.size(0),
               "int8_weight_mm: expected x [r, k] and an int8 weight [k, n] on the CPU");
   const at::Tensor wc = w.stride(0) == 1 || w.stride(1) == 1 ? w : w.contiguous();
-  const int64_t r = x.size(0);
-  const int64_t k = w.size(0);
-  const int64_t n = w.size(1);
-  at::Tensor y = at::empty({r, n}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({x.size(0), w.size(1)}, x.options().dtype(at::kFloat));
 #ifdef GMM_INT8_WEIGHT_AVX512
   // bf16 x with the weight in the columns layout: x as it is, AVX512-BF16's dot products where
   // the CPU has them; else x in fp32, on AVX-512 or AVX2.
   const bool avx512 = cpu_has_avx512();
   const bool bf16 = cpu_has_avx512_bf16() && x.scalar_type() == at::kBFloat16 && wc.stride(0) == 1;
   const at::Tensor xc = bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
-  auto all_rows = [&]<bool kAvx2>(const auto* xp) {
-    constexpr int64_t kRows = 8;  // rows per pass over the weight
-    for (int64_t r0 = 0; r0 < r; r0 += kRows) {
-      mm_rows<kAvx2>(std::min(kRows, r - r0), xp + r0 * k, k, wc,
-                     y.mutable_data_ptr<float>() + r0 * n, n,
-                     std::make_integer_sequence<int, kRows>{});
-    }
-  };
   note_kernel(bf16     ? CpuKernel::kWeightBf16Dot
               : avx512 ? CpuKernel::kWeightAvx512
                        : CpuKernel::kWeightAvx2);
   if (bf16) {
-    all_rows.template operator()<false>(xc.const_data_ptr<at::BFloat16>());
+    all_rows<false, int8_t>(xc.const_data_ptr<at::BFloat16>(), wc, y);
   } else if (avx512) {
-    all_rows.template operator()<false>(xc.const_data_ptr<float>());
+    all_rows<false, int8_t>(xc.const_data_ptr<float>(), wc, y);
   } else {
-    all_rows.template operator()<true>(xc.const_data_ptr<float>());
+    all_rows<true, int8_t>(xc.const_data_ptr<float>(), wc, y);
+  }
+#endif
+  return y;
+}
+
+bool few_rows_mm_takes(const at::Tensor& x, const at::Tensor& w) {
+  return int8_weight_mm_available() && x.is_cpu() && w.is_cpu() && x.dim() == 2 && w.dim() == 2 &&
+         x.size(0) <= kInt8WeightMaxRows &&
+         (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf) &&
+         (w.stride(0) == 1 || w.stride(1) == 1);
+}
+
+at::Tensor few_rows_mm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(few_rows_mm_takes(x, w) && x.size(1) == w.size(0),
+              "few_rows_mm: expected x [r <= ", kInt8WeightMaxRows,
+              ", k] and a 16-bit weight [k, n] with rows or columns contiguous, on an AVX2 CPU");
+  at::Tensor y = at::empty({x.size(0), w.size(1)}, x.options().dtype(at::kFloat));
+#ifdef GMM_INT8_WEIGHT_AVX512
+  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  if (w.scalar_type() == at::kBFloat16) {
+    all_rows<true, at::BFloat16>(xc.const_data_ptr<float>(), w, y);
+  } else {
+    all_rows<true, at::Half>(xc.const_data_ptr<float>(), w, y);
   }
 #endif
   return y;

@@ -20,4 +20,14 @@ bool int8_weight_mm_available();
 // without scales: [r, n] fp32, each sum over k in fp32.
 at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& w);
 
+// The same kernels (their AVX2 form) for a 16-bit weight: a decode step's few rows times a bf16
+// or fp16 weight read once and widened in registers, where converting the whole weight to fp32
+// for a GEMM would move it three times. Whether they take x and w: an AVX2 CPU, x [r, k] with
+// r <= kInt8WeightMaxRows (any float dtype), w [k, n] bf16 or fp16 with rows or columns
+// contiguous.
+bool few_rows_mm_takes(const at::Tensor& x, const at::Tensor& w);
+
+// x @ w in fp32 (each sum over k in fp32): [r, n] fp32.
+at::Tensor few_rows_mm(const at::Tensor& x, const at::Tensor& w);
+
 }  // namespace gmm_allreduce
