@@ -46,16 +46,25 @@ def _biases(arg: str, value) -> list[torch.Tensor] | None:
 
 
 def _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bias, w2_bias,
-              shared_input) -> dict:
+              shared_input, w13_antiquant_scale=None, w2_antiquant_scale=None) -> dict:
     if not isinstance(activation, str):
         raise TypeError(f"activation: expected a str ({' or '.join(_ACTIVATIONS)}), got "
                         f"{type(activation).__name__}")
-    return {"hidden_states": _tensor("hidden_states", hidden_states),
-            "w13": _experts("w13", w13), "w2": _experts("w2", w2),
-            "topk_ids": _tensor("topk_ids", topk_ids),
-            "topk_weights": _tensor("topk_weights", topk_weights), "activation": activation,
-            "w13_bias": _biases("w13_bias", w13_bias), "w2_bias": _biases("w2_bias", w2_bias),
-            "shared_input": None if shared_input is None else _tensor("shared_input", shared_input)}
+    a = {"hidden_states": _tensor("hidden_states", hidden_states),
+         "w13": _experts("w13", w13), "w2": _experts("w2", w2),
+         "topk_ids": _tensor("topk_ids", topk_ids),
+         "topk_weights": _tensor("topk_weights", topk_weights), "activation": activation,
+         "w13_bias": _biases("w13_bias", w13_bias), "w2_bias": _biases("w2_bias", w2_bias),
+         "shared_input": None if shared_input is None else _tensor("shared_input", shared_input),
+         "w13_antiquant_scale": _biases("w13_antiquant_scale", w13_antiquant_scale),
+         "w2_antiquant_scale": _biases("w2_antiquant_scale", w2_antiquant_scale)}
+    if a["w13_antiquant_scale"] is not None and torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad
+            for t in (a["hidden_states"], a["topk_weights"], a["shared_input"],
+                      *(a["w13_bias"] or []), *(a["w2_bias"] or []))):
+        raise RuntimeError("int8 weights are inference-only: an input requires grad (call under "
+                           "torch.no_grad(), or detach it)")
+    return a
 
 
 def _collective(op, operands, hcomm, comm_turn, reduce_dtype, async_op, check_ranks):
@@ -70,7 +79,8 @@ def grouped_mlp_all_reduce(hidden_states: torch.Tensor, w13, w2, hcomm=None, *,
                            activation: str = "silu", w13_bias=None, w2_bias=None,
                            shared_input: torch.Tensor | None = None, comm_turn: int = 0,
                            reduce_dtype: torch.dtype | None = None, async_op: bool = False,
-                           check_ranks: bool = False) -> torch.Tensor:
+                           check_ranks: bool = False, w13_antiquant_scale=None,
+                           w2_antiquant_scale=None) -> torch.Tensor:
     """An MoE expert block, tensor-parallel, summed over the ranks of a process group.
 
     With n ranks, rank r holding the I-slice of every expert (w13's gate and up columns, w2's
@@ -101,6 +111,8 @@ def grouped_mlp_all_reduce(hidden_states: torch.Tensor, w13, w2, hcomm=None, *,
         shared_input: None or [T, N]: this rank's partial of a shared expert, added before the sum.
         comm_turn, reduce_dtype, async_op, check_ranks: as for grouped_mat_mul_all_reduce (the
             output's token rows cut into chunks, each summed while the next computes).
+        w13_antiquant_scale, w2_antiquant_scale: with int8 w13 and w2 (weight-only, inference),
+            their per-column scales, [E, 2I] and [E, N] (or lists): the weights are w * scale.
 
     Returns:
         [T, N] in hidden_states' dtype.
@@ -111,7 +123,8 @@ def grouped_mlp_all_reduce(hidden_states: torch.Tensor, w13, w2, hcomm=None, *,
     """
     return _collective(torch.ops.gmm_allreduce.grouped_mlp_all_reduce,
                        _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation,
-                                 w13_bias, w2_bias, shared_input),
+                                 w13_bias, w2_bias, shared_input, w13_antiquant_scale,
+                                 w2_antiquant_scale),
                        hcomm, comm_turn, reduce_dtype, async_op, check_ranks)
 
 
@@ -120,23 +133,26 @@ def grouped_mlp_reduce_scatter(hidden_states: torch.Tensor, w13, w2, hcomm=None,
                                activation: str = "silu", w13_bias=None, w2_bias=None,
                                shared_input: torch.Tensor | None = None, comm_turn: int = 0,
                                reduce_dtype: torch.dtype | None = None, async_op: bool = False,
-                               check_ranks: bool = False) -> torch.Tensor:
+                               check_ranks: bool = False, w13_antiquant_scale=None,
+                               w2_antiquant_scale=None) -> torch.Tensor:
     """The expert block of grouped_mlp_all_reduce, its [T, N] sum scattered by rows over the
     group's n ranks: rank r returns rows [r * T / n, (r + 1) * T / n) (T divisible by n).
     Backward all-gathers the output's gradient first."""
     return _collective(torch.ops.gmm_allreduce.grouped_mlp_reduce_scatter,
                        _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation,
-                                 w13_bias, w2_bias, shared_input),
+                                 w13_bias, w2_bias, shared_input, w13_antiquant_scale,
+                                 w2_antiquant_scale),
                        hcomm, comm_turn, reduce_dtype, async_op, check_ranks)
 
 
 def grouped_mlp(hidden_states: torch.Tensor, w13, w2, *, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor, activation: str = "silu", w13_bias=None, w2_bias=None,
-                shared_input: torch.Tensor | None = None, world_size: int = 1) -> torch.Tensor:
+                shared_input: torch.Tensor | None = None, world_size: int = 1,
+                w13_antiquant_scale=None, w2_antiquant_scale=None) -> torch.Tensor:
     """One rank's part of the expert block, with no collective (w2_bias divided by world_size):
     the same arguments and checks as grouped_mlp_all_reduce."""
     operands = _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bias,
-                         w2_bias, shared_input)
+                         w2_bias, shared_input, w13_antiquant_scale, w2_antiquant_scale)
     return torch.ops.gmm_allreduce.grouped_mlp(*operands.values(), _int("world_size", world_size))
 
 

@@ -278,8 +278,8 @@ def test_opcheck_and_compile(world1):
     b = Block("compile")
     a = cast(inputs(b, 0), torch.float32)
     args = (a["hidden_states"], list(a["w13"]), list(a["w2"]), a["topk_ids"], a["topk_weights"],
-            "silu", list(a["w13_bias"]), list(a["w2_bias"]), a["shared_input"], world1.group_name,
-            0, False, None, False)
+            "silu", list(a["w13_bias"]), list(a["w2_bias"]), a["shared_input"], None, None,
+            world1.group_name, 0, False, None, False)
     torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mlp_all_reduce, args)
     kw = dict(topk_ids=a["topk_ids"], topk_weights=a["topk_weights"], w13_bias=a["w13_bias"],
               w2_bias=a["w2_bias"], shared_input=a["shared_input"])
@@ -387,7 +387,7 @@ def test_the_composed_path_matches(dtype, activation):
         y = torch.ops.gmm_allreduce._grouped_mlp_composed(
             a["hidden_states"], list(a["w13"]), list(a["w2"]), a["topk_ids"], a["topk_weights"],
             activation, list(a["w13_bias"]) if case.biases else None,
-            list(a["w2_bias"]) if case.biases else None)
+            list(a["w2_bias"]) if case.biases else None, None, None)
         if a["shared_input"] is not None:  # the test op takes none: the reference's added here
             y = (y.double() + a["shared_input"].double()).to(dtype)
         check(case, y, 1)
@@ -410,3 +410,90 @@ def test_few_rows_kernel(dtype):
                                        atol=1e-4, rtol=1e-4)
     assert not ops._few_rows_takes(torch.randn(33, 4).to(dtype), torch.randn(4, 4).to(dtype))
     assert not ops._few_rows_takes(torch.randn(2, 4), torch.randn(4, 4))
+
+
+# int8 weights (weight-only, inference): the reference on the dequantised weights, a few rows per
+# expert (the decode kernels) and many (the weights dequantised once), every float dtype.
+def int8_case(b: Block, rank: int):
+    a = inputs(b, rank)
+    q13, s13 = gmm_allreduce.quantize_weights(list(a["w13"]))
+    q2, s2 = gmm_allreduce.quantize_weights(list(a["w2"]))
+    a["w13"] = torch.stack([q.double() * s.double() for q, s in zip(q13, s13)])  # what it computes
+    a["w2"] = torch.stack([q.double() * s.double() for q, s in zip(q2, s2)])
+    return a, dict(w13=q13, w2=q2, w13_antiquant_scale=s13, w2_antiquant_scale=torch.stack(s2))
+
+
+def _int8_block(b: Block, op: str):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    a, q = int8_case(b, rank)
+    low = cast(a, b.dtype)
+    fn = {"all_reduce": gmm_allreduce.grouped_mlp_all_reduce,
+          "reduce_scatter": gmm_allreduce.grouped_mlp_reduce_scatter}[op]
+    with torch.no_grad():
+        y = fn(low["hidden_states"], q["w13"], q["w2"], dist.group.WORLD,
+               topk_ids=a["topk_ids"], topk_weights=low["topk_weights"], activation=b.activation,
+               w13_bias=low["w13_bias"], w2_bias=cast(int8_case(b, 0)[0], b.dtype)["w2_bias"],
+               shared_input=low["shared_input"], w13_antiquant_scale=q["w13_antiquant_scale"],
+               w2_antiquant_scale=q["w2_antiquant_scale"], comm_turn=2)
+    want = 0
+    w2_bias = int8_case(b, 0)[0]["w2_bias"]
+    for r in range(world):
+        ar = int8_case(b, r)[0]
+        want = want + expert_block(ar["hidden_states"], ar["w13"], ar["w2"], ar["topk_ids"],
+                                   ar["topk_weights"], b.activation, ar["w13_bias"], w2_bias,
+                                   ar["shared_input"], world)
+    if op == "reduce_scatter":
+        rows = b.tokens // world
+        want = want[rank * rows:(rank + 1) * rows]
+    return float((y.double() - want).norm() / want.norm())
+
+
+INT8_BLOCKS = [Block("decode", tokens=8, top_k=4, experts=6, hidden=40, inter=24, out=40),
+               Block("rows", tokens=96, top_k=2, experts=3, hidden=24, inter=16, out=20)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("world", [1, 2], ids=lambda w: f"w{w}")
+def test_int8_weights(pools, world, dtype):
+    for b in INT8_BLOCKS:
+        for op in ("all_reduce", "reduce_scatter"):
+            case = dataclasses.replace(b, dtype=dtype)
+            errors = pools(world).run(_int8_block, case, op)
+            assert max(errors) < BOUND[dtype] * world * 2, (case.name, op, errors)
+
+
+def test_int8_weights_errors(world1):
+    a, q = int8_case(Block("e"), 0)
+    h = a["hidden_states"].float()
+    kw = dict(topk_ids=a["topk_ids"], topk_weights=a["topk_weights"].float())
+    with pytest.raises(ValueError, match="w13_antiquant_scale: required for int8 w13"):
+        gmm_allreduce.grouped_mlp(h, q["w13"], q["w2"], **kw)
+    with pytest.raises(ValueError, match="w2_antiquant_scale: given for float weights"):
+        gmm_allreduce.grouped_mlp(h, a["w13"].float(), a["w2"].float(),
+                                  w2_antiquant_scale=q["w2_antiquant_scale"], **kw)
+    with pytest.raises(TypeError, match=r"w2\[0\]: expected dtype Char like w13\[0\]"):
+        gmm_allreduce.grouped_mlp(h, q["w13"], a["w2"].float(), **kw,
+                                  w13_antiquant_scale=q["w13_antiquant_scale"],
+                                  w2_antiquant_scale=q["w2_antiquant_scale"])
+    with pytest.raises(ValueError, match=r"w2_antiquant_scale\[0\]: expected a 1-D tensor of 12"):
+        gmm_allreduce.grouped_mlp(h, q["w13"], q["w2"], **kw,
+                                  w13_antiquant_scale=q["w13_antiquant_scale"],
+                                  w2_antiquant_scale=q["w2_antiquant_scale"][:, :5])
+    with pytest.raises(RuntimeError, match="int8 weights are inference-only"):
+        gmm_allreduce.grouped_mlp(h.requires_grad_(), q["w13"], q["w2"], **kw,
+                                  w13_antiquant_scale=q["w13_antiquant_scale"],
+                                  w2_antiquant_scale=q["w2_antiquant_scale"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_int8_weights_composed_path(dtype):
+    for b in INT8_BLOCKS:
+        a, q = int8_case(dataclasses.replace(b, shared=False), 0)
+        low = cast(a, dtype)
+        y = torch.ops.gmm_allreduce._grouped_mlp_composed(
+            low["hidden_states"], q["w13"], q["w2"], a["topk_ids"], low["topk_weights"], "silu",
+            list(low["w13_bias"]), list(low["w2_bias"]), q["w13_antiquant_scale"],
+            list(q["w2_antiquant_scale"]))
+        want = expert_block(a["hidden_states"], a["w13"], a["w2"], a["topk_ids"],
+                            a["topk_weights"], "silu", a["w13_bias"], a["w2_bias"])
+        assert float((y.double() - want).norm() / want.norm()) < BOUND[dtype] * 2, b.name

@@ -90,6 +90,8 @@ OpArgs read_args(const c10::OperatorHandle& op, const torch::jit::Stack& stack) 
   read(arg("topk_ids"), a.mlp.topk_ids);
   read(arg("topk_weights"), a.mlp.topk_weights);
   read(arg("activation"), a.mlp.activation);
+  read(arg("w13_antiquant_scale"), a.mlp.w13_antiquant_scale);
+  read(arg("w2_antiquant_scale"), a.quant.antiquant_scale);
   return a;
 }
 

@@ -57,6 +57,9 @@ struct MlpArgs {
   std::optional<at::Tensor> hidden;  // hidden_states [T, H]: set for a block's call
   std::vector<at::Tensor> w13;       // per expert [H, 2 * I]: gate columns, then up columns
   std::optional<std::vector<at::Tensor>> w13_bias;  // per expert [2 * I]
+  // int8 w13 and w2 (weight-only): w13's per-column scales, per expert [2 * I]; w2's are the
+  // down product's QuantArgs::antiquant_scale.
+  std::optional<std::vector<at::Tensor>> w13_antiquant_scale;
   std::optional<at::Tensor> topk_ids;      // [T, k]: the expert of each (token, slot), -1 for none
   std::optional<at::Tensor> topk_weights;  // [T, k]
   std::string activation = "silu";

@@ -27,16 +27,16 @@ void check_tensor(const std::string& arg, const at::Tensor& t, const at::Tensor&
                     " like hidden_states, got one on ", t.device());
 }
 
-// A per-expert list of 2-D weights [rows, cols] of hidden's dtype; returns cols of the first.
+// A per-expert list of 2-D weights [rows, cols] of `dtype` (hidden's, or int8).
 void check_weights(const char* arg, at::TensorList w, const at::Tensor& hidden, size_t experts,
-                   int64_t rows, const char* rows_are) {
+                   int64_t rows, const char* rows_are, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(w.size() == experts, arg, ": expected ", experts,
                     " tensors (one per expert of w13), got ", w.size());
   for (const auto i : c10::irange(w.size())) {
     check_tensor(indexed(arg, i), w[i], hidden);
-    TORCH_CHECK_TYPE(w[i].scalar_type() == hidden.scalar_type(), indexed(arg, i),
-                     ": expected dtype ", hidden.scalar_type(), " like hidden_states, got ",
-                     w[i].scalar_type());
+    TORCH_CHECK_TYPE(w[i].scalar_type() == dtype, indexed(arg, i), ": expected dtype ", dtype,
+                     dtype == hidden.scalar_type() ? " like hidden_states" : " like w13[0]",
+                     ", got ", w[i].scalar_type());
     TORCH_CHECK_VALUE(w[i].dim() == 2, indexed(arg, i), ": expected a 2-D tensor, got ", w[i].dim(),
                       "-D");
     TORCH_CHECK_VALUE(w[i].size(0) == rows, indexed(arg, i), ": expected ", rows, " rows (",
@@ -75,13 +75,28 @@ void check_mlp(const OpArgs& a) {
   const std::vector<at::Tensor>& w13 = a.mlp.w13;
   TORCH_CHECK_VALUE(!w13.empty(), "w13: expected at least one expert's weight, got none");
   const size_t experts = w13.size();
-  check_weights("w13", w13, h, experts, h.size(1), "H, the columns of hidden_states");
+  // int8 weights (weight-only) with their scales, or weights of hidden_states' dtype.
+  const bool int8 = w13[0].defined() && w13[0].scalar_type() == at::kChar;
+  TORCH_CHECK_TYPE(!int8 || h.scalar_type() != at::kDouble,
+                   "w13[0]: int8 weights take float16, bfloat16 or float32 hidden_states, got ",
+                   h.scalar_type());
+  const at::ScalarType w_dtype = int8 ? at::kChar : h.scalar_type();
+  check_weights("w13", w13, h, experts, h.size(1), "H, the columns of hidden_states", w_dtype);
   const int64_t two_i = w13[0].size(1);
   TORCH_CHECK_VALUE(two_i % 2 == 0, "w13[0]: expected an even number of columns (the gate's I, ",
                     "then the up's I), got ", two_i);
-  check_weights("w2", a.weight, h, experts, two_i / 2, "I, half the columns of w13");
+  check_weights("w2", a.weight, h, experts, two_i / 2, "I, half the columns of w13", w_dtype);
+  const int64_t n = a.weight[0].size(1);
   check_biases("w13_bias", a.mlp.w13_bias, h, experts, two_i, "2 * I, the columns of w13");
-  check_biases("w2_bias", a.bias, h, experts, a.weight[0].size(1), "the columns of w2");
+  check_biases("w2_bias", a.bias, h, experts, n, "the columns of w2");
+  for (const auto& [arg, scale, cols] :
+       {std::tuple{"w13_antiquant_scale", &a.mlp.w13_antiquant_scale, int64_t{two_i}},
+        std::tuple{"w2_antiquant_scale", &a.quant.antiquant_scale, n}}) {
+    TORCH_CHECK_VALUE(scale->has_value() == int8, arg,
+                      int8 ? ": required for int8 w13 and w2 (their per-column scales)"
+                           : ": given for float weights, which it does not apply to");
+    check_biases(arg, *scale, h, experts, cols, "the columns of its weight");
+  }
 
   const at::Tensor& ids = *a.mlp.topk_ids;
   const at::Tensor& weights = *a.mlp.topk_weights;
@@ -161,6 +176,7 @@ at::Tensor activations(const OpArgs& a) {
       call_by_name("grouped_mat_mul", {{"x", std::vector<at::Tensor>{gathered}},
                                        {"weight", a.mlp.w13},
                                        {"bias", a.mlp.w13_bias},
+                                       {"antiquant_scale", a.mlp.w13_antiquant_scale},
                                        {"group_list", a.group_list},
                                        {"group_list_tensor", a.group_list_tensor},
                                        {"split_item", 3},

@@ -230,11 +230,13 @@ void QuantGemm::run(size_t i, const at::Tensor& x, int64_t r0, const at::Tensor&
 }
 
 void compute_quantized(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
-                       const Chunk& chunk, const QuantProducts& products) {
+                       const Chunk& chunk, const QuantProducts& products,
+                       std::optional<BlockX> block_x) {
   const QuantGemm q(plan, args, world_size, products);
   if (plan.combine) {  // fp32 products, the bias added by the combine
     combine_groups(plan, args, world_size, flat, chunk,
-                   [&](size_t i, const at::Tensor& x, int64_t r0, const at::Tensor& rows) {
+                   [&](size_t i, const at::Tensor& given, int64_t r0, const at::Tensor& rows) {
+                     const at::Tensor x = args.mlp.fused ? (*block_x)(i, rows) : given;
                      at::Tensor y =
                          at::empty({x.size(0), plan.groups[i].n}, flat.options().dtype(at::kFloat));
                      q.run(i, x, r0, rows, y, /*with_bias=*/false);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 #include <cstdint>
 #include <functional>
@@ -107,9 +108,15 @@ class QuantGemm {
   mutable at::Tensor dequantised_;
 };
 
+// The x of a fused expert block's rows (core/mlp.h): group i's listed `rows`, computed by the
+// engine.
+using BlockX = c10::function_ref<at::Tensor(size_t i, const at::Tensor& rows)>;
+
 // The chunk of a quantised call into `flat`: every group's rows of the chunk a block at a time,
-// through QuantGemm, and for a combined call through the combine epilogue.
+// through QuantGemm, and for a combined call through the combine epilogue; a fused expert block's
+// x from `block_x`.
 void compute_quantized(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
-                       const Chunk& chunk, const QuantProducts& products);
+                       const Chunk& chunk, const QuantProducts& products,
+                       std::optional<BlockX> block_x = std::nullopt);
 
 }  // namespace gmm_allreduce

@@ -72,8 +72,12 @@ void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::
     const GroupPlan& g = plan.groups[i];
     return fp32_partials || (plan.device.is_cpu() && !cpu_native_gemm(plan.dtype, g.m * g.k * g.n));
   };
-  if (plan.quant != Quant::kNone) {
-    return compute_quantized(plan, args, world_size, flat, chunk, kCpuQuantProducts);
+  if (plan.quant != Quant::kNone) {  // a fused block's x: its activations, fp32
+    Fp32Products gate_up(/*scratch=*/1);
+    return compute_quantized(plan, args, world_size, flat, chunk, kCpuQuantProducts,
+                             [&](size_t i, const at::Tensor& rows) {
+                               return gated_rows(plan, args, i, rows, true, gate_up);
+                             });
   }
   if (plan.combine) return compute_combined(plan, args, world_size, flat, chunk, upcast);
 

@@ -164,10 +164,15 @@ void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const 
   }
 }
 
-at::Tensor Fp32Products::operator()(const at::Tensor& x, const at::Tensor& w) {
-  if (few_rows_mm_takes(x, w)) return few_rows_mm(x, w);
+at::Tensor Fp32Products::operator()(const at::Tensor& x, const at::Tensor& w,
+                                    const at::Tensor& scale) {
+  const bool int8 = w.scalar_type() == at::kChar;
+  if (int8 && x.size(0) <= kInt8WeightMaxRows && int8_weight_mm_available()) {
+    return int8_weight_mm(x, w).mul_(scale.to(at::kFloat));
+  }
+  if (!int8 && few_rows_mm_takes(x, w)) return few_rows_mm(x, w);
   if (held_ != w.unsafeGetTensorImpl() || !w32_.defined()) {
-    w32_ = upcast(w, scratch_);
+    w32_ = int8 ? w.to(at::kFloat).mul_(scale.to(at::kFloat)) : upcast(w, scratch_);
     held_ = w.unsafeGetTensorImpl();
   }
   return at::mm(x.scalar_type() == at::kFloat ? x : upcast(x), w32_);

@@ -28,11 +28,13 @@ void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const 
 // x @ w in fp32 for a 16-bit w and x of w's dtype or fp32, a call's groups one after another: a
 // few rows (a decode step) through few_rows_mm (cpu/kernels/int8_weight.h), the weight read once;
 // more through an fp32 GEMM on x upcast and w upcast once into a scratch slot, kept while the
-// next products use the same weight.
+// next products use the same weight. An int8 w (weight-only) takes its per-column `scale`: a few
+// rows through int8_weight_mm, more through w dequantised once in fp32.
 class Fp32Products {
  public:
   explicit Fp32Products(int scratch) : scratch_(scratch) {}
-  at::Tensor operator()(const at::Tensor& x, const at::Tensor& w);
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& w,
+                        const at::Tensor& scale = at::Tensor());
 
  private:
   int scratch_;

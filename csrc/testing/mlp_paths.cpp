@@ -23,13 +23,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_route(const at::T
 at::Tensor grouped_mlp_composed(const at::Tensor& hidden, at::TensorList w13, at::TensorList w2,
                                 const at::Tensor& ids, const at::Tensor& weights,
                                 c10::string_view activation, std::optional<at::TensorList> w13_bias,
-                                std::optional<at::TensorList> w2_bias) {
+                                std::optional<at::TensorList> w2_bias,
+                                std::optional<at::TensorList> w13_antiquant_scale,
+                                std::optional<at::TensorList> w2_antiquant_scale) {
   gmm_allreduce::OpArgs args;
   args.mlp.hidden = hidden;
   args.mlp.w13 = w13.vec();
   args.weight = w2.vec();
   if (w13_bias) args.mlp.w13_bias = w13_bias->vec();
   if (w2_bias) args.bias = w2_bias->vec();
+  if (w13_antiquant_scale) args.mlp.w13_antiquant_scale = w13_antiquant_scale->vec();
+  if (w2_antiquant_scale) args.quant.antiquant_scale = w2_antiquant_scale->vec();
   args.mlp.topk_ids = ids;
   args.mlp.topk_weights = weights;
   args.mlp.activation = std::string(activation);
@@ -46,7 +50,8 @@ TORCH_LIBRARY_FRAGMENT(gmm_allreduce, m) {
       "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_grouped_mlp_composed(Tensor hidden_states, Tensor[] w13, Tensor[] w2, Tensor topk_ids, "
-      "Tensor topk_weights, str activation, Tensor[]? w13_bias, Tensor[]? w2_bias) -> Tensor");
+      "Tensor topk_weights, str activation, Tensor[]? w13_bias, Tensor[]? w2_bias, "
+      "Tensor[]? w13_antiquant_scale, Tensor[]? w2_antiquant_scale) -> Tensor");
   m.def("_few_rows_takes(Tensor x, Tensor w) -> bool");
   m.def("_few_rows_mm(Tensor x, Tensor w) -> Tensor");
 }

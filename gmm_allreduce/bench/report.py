@@ -54,6 +54,8 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
             row["vs_float"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["float"]))
         if name == "block" and "fused@0" in slowest:  # the block op over the op composed
             row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest["fused@0"]))
+        if name == "block_int8" and "block" in slowest:  # int8 weights over the float block
+            row["vs_float"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["block"]))
         if name.startswith(("fused@", "block")) and "vllm" in slowest:  # over the peer (MLPs)
             row["vs_peer"] = statistics.median(t / p for t, p in zip(slowest[name], slowest["vllm"]))
         if op and "fp32" in slowest:  # over the same call in fp32
