@@ -497,3 +497,28 @@ def test_int8_weights_composed_path(dtype):
         want = expert_block(a["hidden_states"], a["w13"], a["w2"], a["topk_ids"],
                             a["topk_weights"], "silu", a["w13_bias"], a["w2_bias"])
         assert float((y.double() - want).norm() / want.norm()) < BOUND[dtype] * 2, b.name
+
+
+def test_the_same_bytes_on_any_thread_count():
+    """Blocks of rows run in parallel, their products added in a fixed order: the bytes of one
+    thread on two (the block op and a combined grouped call)."""
+    b = Block("threads", tokens=256, top_k=4, experts=8, hidden=64, inter=48, out=64,
+              dtype=torch.bfloat16)
+    a = cast(inputs(b, 0), torch.bfloat16)
+    kw = dict(topk_ids=a["topk_ids"], topk_weights=a["topk_weights"], w13_bias=a["w13_bias"],
+              w2_bias=a["w2_bias"])
+    x = torch.randn(300, 64).bfloat16()
+    w = list(torch.randn(6, 64, 40).bfloat16())
+    gkw = dict(group_list=[50, 0, 90, 60, 40, 60], group_list_type=1, split_item=3,
+               combine_index=torch.randint(0, 37, (300,)), combine_weight=torch.rand(300),
+               num_tokens=37)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append((gmm_allreduce.grouped_mlp(a["hidden_states"], a["w13"], a["w2"], **kw),
+                         gmm_allreduce.grouped_mat_mul([x], w, **gkw)[0]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -1,6 +1,7 @@
 #include "core/combine.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 
 #include "util/float_bits.h"
@@ -180,7 +181,7 @@ void Combine::finish() {
 }
 
 void combine_groups(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
-                    const Chunk& chunk, GroupProducts products) {
+                    const Chunk& chunk, GroupProducts products, bool parallel) {
   std::optional<Chunk> mine = chunk;
   if (!plan.device.is_cpu()) mine = Combine::on_device(plan, chunk);
   if (!mine) return;
@@ -188,6 +189,13 @@ void combine_groups(const Plan& plan, const OpArgs& args, int64_t world_size, at
   // A fused expert block's x is computed by the engine from the rows it is handed (core/mlp.h):
   // none is passed, and the rows are always listed.
   const bool fused = args.mlp.fused;
+  // The blocks: rows [r0, r0 + count) of a group, or its listed `rows` (this chunk's).
+  struct Block {
+    size_t group;
+    int64_t r0, count;
+    at::Tensor rows;
+  };
+  std::vector<Block> blocks;
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
     if (g.m == 0 || g.n == 0) continue;
@@ -196,19 +204,39 @@ void combine_groups(const Plan& plan, const OpArgs& args, int64_t world_size, at
     const int64_t width = g.k + g.n + (fused ? 2 * g.k + args.mlp.hidden->size(1) : 0);
     const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(width, 1));
     if (combine.whole()) {
-      for (int64_t r = 0; r < g.m; r += rows) {
-        const int64_t count = std::min(rows, g.m - r);
-        const at::Tensor y = fused ? products(i, at::Tensor(), r, at::arange(r, r + count))
-                                   : products(i, group_x(plan, args.x, i, r, count), r, {});
-        combine.add(i, y, r);
-      }
+      for (int64_t r = 0; r < g.m; r += rows) blocks.push_back({i, r, std::min(rows, g.m - r), {}});
       continue;
     }
-    const at::Tensor selected = combine.rows_of(i);  // this chunk's rows of the group
-    const at::Tensor x = fused ? at::Tensor() : group_x(plan, args.x, i);
+    const at::Tensor selected = combine.rows_of(i);
     for (int64_t r = 0; r < selected.numel(); r += rows) {
-      const at::Tensor some = selected.narrow(0, r, std::min(rows, selected.numel() - r));
-      combine.add(i, products(i, fused ? x : x.index_select(0, some), 0, some), some);
+      const int64_t count = std::min(rows, selected.numel() - r);
+      blocks.push_back({i, 0, count, selected.narrow(0, r, count)});
+    }
+  }
+  auto product = [&](const Block& b) {
+    if (b.rows.defined()) {
+      return products(b.group,
+                      fused ? at::Tensor() : group_x(plan, args.x, b.group).index_select(0, b.rows),
+                      0, b.rows);
+    }
+    return fused ? products(b.group, at::Tensor(), b.r0, at::arange(b.r0, b.r0 + b.count))
+                 : products(b.group, group_x(plan, args.x, b.group, b.r0, b.count), b.r0, {});
+  };
+  // With `parallel`, the products of as many blocks as threads at a time, each on its own
+  // thread, then added in the blocks' order: the same sums in the same order on any thread count.
+  const size_t wave = parallel && plan.device.is_cpu() ? std::max(1, at::get_num_threads()) : 1;
+  std::vector<at::Tensor> ys(wave);
+  for (size_t b0 = 0; b0 < blocks.size(); b0 += wave) {
+    const size_t b1 = std::min(blocks.size(), b0 + wave);
+    auto run = [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) ys[j - b0] = product(blocks[j]);
+    };
+    b1 - b0 > 1 ? at::parallel_for(b0, b1, 1, run) : run(b0, b1);
+    for (size_t j = b0; j < b1; ++j) {
+      const Block& b = blocks[j];
+      b.rows.defined() ? combine.add(b.group, ys[j - b0], b.rows)
+                       : combine.add(b.group, ys[j - b0], b.r0);
+      ys[j - b0] = at::Tensor();
     }
   }
   combine.finish();

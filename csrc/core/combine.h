@@ -76,7 +76,9 @@ using GroupProducts = c10::function_ref<at::Tensor(size_t i, const at::Tensor& x
 
 // A combined chunk computed a group and a block of rows at a time (the products of those whose
 // token is in the chunk, or on a device all of them with the first chunk), handed to the combine.
+// With `parallel` (products safe to call from several threads at once, for different blocks), on
+// the CPU as many blocks as threads are computed at a time, then added in order.
 void combine_groups(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
-                    const Chunk& chunk, GroupProducts products);
+                    const Chunk& chunk, GroupProducts products, bool parallel = false);
 
 }  // namespace gmm_allreduce

@@ -5,10 +5,12 @@
 #include "cpu/engine.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "core/combine.h"
 #include "core/op.h"
@@ -46,16 +48,20 @@ void add_bias(at::Tensor& y, const at::Tensor& bias) {
 // alike.
 void compute_combined(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
                       const Chunk& chunk, c10::function_ref<bool(size_t)> in_fp32) {
-  Fp32Products down(/*scratch=*/0), gate_up(/*scratch=*/1);
-  combine_groups(plan, args, world_size, flat, chunk,
-                 [&](size_t i, const at::Tensor& x, int64_t, const at::Tensor& rows) {
-                   const bool fp32 = in_fp32(i);
-                   if (plan.device.is_cpu())
-                     note_kernel(fp32 ? CpuKernel::kUpcast : CpuKernel::kNative);
-                   const at::Tensor a =
-                       args.mlp.fused ? gated_rows(plan, args, i, rows, fp32, gate_up) : x;
-                   return fp32 ? down(a, args.weight[i]) : at::mm(a, args.weight[i]);
-                 });
+  // Each thread its own upcast weights (the blocks run in parallel).
+  const size_t threads = std::max(1, at::get_num_threads());
+  std::vector<Fp32Products> down(threads, Fp32Products(/*scratch=*/0));
+  std::vector<Fp32Products> gate_up(threads, Fp32Products(/*scratch=*/1));
+  combine_groups(
+      plan, args, world_size, flat, chunk,
+      [&](size_t i, const at::Tensor& x, int64_t, const at::Tensor& rows) {
+        const bool fp32 = in_fp32(i);
+        if (plan.device.is_cpu()) note_kernel(fp32 ? CpuKernel::kUpcast : CpuKernel::kNative);
+        const size_t t = std::min<size_t>(at::get_thread_num(), threads - 1);
+        const at::Tensor a = args.mlp.fused ? gated_rows(plan, args, i, rows, fp32, gate_up[t]) : x;
+        return fp32 ? down[t](a, args.weight[i]) : at::mm(a, args.weight[i]);
+      },
+      /*parallel=*/true);
 }
 
 void compute_aten(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,

@@ -145,6 +145,16 @@ at::Tensor upcast(const at::Tensor& t, int slot) {
 }
 
 void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  if (few_rows_mm_takes(x, w)) {  // a few rows: the weight read once, widened in registers
+    at::Tensor sums = few_rows_mm(x, w);
+    if (bias.defined()) sums.add_(bias);
+    if (y.is_cpu() && is_16bit(y) && y.stride(1) == 1) {
+      round_rows(sums.const_data_ptr<float>(), y);
+    } else {
+      y.copy_(sums);
+    }
+    return;
+  }
   const at::Tensor w32 = upcast(w, /*scratch=*/0);
   const int64_t rows = block_rows(x.size(1) + y.size(1), int64_t{1} << 20);
   const bool fp32_out = y.scalar_type() == at::kFloat;

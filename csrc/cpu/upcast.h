@@ -20,8 +20,9 @@ at::Tensor upcast(const at::Tensor& t, int scratch = kNoScratch);
 // The most elements a scratch slot holds (16 MiB of fp32 a thread, kept once used).
 constexpr int64_t kScratchFloats = int64_t{1} << 22;
 
-// y = x @ w (+ bias, fp32) for 16-bit x and w: fp32 GEMMs on upcast blocks of x's rows (about
-// 4 MB of fp32 whatever x's size), w upcast once; rounded once into y when it is 16-bit, written
+// y = x @ w (+ bias, fp32) for 16-bit x and w: a few rows through few_rows_mm (the weight read
+// once), more as fp32 GEMMs on upcast blocks of x's rows (about 4 MB of fp32 whatever x's size),
+// w upcast once; rounded once into y when it is 16-bit, written
 // in place when it is fp32 (reduce_dtype float32's buffer). y's rows contiguous.
 void upcast_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
 

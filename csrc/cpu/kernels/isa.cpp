@@ -170,7 +170,11 @@ std::vector<std::string> take_noted_kernels() {
 
 std::vector<std::pair<std::string, std::string>> cpu_policy() {
   const bool avx2 = cpu_has_avx2(), avx512 = cpu_has_avx512();
-  const std::string fp32_blocks = "fp32 GEMM on blocks converted in cache (ATen's fp32 GEMM)";
+  std::string fp32_blocks = "fp32 GEMM on blocks converted in cache (ATen's fp32 GEMM)";
+  if (avx2) {  // int8_weight.h's few-rows kernels take 16-bit weights too
+    fp32_blocks =
+        "up to 32 rows: AVX2 fp32 FMA on the weight widened in registers; above: " + fp32_blocks;
+  }
   std::string int8, weight;
   if (cpu_has_amx_int8()) {
     int8 = "AMX int8 tiles";
