@@ -89,7 +89,7 @@ ARCHS_2.11.0 := 9.0
 # whole suite runs on the plain and the sanitizer builds.
 CUDA_FOCUSED := tests/test_build.py tests/test_cuda.py tests/test_kernel_twins.py \
   tests/test_compile_order.py tests/test_autograd.py tests/test_semantics.py tests/test_errors.py \
-  tests/test_quant.py tests/test_reduce_scatter.py tests/test_async.py
+  tests/test_quant.py tests/test_reduce_scatter.py tests/test_async.py tests/test_block.py
 CUDA_TESTS ?= tests
 cuda-check: $(addprefix cuda-check-,$(CUDA_TORCHES))
 

@@ -583,3 +583,50 @@ def test_quantised_calls_match_reference_nccl_world1(nccl1, kind):
             **{k: cuda(v) for k, v in kw.items()})
         assert all(y.is_cuda for y in ys), case.name
         check_quant(case, [y.cpu() for y in ys], expected_quant(case, 1))
+
+
+# The expert block on the GPU: composed on the device (the routing sorted there, the gate_up
+# products through the comm-free op, the activation, the combined down product).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_expert_block_matches_reference_nccl_world1(nccl1, dtype):
+    from gmm_allreduce.reference import expert_block
+
+    gen = torch.Generator().manual_seed(5)
+    t, k, e, h, i = 64, 4, 8, 128, 64
+    x = torch.randn(t, h, generator=gen, dtype=torch.float64)
+    w13 = torch.randn(e, h, 2 * i, generator=gen, dtype=torch.float64) / h ** 0.5
+    w2 = torch.randn(e, i, h, generator=gen, dtype=torch.float64) / i ** 0.5
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    ids[3, 1] = -1
+    weights = torch.rand(t, k, generator=gen)
+    want = expert_block(x, w13, w2, ids, weights.double())
+    dev = torch.device("cuda", 0)
+    for device_ids in (False, True):
+        y = gmm_allreduce.grouped_mlp_all_reduce(
+            x.to(dev, dtype), w13.to(dev, dtype), w2.to(dev, dtype), nccl1,
+            topk_ids=ids.to(dev) if device_ids else ids, topk_weights=weights.to(dev))
+        assert y.is_cuda and y.dtype == dtype
+        error = float((y.double().cpu() - want).norm() / want.norm())
+        assert error < (2e-2 if dtype == torch.bfloat16 else 1e-4), (device_ids, error)
+
+
+def test_expert_block_device_ids_drop_bad_ids_and_grads(nccl1):
+    """A device topk_ids is not read on the host: ids outside [0, E) are dropped; gradients flow."""
+    from gmm_allreduce.reference import expert_block
+
+    gen = torch.Generator().manual_seed(6)
+    t, k, e, h, i = 32, 2, 4, 64, 32
+    dev = torch.device("cuda", 0)
+    x = torch.randn(t, h, generator=gen, dtype=torch.float64)
+    w13 = torch.randn(e, h, 2 * i, generator=gen, dtype=torch.float64) / h ** 0.5
+    w2 = torch.randn(e, i, h, generator=gen, dtype=torch.float64) / i ** 0.5
+    ids = torch.randint(0, e, (t, k), generator=gen)
+    ids[[0, 5, 9], [0, 1, 0]] = torch.tensor([-1, e, 100])
+    weights = torch.rand(t, k, generator=gen, dtype=torch.float64)
+    want = expert_block(x, w13, w2, ids.masked_fill((ids < 0) | (ids >= e), -1), weights)
+    leaves = [v.to(dev).float().requires_grad_() for v in (x, w13, w2, weights)]
+    y = gmm_allreduce.grouped_mlp_all_reduce(leaves[0], leaves[1], leaves[2], nccl1,
+                                             topk_ids=ids.to(dev), topk_weights=leaves[3])
+    torch.testing.assert_close(y.double().cpu(), want, atol=1e-4, rtol=1e-4)
+    y.sum().backward()
+    assert all(leaf.grad is not None and leaf.grad.is_cuda for leaf in leaves)

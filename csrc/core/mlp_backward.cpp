@@ -55,11 +55,11 @@ Grads grouped_mlp_backward(const at::Tensor& grad, const at::Tensor& hidden, at:
   const int64_t tokens = hidden.size(0);
   const int64_t inter = w13[0].size(1) / 2;
   const Routing r = route(topk_ids, topk_weights, experts, !topk_ids.is_cpu());
-  const std::vector<int64_t> counts =
-      r.device_counts.defined()
-          ? std::vector<int64_t>(r.device_counts.cpu().data_ptr<int64_t>(),
-                                 r.device_counts.cpu().data_ptr<int64_t>() + experts)
-          : r.counts;
+  std::vector<int64_t> counts = r.counts;
+  if (r.device_counts.defined()) {  // one sync: the loop below needs the rows per expert
+    const at::Tensor host = r.device_counts.to(at::kCPU, at::kLong).contiguous();
+    counts.assign(host.const_data_ptr<int64_t>(), host.const_data_ptr<int64_t>() + experts);
+  }
   const at::Tensor kept = r.token.to(hidden.device()).lt(tokens).to(acc);  // 0: a dropped id
   const at::Tensor token = r.token.to(hidden.device()).clamp(0, std::max<int64_t>(tokens - 1, 0));
   const at::Tensor weight = r.weight.to(acc);
