@@ -522,3 +522,27 @@ def test_the_same_bytes_on_any_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def _one_bad_rank():
+    """Rank 1's topk_ids names an expert that does not exist; with check_ranks every rank raises
+    its error (no rank is left waiting in the collective)."""
+    b = Block("check")
+    a = cast(inputs(b, dist.get_rank()), torch.float32)
+    ids = a["topk_ids"].clone()
+    if dist.get_rank() == 1:
+        ids[2, 0] = 99
+    with pytest.raises(ValueError, match=r"check_ranks: rank 1 rejected the call: topk_ids\[2, 0\]"):
+        gmm_allreduce.grouped_mlp_all_reduce(a["hidden_states"], a["w13"], a["w2"],
+                                             topk_ids=ids, topk_weights=a["topk_weights"],
+                                             check_ranks=True)
+    # the group still works: the next call agrees and sums
+    y = gmm_allreduce.grouped_mlp_all_reduce(a["hidden_states"], a["w13"], a["w2"],
+                                             topk_ids=a["topk_ids"], topk_weights=a["topk_weights"],
+                                             check_ranks=True)
+    return y
+
+
+def test_check_ranks_names_a_rank_with_a_bad_block(pools):
+    ys = pools(2).run(_one_bad_rank)
+    assert torch.equal(ys[0], ys[1])

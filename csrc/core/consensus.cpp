@@ -62,6 +62,7 @@ std::vector<Record> decode(const at::Tensor& all) {
 // The exchange tensor lives where the op's data does (NCCL takes no CPU tensors).
 at::Device exchange_device(const std::optional<Plan>& plan, const OpArgs& args) {
   if (plan) return plan->device;
+  if (args.mlp.hidden) return args.mlp.hidden->device();
   if (!args.x.empty() && args.x[0].defined()) return args.x[0].device();
   return at::kCPU;
 }
@@ -85,7 +86,8 @@ int64_t exact_integers(at::ScalarType dtype) {
 
 }  // namespace
 
-Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group, Plan (*planner)(const OpArgs&)) {
+Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group,
+                      c10::function_ref<Plan(const OpArgs&)> planner) {
   std::optional<Plan> plan;
   Record mine;
   try {

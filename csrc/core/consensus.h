@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 #include <string>
 
@@ -21,7 +22,8 @@ namespace gmm_allreduce {
 // planner(args) (make_plan and the collective's rules) on every rank, then one small all-reduce
 // that exchanges each rank's verdict. Raises on all ranks alike if any rank's call is invalid or
 // the ranks' plans disagree.
-Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group, Plan (*planner)(const OpArgs&));
+Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group,
+                      c10::function_ref<Plan(const OpArgs&)> planner);
 
 // The plan's fingerprint in the op's flat buffer: one element per bit of the signature's hash,
 // after the plan's numel elements, summed with them. It rides only where it can: a non-empty

@@ -23,11 +23,16 @@ std::vector<at::Tensor> run_op(const Engine& engine, OpArgs args) {
     group = resolve_group(args.collective.group_name);
     args.collective.ranks = group->getSize();
   }
-  if (is_mlp(args)) route_mlp(args, engine.fuses_mlp != nullptr && engine.fuses_mlp(args));
-  args.keep_group_list_on_device =
-      engine.takes_device_group_list != nullptr && engine.takes_device_group_list(args);
-  Plan plan = group && args.collective.check_ranks ? make_plan_agreed(args, group, &plan_call)
-                                                   : plan_call(args);
+  // An expert block is routed into its down product first (core/mlp.h), within the agreement of
+  // check_ranks, so that a rank's bad block is every rank's error.
+  auto planner = [&](const OpArgs&) {
+    if (is_mlp(args)) route_mlp(args, engine.fuses_mlp != nullptr && engine.fuses_mlp(args));
+    args.keep_group_list_on_device =
+        engine.takes_device_group_list != nullptr && engine.takes_device_group_list(args);
+    return plan_call(args);
+  };
+  Plan plan =
+      group && args.collective.check_ranks ? make_plan_agreed(args, group, planner) : planner(args);
   return strategy.run(engine, std::move(plan), args, group);
 }
 
