@@ -14,7 +14,7 @@ import torch.distributed as dist
 from ._schema import NAMES, arguments
 from .ops import _async, _bool, _dtype, _group_name, _int, _tensor
 
-_ACTIVATIONS = ("silu", "gelu")
+_ACTIVATIONS = ("silu", "gelu", "swigluoai")
 
 
 def _experts(arg: str, value) -> list[torch.Tensor]:
@@ -48,7 +48,7 @@ def _biases(arg: str, value) -> list[torch.Tensor] | None:
 def _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bias, w2_bias,
               shared_input, w13_antiquant_scale=None, w2_antiquant_scale=None) -> dict:
     if not isinstance(activation, str):
-        raise TypeError(f"activation: expected a str ({' or '.join(_ACTIVATIONS)}), got "
+        raise TypeError(f"activation: expected a str ({', '.join(_ACTIVATIONS)}), got "
                         f"{type(activation).__name__}")
     a = {"hidden_states": _tensor("hidden_states", hidden_states),
          "w13": _experts("w13", w13), "w2": _experts("w2", w2),
@@ -104,7 +104,10 @@ def grouped_mlp_all_reduce(hidden_states: torch.Tensor, w13, w2, hcomm=None, *,
             the host (values in [-1, E)); a device tensor is not read on the host, and its ids
             outside [0, E) are dropped.
         topk_weights: [T, k] float, the routing weights.
-        activation: "silu" (silu(gate) * up) or "gelu" (gelu(gate, tanh) * up).
+        activation: "silu" (silu(gate) * up), "gelu" (gelu(gate, tanh) * up) or "swigluoai"
+            (gpt-oss: g = min(gate, 7), u = clamp(up, -7, 7), g * sigmoid(1.702 g) * (u + 1);
+            gpt-oss checkpoints interleave gate and up columns: pass w13 as
+            ``torch.cat([w13[..., ::2], w13[..., 1::2]], -1)``, once).
         w13_bias: None, [E, 2I] or a list of E [2I]: this rank's slice, added before the
             activation.
         w2_bias: None, [E, N] or a list of E [N]: counted once (each rank adds w2_bias / n).

@@ -74,14 +74,23 @@ def unfused(x, weight, group=None, *, bias=None, group_list=None, split_item=0,
     return outputs
 
 
+def _swigluoai(gate, up, alpha=1.702, limit=7.0):
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return gate * torch.sigmoid(gate * alpha) * (up + 1)
+
+
+_GATES = {"silu": lambda g, u: torch.nn.functional.silu(g) * u,
+          "gelu": lambda g, u: torch.nn.functional.gelu(g, approximate="tanh") * u,
+          "swigluoai": _swigluoai}
+
+
 def expert_block(hidden, w13, w2, topk_ids, topk_weights, activation="silu", w13_bias=None,
                  w2_bias=None, shared_input=None, world_size=1):
     """One rank's part of the expert block (gmm_allreduce.grouped_mlp), in plain PyTorch, in the
     inputs' dtype (pass float64 tensors for the exact one): per expert e, its (token, slot) rows
     gathered, gate_up, act(gate) * up, down, scaled by the routing weight and added into the token
     rows; w2_bias divided by world_size. Differentiable."""
-    act = {"silu": torch.nn.functional.silu,
-           "gelu": lambda g: torch.nn.functional.gelu(g, approximate="tanh")}[activation]
+    act = _GATES[activation]
     out = torch.zeros(hidden.shape[0], w2[0].shape[1], dtype=hidden.dtype)
     for e in range(len(w13)):
         token, slot = torch.where(topk_ids == e)
@@ -89,7 +98,7 @@ def expert_block(hidden, w13, w2, topk_ids, topk_weights, activation="silu", w13
         if w13_bias is not None:
             pre = pre + w13_bias[e]
         gate, up = pre.chunk(2, dim=-1)
-        rows = (act(gate) * up) @ w2[e]
+        rows = act(gate, up) @ w2[e]
         if w2_bias is not None:
             rows = rows + w2_bias[e] / world_size
         out = out.index_add(0, token, rows * topk_weights[token, slot, None])

@@ -36,6 +36,7 @@ class Block:
     none_ids: bool = True  # some (token, slot) with id -1
     empty_expert: bool = True  # the last expert gets no row
     seed: int = 0
+    w13_scale: float = 1.0  # larger: gate_up products past swigluoai's clamps
 
 
 SHAPES = [Block("small"), Block("k1", top_k=1, biases=False, shared=False),
@@ -58,7 +59,7 @@ def inputs(b: Block, rank: int) -> dict:
     g.manual_seed(b.seed * 1000 + rank + 1)
     e, h, i, n = b.experts, b.hidden, b.inter, b.out
     return dict(hidden_states=hidden, topk_ids=ids, topk_weights=weights,
-                w13=torch.randn(e, h, 2 * i, generator=g, dtype=torch.float64) / h ** 0.5,
+                w13=torch.randn(e, h, 2 * i, generator=g, dtype=torch.float64) * b.w13_scale / h ** 0.5,
                 w2=torch.randn(e, i, n, generator=g, dtype=torch.float64) / i ** 0.5,
                 w13_bias=torch.randn(e, 2 * i, generator=g, dtype=torch.float64) if b.biases else None,
                 w2_bias=torch.randn(e, n, generator=g, dtype=torch.float64) if b.biases else None,
@@ -118,11 +119,12 @@ def check(b: Block, y: torch.Tensor, world: int, rank: int = 0, scattered: bool 
 
 
 def blocks(dtype, activation):
+    shapes = SHAPES + ([Block("clamped", w13_scale=8.0)] if activation == "swigluoai" else [])
     return [dataclasses.replace(s, dtype=dtype, activation=activation, seed=i)
-            for i, s in enumerate(SHAPES)]
+            for i, s in enumerate(shapes)]
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "swigluoai"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("world", [1, 2, 4], ids=lambda w: f"w{w}")
 def test_all_reduce_matches_reference(pools, world, dtype, activation):
@@ -241,8 +243,10 @@ def reference_grads(b: Block, world: int) -> list[dict]:
 @pytest.mark.parametrize("op", ["all_reduce", "reduce_scatter"])
 @pytest.mark.parametrize("world", [1, 2, 4], ids=lambda w: f"w{w}")
 def test_grads_match_reference(pools, world, op):
+    shapes = [*SHAPES[:4], Block("clamped", w13_scale=8.0)]
+    acts = ("silu", "gelu", "swigluoai", "gelu", "swigluoai")
     cases = [dataclasses.replace(s, dtype=torch.float64, activation=act, seed=i)
-             for i, (s, act) in enumerate(zip(SHAPES[:4], ("silu", "gelu", "silu", "gelu")))]
+             for i, (s, act) in enumerate(zip(shapes, acts))]
     for case in cases:
         got = pools(world).run(grads_of, case, op)
         expected = reference_grads(case, world)
@@ -326,7 +330,7 @@ BAD = [
     (lambda k: {"topk_weights": k["topk_weights"][:, :1]}, ValueError, "topk_weights: expected the shape"),
     (lambda k: {"topk_weights": k["topk_weights"].long()}, TypeError, "topk_weights: expected a floating"),
     ({"topk_weights": [1.0]}, TypeError, "topk_weights: expected None or a tensor"),
-    ({"activation": "relu"}, ValueError, "activation: expected \"silu\""),
+    ({"activation": "relu"}, ValueError, "activation: expected \"silu\".*\"swigluoai\""),
     ({"activation": 1}, TypeError, "activation: expected a str"),
     (lambda k: {"shared_input": k["shared_input"][:3]}, ValueError, "shared_input: expected a tensor"),
     ({"comm_turn": -1}, ValueError, "comm_turn: expected an integer >= 0"),
@@ -379,7 +383,7 @@ def test_the_device_routing_drops_what_the_host_routing_omits():
     assert d_weight[m:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "swigluoai"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_the_composed_path_matches(dtype, activation):
     for case in blocks(dtype, activation)[:4]:

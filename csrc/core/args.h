@@ -51,7 +51,7 @@ struct QuantArgs {
 // the call's down product. Its ops take the token rows, the routing and the gate_up weights; the
 // driver turns them into a combined call (route_mlp), whose x the engine computes per block of
 // expert rows (or the driver, whole, for an engine that does not fuse the block).
-enum class Activation : int8_t { kSilu, kGelu };
+enum class Activation : int8_t { kSilu, kGelu, kSwigluOai };
 
 struct MlpArgs {
   std::optional<at::Tensor> hidden;  // hidden_states [T, H]: set for a block's call

@@ -15,8 +15,10 @@ std::string indexed(const char* arg, size_t i) {
 Activation parse_activation(const std::string& s) {
   if (s == "silu") return Activation::kSilu;
   if (s == "gelu") return Activation::kGelu;
-  TORCH_CHECK_VALUE(false, "activation: expected \"silu\" (silu(gate) * up) or \"gelu\" ",
-                    "(gelu(gate, tanh) * up), got \"", s, "\"");
+  if (s == "swigluoai") return Activation::kSwigluOai;
+  TORCH_CHECK_VALUE(false, "activation: expected \"silu\" (silu(gate) * up), \"gelu\" ",
+                    "(gelu(gate, tanh) * up) or \"swigluoai\" (gpt-oss's clamped gate), got \"", s,
+                    "\"");
 }
 
 void check_tensor(const std::string& arg, const at::Tensor& t, const at::Tensor& hidden) {
@@ -205,8 +207,17 @@ at::Tensor gate(const at::Tensor& pre, Activation act) {
   const bool in_place = pre.scalar_type() == acc;
   at::Tensor g = in_place ? pre.narrow(1, 0, i) : pre.narrow(1, 0, i).to(acc);
   const at::Tensor up = pre.narrow(1, i, i);
-  act == Activation::kSilu ? at::silu_(g) : at::gelu_(g, "tanh");
-  return g.mul_(up);
+  switch (act) {
+    case Activation::kSilu:
+      return at::silu_(g).mul_(up);
+    case Activation::kGelu:
+      return at::gelu_(g, "tanh").mul_(up);
+    case Activation::kSwigluOai:  // g * sigmoid(alpha g) * (u + 1), g and u clamped
+      g.clamp_max_(kSwigluOaiLimit);
+      g.mul_(at::sigmoid(g * kSwigluOaiAlpha));
+      return g.mul_(up.clamp(-kSwigluOaiLimit, kSwigluOaiLimit).add_(1));
+  }
+  TORCH_INTERNAL_ASSERT(false, "gate: unknown activation");
 }
 
 void route_mlp(OpArgs& a, bool fused) {

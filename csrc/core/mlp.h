@@ -2,7 +2,8 @@
 // in one call, for each token t and slot s with expert e = topk_ids[t, s] (none for -1):
 //
 //   pre = hidden_states[t] @ w13[e] + w13_bias[e]          gate columns [0, I), up columns [I, 2I)
-//   a   = act(pre[:I]) * pre[I:]                             silu, or gelu (tanh form)
+//   a   = act(pre[:I]) * pre[I:]                             silu, or gelu (tanh form), or
+//                                                            swigluoai (below)
 //   out[t] += topk_weights[t, s] * (a @ w2[e] + w2_bias[e] / n)
 //
 // plus shared_input, then the op's collective. It is the down product of a combined call whose x
@@ -48,6 +49,12 @@ Routing route(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_
 // routing's counts, on the device for a device topk_ids), combine_index (each row's token),
 // combine_weight (its topk weight) and num_tokens.
 void route_mlp(OpArgs& args, bool fused);
+
+// gpt-oss's gate ("swigluoai"), on gate columns then up columns (gpt-oss's checkpoints interleave
+// them: w13's columns ::2 then 1::2): g = min(gate, limit), u = clamp(up, -limit, limit),
+// a = g * sigmoid(alpha * g) * (u + 1).
+constexpr double kSwigluOaiAlpha = 1.702;
+constexpr double kSwigluOaiLimit = 7.0;
 
 // The gated activation of `pre` ([rows, 2I], any float dtype): act(pre[:, :I]) * pre[:, I:] in the
 // accumulation dtype (fp32; fp64 for fp64), written in place into pre's first I columns when pre

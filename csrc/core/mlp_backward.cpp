@@ -22,14 +22,28 @@ namespace {
 using Grads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
 
-// The gradient of act(gate) * up with respect to gate and up, given that of the product.
-std::pair<at::Tensor, at::Tensor> gate_backward(const at::Tensor& da, const at::Tensor& gate,
-                                                const at::Tensor& up, Activation act) {
-  const at::Tensor d_act = da * up;
-  at::Tensor d_gate = act == Activation::kSilu ? at::silu_backward(d_act, gate)
-                                               : at::gelu_backward(d_act, gate, "tanh");
-  const at::Tensor a = act == Activation::kSilu ? at::silu(gate) : at::gelu(gate, "tanh");
-  return {d_gate, da * a};
+// The gated activation's gradient with respect to pre's gate and up columns, given the
+// activation's: [d gate, d up]. A clamp passes the gradient where its input is within its bounds.
+at::Tensor gate_backward(const at::Tensor& da, const at::Tensor& pre, Activation act) {
+  const int64_t i = pre.size(1) / 2;
+  const at::Tensor gate = pre.narrow(1, 0, i), up = pre.narrow(1, i, i);
+  switch (act) {
+    case Activation::kSilu:
+      return at::cat({at::silu_backward(da * up, gate), da * at::silu(gate)}, 1);
+    case Activation::kGelu:
+      return at::cat({at::gelu_backward(da * up, gate, "tanh"), da * at::gelu(gate, "tanh")}, 1);
+    case Activation::kSwigluOai: {
+      const at::Tensor g = gate.clamp_max(kSwigluOaiLimit);
+      const at::Tensor s = at::sigmoid(g * kSwigluOaiAlpha);
+      const at::Tensor u = up.clamp(-kSwigluOaiLimit, kSwigluOaiLimit).add_(1);
+      // d/dg (g * sigmoid(alpha g)) = s + alpha g s (1 - s)
+      const at::Tensor dglu = s + g * s * (1 - s) * kSwigluOaiAlpha;
+      const at::Tensor d_gate = da * u * dglu * gate.le(kSwigluOaiLimit);
+      const at::Tensor d_up = da * g * s * up.abs().le(kSwigluOaiLimit);
+      return at::cat({d_gate, d_up}, 1);
+    }
+  }
+  TORCH_INTERNAL_ASSERT(false, "gate_backward: unknown activation");
 }
 
 Grads grouped_mlp_backward(const at::Tensor& grad, const at::Tensor& hidden, at::TensorList w13,
@@ -78,9 +92,7 @@ Grads grouped_mlp_backward(const at::Tensor& grad, const at::Tensor& hidden, at:
     const at::Tensor W13 = w13[e].to(acc), W2 = w2[e].to(acc);
     at::Tensor pre = at::mm(h, W13);
     if (w13_bias) pre.add_((*w13_bias)[e].to(acc));
-    const at::Tensor p_gate = pre.narrow(1, 0, inter), p_up = pre.narrow(1, inter, inter);
-    const at::Tensor a =
-        (act == Activation::kSilu ? at::silu(p_gate) : at::gelu(p_gate, "tanh")).mul_(p_up);
+    const at::Tensor a = gate(pre.clone(), act);
     const at::Tensor gt = g.index_select(0, tok);
     if (mask[4]) {
       at::Tensor y = at::mm(a, W2);
@@ -92,8 +104,7 @@ Grads grouped_mlp_backward(const at::Tensor& grad, const at::Tensor& hidden, at:
     if (mask[2]) d_w2.push_back(at::mm(a.t(), dy).to(w2[e].scalar_type()));
     if (mask[3] && w2_bias) d_b2.push_back(dy.sum(0).to((*w2_bias)[e].scalar_type()));
     if (mask[0] || mask[1] || mask[3]) {
-      auto [d_gate, d_up] = gate_backward(at::mm(dy, W2.t()), p_gate, p_up, act);
-      const at::Tensor dp = at::cat({d_gate, d_up}, 1);
+      const at::Tensor dp = gate_backward(at::mm(dy, W2.t()), pre, act);
       if (mask[1]) d_w13.push_back(at::mm(h.t(), dp).to(w13[e].scalar_type()));
       if (mask[3] && w13_bias) d_b13.push_back(dp.sum(0).to((*w13_bias)[e].scalar_type()));
       if (mask[0]) d_hidden.index_add_(0, tok, at::mm(dp, W13.t()));
