@@ -630,3 +630,26 @@ def test_expert_block_device_ids_drop_bad_ids_and_grads(nccl1):
     torch.testing.assert_close(y.double().cpu(), want, atol=1e-4, rtol=1e-4)
     y.sum().backward()
     assert all(leaf.grad is not None and leaf.grad.is_cuda for leaf in leaves)
+
+
+def test_expert_block_with_device_ids_costs_no_sync(nccl1):
+    """The block with topk_ids on the GPU: routing, gate_up, activation, down and combine with no
+    device-to-host sync (the ids are never read on the host)."""
+    gen = torch.Generator().manual_seed(7)
+    t, k, e, h, i = 48, 2, 8, 64, 32
+    dev = torch.device("cuda", 0)
+    x = torch.randn(t, h, generator=gen).to(dev, torch.bfloat16)
+    w13 = (torch.randn(e, h, 2 * i, generator=gen) / h ** 0.5).to(dev, torch.bfloat16)
+    w2 = (torch.randn(e, i, h, generator=gen) / i ** 0.5).to(dev, torch.bfloat16)
+    ids = torch.randint(0, e, (t, k), generator=gen).to(dev)
+    weights = torch.rand(t, k, generator=gen).to(dev)
+    kw = dict(topk_ids=ids, topk_weights=weights)
+    gmm_allreduce.grouped_mlp_all_reduce(x, w13, w2, nccl1, **kw)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            y = gmm_allreduce.grouped_mlp_all_reduce(x, w13, w2, nccl1, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert y.shape == (t, h)
