@@ -33,8 +33,9 @@ def _experts(arg: str, value) -> list[torch.Tensor]:
     raise TypeError(f"{arg}: expected a tensor or a list of tensors, got {type(value).__name__}")
 
 
-def _biases(arg: str, value) -> list[torch.Tensor] | None:
-    """None, a 2-D tensor [E, n] (its E rows) or a list of E 1-D tensors."""
+def _per_expert(arg: str, value) -> list[torch.Tensor] | None:
+    """A bias or scale per expert: None, a 2-D tensor [E, n] (its E rows) or a list of E 1-D
+    tensors."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -54,10 +55,10 @@ def _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bi
          "w13": _experts("w13", w13), "w2": _experts("w2", w2),
          "topk_ids": _tensor("topk_ids", topk_ids),
          "topk_weights": _tensor("topk_weights", topk_weights), "activation": activation,
-         "w13_bias": _biases("w13_bias", w13_bias), "w2_bias": _biases("w2_bias", w2_bias),
+         "w13_bias": _per_expert("w13_bias", w13_bias), "w2_bias": _per_expert("w2_bias", w2_bias),
          "shared_input": None if shared_input is None else _tensor("shared_input", shared_input),
-         "w13_antiquant_scale": _biases("w13_antiquant_scale", w13_antiquant_scale),
-         "w2_antiquant_scale": _biases("w2_antiquant_scale", w2_antiquant_scale)}
+         "w13_antiquant_scale": _per_expert("w13_antiquant_scale", w13_antiquant_scale),
+         "w2_antiquant_scale": _per_expert("w2_antiquant_scale", w2_antiquant_scale)}
     if a["w13_antiquant_scale"] is not None and torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad
             for t in (a["hidden_states"], a["topk_weights"], a["shared_input"],
@@ -67,85 +68,76 @@ def _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bi
     return a
 
 
-def _collective(op, operands, hcomm, comm_turn, reduce_dtype, async_op, check_ranks):
-    group_name = _group_name("hcomm", hcomm)
-    return op(*operands.values(), group_name, _int("comm_turn", comm_turn),
-              _bool("check_ranks", check_ranks), _dtype("reduce_dtype", reduce_dtype),
-              _async("async_op", async_op))
+def _collective_front(name: str, doc: str):
+    """The public function of the collective op `name`: the arguments normalised, the op called."""
+    op = getattr(torch.ops.gmm_allreduce, name)
+
+    def front(hidden_states: torch.Tensor, w13, w2, hcomm=None, *, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor, activation: str = "silu", w13_bias=None, w2_bias=None,
+              shared_input: torch.Tensor | None = None, comm_turn: int = 0,
+              reduce_dtype: torch.dtype | None = None, async_op: bool = False,
+              check_ranks: bool = False, w13_antiquant_scale=None,
+              w2_antiquant_scale=None) -> torch.Tensor:
+        operands = _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bias,
+                             w2_bias, shared_input, w13_antiquant_scale, w2_antiquant_scale)
+        return op(*operands.values(), _group_name("hcomm", hcomm), _int("comm_turn", comm_turn),
+                  _bool("check_ranks", check_ranks), _dtype("reduce_dtype", reduce_dtype),
+                  _async("async_op", async_op))
+
+    front.__name__ = front.__qualname__ = name
+    front.__doc__ = doc
+    return front
 
 
-def grouped_mlp_all_reduce(hidden_states: torch.Tensor, w13, w2, hcomm=None, *,
-                           topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                           activation: str = "silu", w13_bias=None, w2_bias=None,
-                           shared_input: torch.Tensor | None = None, comm_turn: int = 0,
-                           reduce_dtype: torch.dtype | None = None, async_op: bool = False,
-                           check_ranks: bool = False, w13_antiquant_scale=None,
-                           w2_antiquant_scale=None) -> torch.Tensor:
-    """An MoE expert block, tensor-parallel, summed over the ranks of a process group.
+grouped_mlp_all_reduce = _collective_front("grouped_mlp_all_reduce", doc="""\
+An MoE expert block, tensor-parallel, summed over the ranks of a process group.
 
-    With n ranks, rank r holding the I-slice of every expert (w13's gate and up columns, w2's
-    rows), every rank returns, for each token t::
+With n ranks, rank r holding the I-slice of every expert (w13's gate and up columns, w2's
+rows), every rank returns, for each token t::
 
-        out[t] = sum_r (shared_input^r[t] + sum over slots s with e = topk_ids[t, s] >= 0 of
-                 topk_weights[t, s] * (act(x[t] @ G_e^r + bg_e^r) * (x[t] @ U_e^r + bu_e^r)
-                                       @ w2_e^r + w2_bias_e / n))
+    out[t] = sum_r (shared_input^r[t] + sum over slots s with e = topk_ids[t, s] >= 0 of
+             topk_weights[t, s] * (act(x[t] @ G_e^r + bg_e^r) * (x[t] @ U_e^r + bu_e^r)
+                                   @ w2_e^r + w2_bias_e / n))
 
-    where x = hidden_states, G_e / U_e the first / last I columns of w13[e] (bg_e, bu_e those of
-    w13_bias[e]). Computed and summed in fp32 (fp64 for fp64), rounded once into x's dtype before
-    the collective.
+where x = hidden_states, G_e / U_e the first / last I columns of w13[e] (bg_e, bu_e those of
+w13_bias[e]). Computed and summed in fp32 (fp64 for fp64), rounded once into x's dtype before
+the collective.
 
-    Args:
-        hidden_states: [T, H], the tokens in their order (not permuted), the same on every rank.
-        w13: [E, H, 2I] (or a list of E [H, 2I]): gate columns, then up columns; any strides, so
-            that transformers' or vLLM's [E, 2I, H] passes as ``.transpose(1, 2)`` without a copy.
-        w2: [E, I, N] (or a list), any strides (``down_proj.transpose(1, 2)``).
-        hcomm: the process group (its name, the group, or None for the default group).
-        topk_ids: [T, k] int64/int32, the expert of each (token, slot); -1 for none. Checked on
-            the host (values in [-1, E)); a device tensor is not read on the host, and its ids
-            outside [0, E) are dropped.
-        topk_weights: [T, k] float, the routing weights.
-        activation: "silu" (silu(gate) * up), "gelu" (gelu(gate, tanh) * up) or "swigluoai"
-            (gpt-oss: g = min(gate, 7), u = clamp(up, -7, 7), g * sigmoid(1.702 g) * (u + 1);
-            gpt-oss checkpoints interleave gate and up columns: pass w13 as
-            ``torch.cat([w13[..., ::2], w13[..., 1::2]], -1)``, once).
-        w13_bias: None, [E, 2I] or a list of E [2I]: this rank's slice, added before the
-            activation.
-        w2_bias: None, [E, N] or a list of E [N]: counted once (each rank adds w2_bias / n).
-        shared_input: None or [T, N]: this rank's partial of a shared expert, added before the sum.
-        comm_turn, reduce_dtype, async_op, check_ranks: as for grouped_mat_mul_all_reduce (the
-            output's token rows cut into chunks, each summed while the next computes).
-        w13_antiquant_scale, w2_antiquant_scale: with int8 w13 and w2 (weight-only, inference),
-            their per-column scales, [E, 2I] and [E, N] (or lists): the weights are w * scale.
+Args:
+    hidden_states: [T, H], the tokens in their order (not permuted), the same on every rank.
+    w13: [E, H, 2I] (or a list of E [H, 2I]): gate columns, then up columns; any strides, so
+        that transformers' or vLLM's [E, 2I, H] passes as ``.transpose(1, 2)`` without a copy.
+    w2: [E, I, N] (or a list), any strides (``down_proj.transpose(1, 2)``).
+    hcomm: the process group (its name, the group, or None for the default group).
+    topk_ids: [T, k] int64/int32, the expert of each (token, slot); -1 for none. Checked on
+        the host (values in [-1, E)); a device tensor is not read on the host, and its ids
+        outside [0, E) are dropped.
+    topk_weights: [T, k] float, the routing weights.
+    activation: "silu" (silu(gate) * up), "gelu" (gelu(gate, tanh) * up) or "swigluoai"
+        (gpt-oss: g = min(gate, 7), u = clamp(up, -7, 7), g * sigmoid(1.702 g) * (u + 1);
+        gpt-oss checkpoints interleave gate and up columns: pass w13 as
+        ``torch.cat([w13[..., ::2], w13[..., 1::2]], -1)``, once).
+    w13_bias: None, [E, 2I] or a list of E [2I]: this rank's slice, added before the
+        activation.
+    w2_bias: None, [E, N] or a list of E [N]: counted once (each rank adds w2_bias / n).
+    shared_input: None or [T, N]: this rank's partial of a shared expert, added before the sum.
+    comm_turn, reduce_dtype, async_op, check_ranks: as for grouped_mat_mul_all_reduce (the
+        output's token rows cut into chunks, each summed while the next computes).
+    w13_antiquant_scale, w2_antiquant_scale: with int8 w13 and w2 (weight-only, inference),
+        their per-column scales, [E, 2I] and [E, N] (or lists): the weights are w * scale.
 
-    Returns:
-        [T, N] in hidden_states' dtype.
+Returns:
+    [T, N] in hidden_states' dtype.
 
-    Autograd: the gradients of hidden_states, w13, w2, both biases, topk_weights and shared_input;
-    the activation is recomputed in backward. hidden_states being the same on every rank, its
-    gradient is the sum of the ranks' parts (one all-reduce in backward, with topk_weights').
-    """
-    return _collective(torch.ops.gmm_allreduce.grouped_mlp_all_reduce,
-                       _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation,
-                                 w13_bias, w2_bias, shared_input, w13_antiquant_scale,
-                                 w2_antiquant_scale),
-                       hcomm, comm_turn, reduce_dtype, async_op, check_ranks)
+Autograd: the gradients of hidden_states, w13, w2, both biases, topk_weights and shared_input;
+the activation is recomputed in backward. hidden_states being the same on every rank, its
+gradient is the sum of the ranks' parts (one all-reduce in backward, with topk_weights').
+""")
 
-
-def grouped_mlp_reduce_scatter(hidden_states: torch.Tensor, w13, w2, hcomm=None, *,
-                               topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                               activation: str = "silu", w13_bias=None, w2_bias=None,
-                               shared_input: torch.Tensor | None = None, comm_turn: int = 0,
-                               reduce_dtype: torch.dtype | None = None, async_op: bool = False,
-                               check_ranks: bool = False, w13_antiquant_scale=None,
-                               w2_antiquant_scale=None) -> torch.Tensor:
-    """The expert block of grouped_mlp_all_reduce, its [T, N] sum scattered by rows over the
-    group's n ranks: rank r returns rows [r * T / n, (r + 1) * T / n) (T divisible by n).
-    Backward all-gathers the output's gradient first."""
-    return _collective(torch.ops.gmm_allreduce.grouped_mlp_reduce_scatter,
-                       _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation,
-                                 w13_bias, w2_bias, shared_input, w13_antiquant_scale,
-                                 w2_antiquant_scale),
-                       hcomm, comm_turn, reduce_dtype, async_op, check_ranks)
+grouped_mlp_reduce_scatter = _collective_front("grouped_mlp_reduce_scatter", doc="""\
+The expert block of grouped_mlp_all_reduce, its [T, N] sum scattered by rows over the
+group's n ranks: rank r returns rows [r * T / n, (r + 1) * T / n) (T divisible by n).
+Backward all-gathers the output's gradient first.""")
 
 
 def grouped_mlp(hidden_states: torch.Tensor, w13, w2, *, topk_ids: torch.Tensor,
