@@ -59,14 +59,6 @@ std::vector<Record> decode(const at::Tensor& all) {
   }
 }
 
-// The exchange tensor lives where the op's data does (NCCL takes no CPU tensors).
-at::Device exchange_device(const std::optional<Plan>& plan, const OpArgs& args) {
-  if (plan) return plan->device;
-  if (args.mlp.hidden) return args.mlp.hidden->device();
-  if (!args.x.empty() && args.x[0].defined()) return args.x[0].device();
-  return at::kCPU;
-}
-
 // Fingerprint: bits of the signature's hash.
 constexpr int64_t kBits = 32;
 
@@ -86,13 +78,11 @@ int64_t exact_integers(at::ScalarType dtype) {
 
 }  // namespace
 
-Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group,
-                      c10::function_ref<Plan(const OpArgs&)> planner) {
-  std::optional<Plan> plan;
+std::string agree(const GroupPtr& group, at::Device device,
+                  c10::function_ref<std::string()> check) {
   Record mine;
   try {
-    plan = planner(args);
-    mine.text = plan->signature();
+    mine.text = check();
     mine.hash = static_cast<int64_t>(std::hash<std::string>{}(mine.text));
   } catch (const c10::ValueError& e) {
     mine = {kValueError, 0, e.what_without_backtrace()};
@@ -104,7 +94,7 @@ Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group,
     mine = {kOtherError, 0, e.what_without_backtrace()};
   }
 
-  at::Tensor all = encode(mine, group->getRank(), group->getSize(), exchange_device(plan, args));
+  at::Tensor all = encode(mine, group->getRank(), group->getSize(), device);
   AllReduce exchange(group, all);
   exchange.start(all);
   exchange.wait();
@@ -121,6 +111,23 @@ Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group,
                       "check_ranks: ranks disagree on the call: rank 0 has ", records[0].text,
                       "; rank ", r, " has ", records[r].text);
   }
+  return mine.text;
+}
+
+Plan make_plan_agreed(const OpArgs& args, const GroupPtr& group,
+                      c10::function_ref<Plan(const OpArgs&)> planner) {
+  std::optional<Plan> plan;
+  // The exchange tensor lives where the op's data does (NCCL takes no CPU tensors).
+  at::Device device = at::kCPU;
+  if (args.mlp.hidden) {
+    device = args.mlp.hidden->device();
+  } else if (!args.x.empty() && args.x[0].defined()) {
+    device = args.x[0].device();
+  }
+  agree(group, device, [&] {
+    plan = planner(args);
+    return plan->signature();
+  });
   return *plan;
 }
 

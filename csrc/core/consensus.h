@@ -19,6 +19,12 @@
 
 namespace gmm_allreduce {
 
+// check() on every rank, then one small all-reduce that exchanges each rank's verdict: raises on
+// all ranks alike, before anything else moves, if any rank's check raised (naming that rank and
+// its error) or the ranks' returned signatures differ (naming both). Returns this rank's
+// signature. `device`: where the exchange runs (NCCL takes no CPU tensors).
+std::string agree(const GroupPtr& group, at::Device device, c10::function_ref<std::string()> check);
+
 // planner(args) (make_plan and the collective's rules) on every rank, then one small all-reduce
 // that exchanges each rank's verdict. Raises on all ranks alike if any rank's call is invalid or
 // the ranks' plans disagree.
