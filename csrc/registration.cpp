@@ -29,6 +29,12 @@
 #define GMM_MLP_COLLECTIVE \
   "str group_name, int comm_turn, bool check_ranks, ScalarType? reduce_dtype, bool async_op"
 
+// The expert-parallel ops' operands (core/expert_parallel.cpp): this rank's rows, its e experts'
+// weights, the group and the rows' counts per (rank, local expert), a shared expert's product.
+#define GMM_EP_OPERANDS                                                               \
+  "Tensor x, Tensor[] weight, str group_name, int[] send_counts, int[] recv_counts, " \
+  "Tensor? shared_x, Tensor? shared_weight, "
+
 TORCH_LIBRARY(gmm_allreduce, m) {
   // The grouped products, summed over the group's ranks (core/collective.cpp has each op's
   // collective).
@@ -62,6 +68,21 @@ TORCH_LIBRARY(gmm_allreduce, m) {
       "Tensor[]? bias, int[]? group_list, Tensor? group_list_tensor, int split_item, "
       "int group_list_type, Tensor? combine_index, Tensor? combine_weight, int world_size, "
       "bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor)");
+  // Expert parallelism: the rows dispatched to their experts' ranks by an all-to-all-v, then
+  // multiplied (-> y expert-major, shared_x @ shared_weight, the received rows when
+  // return_permuted; empty tensors for what is not asked) ...
+  m.def("all_to_all_grouped_mat_mul(" GMM_EP_OPERANDS
+        "bool return_permuted, bool check_ranks) -> (Tensor, Tensor, Tensor)");
+  // ... and the inverse: the products returned to their senders in their original order,
+  // combined there into token rows with combine_index (-> out, the shared product, and with the
+  // combine the returned rows before it).
+  m.def("grouped_mat_mul_all_to_all(" GMM_EP_OPERANDS
+        "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, bool check_ranks) -> "
+        "(Tensor, Tensor, Tensor)");
+  // Their all-to-all alone: x's rows moved as the dispatch (to_experts) or the return moves them.
+  m.def(
+      "_all_to_all_rows(Tensor x, str group_name, int[] send_counts, int[] recv_counts, int e, "
+      "bool to_experts) -> Tensor");
   // The op's all-reduce alone (comm/ops.cpp): the in-place sum of the contiguous `t` over the
   // group, the way the op sums its buffer (the benchmark's comm_op line).
   m.def("_all_reduce_(Tensor(a!) t, str group_name) -> ()");

@@ -8,7 +8,8 @@ import torch
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.gmm_allreduce)
 
 OPS = ("grouped_mat_mul_all_reduce", "grouped_mat_mul_reduce_scatter", "grouped_mat_mul",
-       "grouped_mlp_all_reduce", "grouped_mlp_reduce_scatter", "grouped_mlp")
+       "grouped_mlp_all_reduce", "grouped_mlp_reduce_scatter", "grouped_mlp",
+       "all_to_all_grouped_mat_mul", "grouped_mat_mul_all_to_all")
 
 NAMES = {op: tuple(arg.name for arg in getattr(torch.ops.gmm_allreduce, op).default._schema.arguments)
          for op in OPS}

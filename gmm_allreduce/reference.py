@@ -103,3 +103,34 @@ def expert_block(hidden, w13, w2, topk_ids, topk_weights, activation="silu", w13
             rows = rows + w2_bias[e] / world_size
         out = out.index_add(0, token, rows * topk_weights[token, slot, None])
     return out if shared_input is None else out + shared_input
+
+
+def expert_parallel(xs, weights, send_counts, combine=None):
+    """The expert-parallel pair in float64, from every rank's inputs (no collective).
+
+    xs[s]: rank s's rows in (destination rank, local expert) order; weights[r]: rank r's e
+    weights; send_counts[s][r*e + i]: rows rank s sends to expert i of rank r. Returns, per rank,
+    (y, returned): y the dispatch's products on the experts' rank (expert-major: expert i's rows
+    from rank 0, 1, ...), returned the same products back on their senders in x's order, or
+    combined there when combine[s] = (index, weight, num_tokens) is given."""
+    n, e = len(xs), len(weights[0])
+    ys, back = [], [[None] * (n * e) for _ in range(n)]
+    pieces = [list(torch.split(x.double(), list(c))) for x, c in zip(xs, send_counts)]
+    for r in range(n):
+        parts = []
+        for i in range(e):
+            for s in range(n):
+                prod = pieces[s][r * e + i] @ weights[r][i].double()
+                parts.append(prod)
+                back[s][r * e + i] = prod
+        ys.append(torch.cat(parts))
+    out = []
+    for s in range(n):
+        rows = torch.cat(back[s])
+        if combine is not None and combine[s] is not None:
+            index, weight, tokens = combine[s]
+            scaled = rows if weight is None else rows * weight.double().unsqueeze(1)
+            rows = torch.zeros(tokens, rows.shape[1], dtype=torch.float64).index_add_(
+                0, index.long(), scaled)
+        out.append(rows)
+    return ys, out

@@ -27,7 +27,10 @@
 
 #include <chrono>
 #include <memory>
+#include <string>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <utility>
+#include <vector>
 
 namespace gmm_allreduce {
 
@@ -54,6 +57,19 @@ class SameHostGroup {
   // pieces' next slices in, then sums the slices meant for it, in rank order as sum() does.
   // Returns false as sum() does.
   bool reduce_scatter(const std::vector<at::Tensor>& pieces, const at::Tensor& out);
+
+  // Rows of a contiguous tensor, as runs (first row, row count), in order.
+  using Runs = std::vector<std::pair<int64_t, int64_t>>;
+
+  // An all-to-all-v of rows (comm/all_to_all.h): this rank's rows send[r] of `in` go to rank r,
+  // whose rows recv[s] of `out` receive rank s's rows (in and out: contiguous CPU tensors of one
+  // dtype and row width). In rounds of at most the slot's bytes per rank: each rank copies its
+  // rows for rank r (the next bytes of them) into region r of its slot, then copies from every
+  // rank's slot region for it; rows for itself are copied directly. The first round also carries
+  // every rank's row counts (sent to, expected from each rank): when they disagree, every rank
+  // raises the same ValueError and the object stays usable. Returns false as sum() does.
+  bool all_to_all(const at::Tensor& in, const std::vector<Runs>& send, const at::Tensor& out,
+                  const std::vector<Runs>& recv);
 
   int rank() const { return rank_; }
   int world() const { return world_; }
