@@ -63,6 +63,10 @@ class Case:
     # the combine of the tokens' top_k rows, for the op composed as the transformers integration
     # calls it against other MLPs (bench/mlp.py); m holds the routed rows per expert.
     mlp: bool = False
+    # Expert parallelism (benchmark scenarios only, bench/ep.py): "mlp" (dispatch, gate_up,
+    # SiLU * up, down, return, combine) or "down" (the down projection, return and combine) over
+    # the ranks, each owning groups / n whole experts; None otherwise.
+    ep: str | None = None
 
     @property
     def groups(self) -> int:

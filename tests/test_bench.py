@@ -99,3 +99,24 @@ def test_the_mlp_scenario_checks_its_methods(world1, pools):
     methods = ["block", "fused", "fp32", "torch_loop"]
     assert _mlp_methods(methods) == ["block", "fp32", "fused@0", "torch_loop"]
     assert pools(2).run(_mlp_methods, methods) == [["block", "fp32", "fused@0", "torch_loop"]] * 2
+
+
+def _ep_methods(kind: str):
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from gmm_allreduce.bench.ep import EP, make_ep_methods
+    from gmm_allreduce.bench.scenarios import load
+
+    case = next(c for c in load()["cpu"] if c.ep == kind)
+    case = dataclasses.replace(case, m=(20,) * 4, k=(64,) * 4, n=(32,) * 4, tokens=40, top_k=2)
+    return sorted(make_ep_methods(case, list(EP), dist.get_world_size()))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "down"])
+def test_the_expert_parallel_scenarios_check_their_methods(pools, kind):
+    """The expert-parallel scenarios' methods on small shapes at world size 2: the fused ops
+    through shared memory and through gloo and the all_to_all_single composition, each checked
+    against the float64 reference when made."""
+    assert pools(2).run(_ep_methods, kind) == [["composed", "ep", "ep_gloo"]] * 2

@@ -21,6 +21,7 @@ import torch
 
 from ..cpu import TIERS, cpu_capabilities, cpu_description, emulation_env
 from . import report, runner
+from .ep import EP
 from .methods import COMMON, EXTRA, FP32, GPU_ONLY
 from .mlp import MLP
 from .scenarios import DTYPES, SHAPES, load
@@ -38,7 +39,7 @@ def parse(argv):
     p.add_argument("--comm-turns", type=int, nargs="+", default=[0], metavar="K",
                    help="comm_turn values of the fused op (default: 0)")
     p.add_argument("--methods", nargs="+", default=list(COMMON),
-                   choices=[*COMMON, *EXTRA, *GPU_ONLY, FP32, *MLP],
+                   choices=[*COMMON, *EXTRA, *GPU_ONLY, FP32, *MLP, *EP],
                    help=f"default: {' '.join(COMMON)}")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--dtype", choices=sorted(DTYPES),

@@ -79,6 +79,10 @@ def make_methods(case: Case, methods, comm_turns, device: torch.device) -> dict[
         w = list(torch.stack(list(w)).transpose(-2, -1).contiguous().transpose(-2, -1).unbind(0))
         inputs["weight"] = w
     calls: dict[str, Callable] = {}
+    if case.ep:  # expert parallelism: its own methods (bench/ep.py)
+        from .ep import EP, make_ep_methods
+
+        return make_ep_methods(case, [m for m in methods if m in EP] or list(EP), world)
     if case.mlp:  # the block op and the PyTorch loop always, vLLM where installed or asked for
         import importlib.util
 

@@ -54,6 +54,8 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
             row["vs_float"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["float"]))
         if name == "block" and "fused@0" in slowest:  # the block op over the op composed
             row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest["fused@0"]))
+        if name.startswith("ep") and "composed" in slowest:  # expert parallelism's fused ops
+            row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest["composed"]))
         if name == "block_int8" and "block" in slowest:  # int8 weights over the float block
             row["vs_float"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["block"]))
         if name.startswith(("fused@", "block")) and "vllm" in slowest:  # over the peer (MLPs)
@@ -120,7 +122,7 @@ def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [", ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "| scenario | method | comm_turn | ms, median (IQR) | TFLOP/s | host µs | vs unfused | "
-             "vs best (op / best composition; comm_op / comm; rs / rs_grouped_mm; "
+             "vs best (op / best composition; comm_op / comm; rs / rs_grouped_mm; ep / composed; "
              "fused_fp32 / fused; block / fused) | vs float (quantised op / float op) | "
              "vs fp32 (op / the call in fp32) | vs peer (op / vLLM) | time vs comm_turn=0 | efficiency |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -36,7 +36,7 @@ def scenario_case(s: dict) -> Case:
     def per_group(v):
         return tuple(v) if isinstance(v, list) else (v,) * g
 
-    if s.get("mlp"):  # the rows each expert gets from the router's top-k
+    if s.get("mlp") or s.get("ep"):  # the rows each expert gets from the router's top-k
         from .mlp import routing
 
         index, _ = routing(s["tokens"], s["top_k"], g, s["seed"])
@@ -48,7 +48,7 @@ def scenario_case(s: dict) -> Case:
     combine = {"tokens": s["tokens"], "top_k": s["top_k"]} if "tokens" in s else {}
     return Case(name=s["name"], split_item=s["split_item"], m=m, k=per_group(s["K"]),
                 n=per_group(s["N"]), dtype=DTYPES[s["dtype"]], seed=s["seed"],
-                quant=s.get("quant"), mlp=bool(s.get("mlp")), **combine)
+                quant=s.get("quant"), mlp=bool(s.get("mlp")), ep=s.get("ep"), **combine)
 
 
 def load(path: Path = SHAPES) -> dict[str, list[Case]]:
@@ -59,4 +59,5 @@ def load(path: Path = SHAPES) -> dict[str, list[Case]]:
 
 def flops(case: Case) -> float:
     one = sum(2.0 * m * k * n for m, k, n in zip(case.m, case.k, case.n))
-    return 3 * one if case.mlp else one  # an MLP: gate_up (2N columns) and down
+    # An MLP: gate_up (2N columns) and down; expert parallelism's "down": N is the expert's input.
+    return 3 * one if case.mlp or case.ep == "mlp" else one
