@@ -273,19 +273,23 @@ def _ascend_weight(arg: str, weight, transposed: bool):
     return [w.t() for w in weights] if _bool(f"trans_{arg}", transposed) else weights
 
 
-def _ascend_counts(world, hcom, counts, tensor, arg):
-    n = _int("ep_world_size", world)
+def _ascend(gmm_weight, hcom, ep_world_size, send_counts, recv_counts, send_counts_tensor,
+            recv_counts_tensor, mm_x, mm_weight, trans_gmm_weight, trans_mm_weight) -> dict:
+    """Ascend's arguments as ours (everything but x and the op's own flags)."""
+    n = _int("ep_world_size", ep_world_size)
     group = _group_name("hcom", hcom)
     size = torch.distributed.distributed_c10d._resolve_process_group(group).size()
     if n != size:
         raise ValueError(f"ep_world_size: expected the group's size {size}, got {n}")
-    return group, _counts(arg, counts if tensor is None else tensor)
-
-
-def _ascend_shared(mm_x, mm_weight, trans_mm_weight):
     if mm_weight is not None and _bool("trans_mm_weight", trans_mm_weight):
         mm_weight = _tensor("mm_weight", mm_weight).t()
-    return _optional("mm_x", mm_x), _optional("mm_weight", mm_weight)
+    return dict(
+        weight=_ascend_weight("gmm_weight", gmm_weight, trans_gmm_weight), hcomm=group,
+        send_counts=_counts("send_counts", send_counts if send_counts_tensor is None
+                            else send_counts_tensor),
+        recv_counts=_counts("recv_counts", recv_counts if recv_counts_tensor is None
+                            else recv_counts_tensor),
+        shared_x=_optional("mm_x", mm_x), shared_weight=_optional("mm_weight", mm_weight))
 
 
 def npu_alltoallv_gmm(gmm_x, gmm_weight, hcom, ep_world_size, send_counts, recv_counts, *,
@@ -294,14 +298,10 @@ def npu_alltoallv_gmm(gmm_x, gmm_weight, hcom, ep_world_size, send_counts, recv_
     """torch_npu's npu_alltoallv_gmm: all_to_all_grouped_mat_mul under Ascend's names
     (send_counts_tensor / recv_counts_tensor, when given, replace the lists; trans_* mark
     weights given as [e, N, K] / [N', K']). Returns (gmm_y, mm_y or None, permute_out or None)."""
-    group, send = _ascend_counts(ep_world_size, hcom, send_counts, send_counts_tensor,
-                                 "send_counts")
-    recv = _counts("recv_counts", recv_counts if recv_counts_tensor is None else recv_counts_tensor)
-    sx, sw = _ascend_shared(mm_x, mm_weight, trans_mm_weight)
-    return all_to_all_grouped_mat_mul(
-        gmm_x, _ascend_weight("gmm_weight", gmm_weight, trans_gmm_weight), group,
-        send_counts=send, recv_counts=recv, shared_x=sx, shared_weight=sw,
-        return_permuted=_bool("permute_out_flag", permute_out_flag))
+    a = _ascend(gmm_weight, hcom, ep_world_size, send_counts, recv_counts, send_counts_tensor,
+                recv_counts_tensor, mm_x, mm_weight, trans_gmm_weight, trans_mm_weight)
+    return all_to_all_grouped_mat_mul(gmm_x, **a,
+                                      return_permuted=_bool("permute_out_flag", permute_out_flag))
 
 
 def npu_gmm_alltoallv(gmm_x, gmm_weight, hcom, ep_world_size, send_counts, recv_counts, *,
@@ -309,10 +309,6 @@ def npu_gmm_alltoallv(gmm_x, gmm_weight, hcom, ep_world_size, send_counts, recv_
                       trans_gmm_weight=False, trans_mm_weight=False):
     """torch_npu's npu_gmm_alltoallv: grouped_mat_mul_all_to_all under Ascend's names. Returns
     (y, mm_y or None)."""
-    group, send = _ascend_counts(ep_world_size, hcom, send_counts, send_counts_tensor,
-                                 "send_counts")
-    recv = _counts("recv_counts", recv_counts if recv_counts_tensor is None else recv_counts_tensor)
-    sx, sw = _ascend_shared(mm_x, mm_weight, trans_mm_weight)
-    return grouped_mat_mul_all_to_all(
-        gmm_x, _ascend_weight("gmm_weight", gmm_weight, trans_gmm_weight), group,
-        send_counts=send, recv_counts=recv, shared_x=sx, shared_weight=sw)
+    a = _ascend(gmm_weight, hcom, ep_world_size, send_counts, recv_counts, send_counts_tensor,
+                recv_counts_tensor, mm_x, mm_weight, trans_gmm_weight, trans_mm_weight)
+    return grouped_mat_mul_all_to_all(gmm_x, **a)
