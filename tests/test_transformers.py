@@ -85,3 +85,51 @@ def test_the_implementation_is_selected(world1):
     experts = model.model.layers[0].mlp.experts
     assert experts.config._experts_implementation == "gmm_allreduce"
     assert experts.gate_up_proj.shape == (8, 32, 32) and experts.down_proj.shape == (8, 32, 16)
+
+
+def expert_parallel_logits_and_grads(dtype):
+    """shard_experts(mode="ep"), each rank its own two sequences of one batch: its logits are the
+    single process's rows of them; its experts' gradients the single process's (every rank's
+    tokens reach them); the replicated parameters' gradients, summed over the ranks (as DDP
+    would), the single process's."""
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    ids = torch.randint(0, 96, (2 * ranks, 11), generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(2 * ranks, 11, 96, generator=torch.Generator().manual_seed(2)).to(dtype)
+    mine = slice(2 * rank, 2 * rank + 2)
+
+    def run(model, ids, probe):
+        logits = model(input_ids=ids).logits
+        (logits * probe).sum().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    want_logits, want_grads = run(tiny_qwen2_moe(dtype), ids, probe)
+    model = shard_experts(tiny_qwen2_moe(dtype), mode="ep")
+    assert model.config._experts_implementation == "gmm_allreduce_ep"
+    got_logits, got_grads = run(model, ids[mine], probe[mine])
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got_logits, want_logits[mine], **tol)
+    experts = 8 // ranks
+    for name, grad in got_grads.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            want = want_grads[name][rank * experts:(rank + 1) * experts]
+        else:
+            grad = grad.float()
+            dist.all_reduce(grad)
+            want = want_grads[name].float()
+            if dtype == torch.bfloat16:  # bf16 gradients of two batches summed, against one
+                # batch's: rounded apart elementwise, near-cancelling elements most
+                assert float((grad - want).norm() / want.norm()) < 2e-2, name
+                continue
+        torch.testing.assert_close(grad, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"w{w}")
+def test_expert_parallel_qwen2_moe_matches_one_process(pools, world, dtype):
+    assert all(pools(world).run(expert_parallel_logits_and_grads, dtype))
+
+
+def test_shard_experts_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="mode: expected"):
+        shard_experts(torch.nn.Linear(2, 2), mode="dp")

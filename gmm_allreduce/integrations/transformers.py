@@ -13,6 +13,16 @@ named by ``config._experts_implementation``. Importing this module registers ``"
   (``gmm_allreduce.grouped_mat_mul`` on the rows sorted by expert), then the down projection, the
   combine and the all-reduce in one call of ``grouped_mat_mul_all_reduce``.
 
+``shard_experts(model, group, mode="ep")`` splits the experts instead (expert parallelism,
+``"gmm_allreduce_ep"``): each rank keeps E/n whole experts (rank r experts ``[r E/n, (r+1) E/n)``)
+and its own tokens (data parallel). Per MoE block: the routing's (token, slot) pairs sorted by
+expert, the counts exchanged (``dist.all_to_all_single``), the rows dispatched to their experts'
+ranks and multiplied by gate_up there (``all_to_all_grouped_mat_mul``), the gated activation, then
+the down products returned and combined into the token rows (``grouped_mat_mul_all_to_all``). The
+shared expert stays whole on every rank. Gradients flow back through both all-to-alls: an expert's
+gradient sums every rank's tokens, the replicated parameters' are each rank's own (data parallel:
+sum them over the group, as DDP does).
+
 ``shard_experts(model, group)`` turns a loaded model (the same weights on every rank) into that
 layout and selects the implementation. A block with a shared expert (Qwen2-MoE's
 ``shared_expert`` and ``shared_expert_gate``) gets it split alike (gate/up column-parallel,
@@ -32,9 +42,11 @@ import torch.nn.functional as F
 from transformers.integrations.moe import ExpertsInterface
 
 from ..block import grouped_mlp_all_reduce
+from ..expert_parallel import all_to_all_grouped_mat_mul, grouped_mat_mul_all_to_all
 from ..ops import grouped_mat_mul, grouped_mat_mul_all_reduce
 
 NAME = "gmm_allreduce"
+NAME_EP = "gmm_allreduce_ep"
 
 # transformers' activation names (ACT2FN) that the block op computes.
 _BLOCK_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu",
@@ -93,6 +105,32 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 ExpertsInterface.register(NAME, experts_forward)
 
 
+def experts_forward_ep(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "gmm_allreduce_ep" experts implementation, on a module split by
+    shard_experts(mode="ep"): this rank's tokens through every rank's experts."""
+    group = self._gmm_group
+    tokens, top_k = top_k_index.shape
+    experts = self._gmm_experts  # E, over all ranks
+    expert_ids = top_k_index.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)  # by (rank, local expert): by global expert
+    send = torch.bincount(expert_ids, minlength=experts)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[s*e + i]: rank s's rows for my i
+    send, recv = send.tolist(), recv.tolist()
+    up, _, _ = all_to_all_grouped_mat_mul(hidden_states[order // top_k],
+                                          self.gate_up_proj.transpose(1, 2), group,
+                                          send_counts=send, recv_counts=recv)
+    out, _ = grouped_mat_mul_all_to_all(
+        self._apply_gate(up), self.down_proj.transpose(1, 2), group, send_counts=recv,
+        recv_counts=send, combine_index=order // top_k,
+        combine_weight=top_k_weights.reshape(-1)[order], num_tokens=tokens)
+    return out
+
+
+ExpertsInterface.register(NAME_EP, experts_forward_ep)
+
+
 def _shared_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """Qwen2-MoE's sparse block with a sharded shared expert, whose partial joins the routed
     experts' one collective."""
@@ -125,11 +163,17 @@ def _shard_linear(linear: torch.nn.Linear, dim: int, rank: int, ranks: int, what
     linear.weight = torch.nn.Parameter(_slice(linear.weight.data, dim, rank, ranks, what).clone())
 
 
-def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> torch.nn.Module:
+def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup | None = None, *,
+                  mode: str = "tp") -> torch.nn.Module:
     """Splits every experts module of `model` (the same weights on every rank) over `group`'s
-    ranks and selects the "gmm_allreduce" experts implementation; returns the model."""
+    ranks and selects the matching experts implementation; returns the model. mode "tp": every
+    expert split along its intermediate dim (tensor parallel, the same tokens on every rank);
+    "ep": E/n whole experts per rank (expert parallel, each rank its own tokens)."""
+    if mode not in ("tp", "ep"):
+        raise ValueError(f"mode: expected \"tp\" or \"ep\", got {mode!r}")
     group = group if group is not None else dist.group.WORLD
     rank, ranks = dist.get_rank(group), dist.get_world_size(group)
+    name_used = NAME if mode == "tp" else NAME_EP
     found = 0
     for name, module in model.named_modules():
         if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")
@@ -138,19 +182,27 @@ def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup | None = None
         if module.is_transposed or not module.is_concatenated or module.has_bias:
             raise NotImplementedError(f"{name}: only [E, 2I, H] concatenated gate_up_proj and "
                                       "[E, H, I] down_proj without bias are supported")
-        gate, up = module.gate_up_proj.data.chunk(2, dim=1)
-        module.gate_up_proj = torch.nn.Parameter(torch.cat(
-            [_slice(gate, 1, rank, ranks, f"{name}.gate_up_proj"),
-             _slice(up, 1, rank, ranks, f"{name}.gate_up_proj")], dim=1).contiguous())
-        module.down_proj = torch.nn.Parameter(
-            _slice(module.down_proj.data, 2, rank, ranks, f"{name}.down_proj").contiguous())
+        if mode == "ep":
+            experts = module.gate_up_proj.shape[0]
+            module.gate_up_proj = torch.nn.Parameter(
+                _slice(module.gate_up_proj.data, 0, rank, ranks, f"{name}.gate_up_proj").clone())
+            module.down_proj = torch.nn.Parameter(
+                _slice(module.down_proj.data, 0, rank, ranks, f"{name}.down_proj").clone())
+            module._gmm_experts = experts
+        else:
+            gate, up = module.gate_up_proj.data.chunk(2, dim=1)
+            module.gate_up_proj = torch.nn.Parameter(torch.cat(
+                [_slice(gate, 1, rank, ranks, f"{name}.gate_up_proj"),
+                 _slice(up, 1, rank, ranks, f"{name}.gate_up_proj")], dim=1).contiguous())
+            module.down_proj = torch.nn.Parameter(
+                _slice(module.down_proj.data, 2, rank, ranks, f"{name}.down_proj").contiguous())
         module._gmm_group = group
-        module.config._experts_implementation = NAME
+        module.config._experts_implementation = name_used
         found += 1
     for name, block in model.named_modules():
-        if not (hasattr(block, "shared_expert") and hasattr(block, "experts")
-                and hasattr(block.experts, "_gmm_group")):
-            continue
+        if mode == "ep" or not (hasattr(block, "shared_expert") and hasattr(block, "experts")
+                                and hasattr(block.experts, "_gmm_group")):
+            continue  # expert parallelism keeps the shared expert whole on every rank
         mlp = block.shared_expert
         _shard_linear(mlp.gate_proj, 0, rank, ranks, f"{name}.shared_expert.gate_proj")
         _shard_linear(mlp.up_proj, 0, rank, ranks, f"{name}.shared_expert.up_proj")
@@ -158,5 +210,5 @@ def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup | None = None
         block.forward = types.MethodType(_shared_block_forward, block)
     if not found:
         raise ValueError("model: no experts module (gate_up_proj and down_proj) to shard")
-    model.config._experts_implementation = NAME
+    model.config._experts_implementation = name_used
     return model
