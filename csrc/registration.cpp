@@ -75,10 +75,10 @@ TORCH_LIBRARY(gmm_allreduce, m) {
         "bool return_permuted, bool check_ranks) -> (Tensor, Tensor, Tensor)");
   // ... and the inverse: the products returned to their senders in their original order,
   // combined there into token rows with combine_index (-> out, the shared product, and with the
-  // combine the returned rows before it).
+  // combine and keep_rows the returned rows before it).
   m.def("grouped_mat_mul_all_to_all(" GMM_EP_OPERANDS
-        "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, bool check_ranks) -> "
-        "(Tensor, Tensor, Tensor)");
+        "Tensor? combine_index, Tensor? combine_weight, int? num_tokens, bool keep_rows, "
+        "bool check_ranks) -> (Tensor, Tensor, Tensor)");
   // Their all-to-all alone: x's rows moved as the dispatch (to_experts) or the return moves them.
   m.def(
       "_all_to_all_rows(Tensor x, str group_name, int[] send_counts, int[] recv_counts, int e, "

@@ -123,11 +123,13 @@ def grouped_mat_mul_all_to_all(x: torch.Tensor, weight, hcomm=None, *, send_coun
     """
     n_tokens = None if num_tokens is None else _int("num_tokens", num_tokens)
     sx, sw = _optional("shared_x", shared_x), _optional("shared_weight", shared_weight)
+    cw = _optional("combine_weight", combine_weight)
+    # combine_weight's gradient needs the returned rows: kept only when it will be asked for.
     out, shared_y, _ = torch.ops.gmm_allreduce.grouped_mat_mul_all_to_all(
         _tensor("x", x), _experts("weight", weight), _group_name("hcomm", hcomm),
         _counts("send_counts", send_counts), _counts("recv_counts", recv_counts), sx, sw,
-        _optional("combine_index", combine_index), _optional("combine_weight", combine_weight),
-        n_tokens, _bool("check_ranks", check_ranks))
+        _optional("combine_index", combine_index), cw, n_tokens, _needs_grad(cw),
+        _bool("check_ranks", check_ranks))
     return out, _none_if_empty(shared_y, sx is not None)
 
 
@@ -144,13 +146,14 @@ def _dispatch_fake(x, weight, group_name, send_counts, recv_counts, shared_x, sh
 
 @torch.library.register_fake("gmm_allreduce::grouped_mat_mul_all_to_all")
 def _return_fake(x, weight, group_name, send_counts, recv_counts, shared_x, shared_weight,
-                 combine_index, combine_weight, num_tokens, check_ranks):
+                 combine_index, combine_weight, num_tokens, keep_rows, check_ranks):
     rows = x.new_empty((sum(recv_counts), weight[0].shape[1]))
     shared = (x.new_empty((shared_x.shape[0], shared_weight.shape[1])) if shared_x is not None
               else x.new_empty((0,)))
     if combine_index is None:
         return rows, shared, x.new_empty((0,))
-    return x.new_empty((num_tokens, weight[0].shape[1])), shared, rows
+    return (x.new_empty((num_tokens, weight[0].shape[1])), shared,
+            rows if keep_rows else x.new_empty((0,)))
 
 
 @torch.library.register_fake("gmm_allreduce::_all_to_all_rows")
@@ -210,7 +213,7 @@ def _backward_dispatch(ctx, grad_y, grad_shared, grad_permuted):
     if ctx.needs_x:
         grad_x = torch.ops.gmm_allreduce.grouped_mat_mul_all_to_all(
             grad_y.contiguous(), _transposed(weight), ctx.group, ctx.recv, ctx.send, None, None,
-            None, None, None, False)[0]
+            None, None, None, False, False)[0]
         if grad_permuted is not None and grad_permuted.numel():
             grad_x = grad_x + torch.ops.gmm_allreduce._all_to_all_rows(
                 grad_permuted.contiguous(), ctx.group, ctx.recv, ctx.send, ctx.e, False)

@@ -110,19 +110,26 @@ def _rounds():
     finally:
         del os.environ["GMM_ALLREDUCE_SHM_BYTES"]
     r, n = dist.get_rank(), dist.get_world_size()
-    counts, recv, xs, ws, _ = case(n, 2, seed=7, k=33, most=300)
+    counts, recv, xs, ws, comb = case(n, 2, seed=7, k=33, most=300)
     ys, outs = expert_parallel(xs, ws, counts)
+    _, combined = expert_parallel(xs, ws, counts, comb)
     y, _, perm = gmm_allreduce.all_to_all_grouped_mat_mul(
         xs[r].float(), ws[r].float(), group, send_counts=counts[r], recv_counts=recv[r],
         return_permuted=True)
     out, _ = gmm_allreduce.grouped_mat_mul_all_to_all(perm, ws[r].float(), group,
                                                       send_counts=recv[r], recv_counts=counts[r])
-    return sum(counts[r]) * 33 * 4, rel(y, ys[r]), rel(out, outs[r])
+    # The combine taken from the slots as the rows arrive, round by round.
+    idx, w, tokens = comb[r]
+    summed, _ = gmm_allreduce.grouped_mat_mul_all_to_all(
+        perm, ws[r].float(), group, send_counts=recv[r], recv_counts=counts[r],
+        combine_index=idx, combine_weight=w.float(), num_tokens=tokens)
+    return (sum(counts[r]) * 33 * 4, rel(y, ys[r]), rel(out, outs[r]),
+            rel(summed, combined[r]))
 
 
 def test_rounds_larger_than_the_slot(pools):
-    for sent, e1, e2 in pools(2).run(_rounds):
-        assert sent > 64 * 1024 and e1 < 1e-5 and e2 < 1e-5
+    for sent, e1, e2, e3 in pools(2).run(_rounds):
+        assert sent > 64 * 1024 and e1 < 1e-5 and e2 < 1e-5 and e3 < 1e-5
 
 
 def _shared_and_unchanged():
@@ -413,7 +420,7 @@ def test_opcheck_and_compile(world1):
     idx, cw, tokens = comb[0]
     torch.library.opcheck(torch.ops.gmm_allreduce.grouped_mat_mul_all_to_all,
                           (x, w, name, recv[0], counts[0], None, None, idx, cw.float(), tokens,
-                           False))
+                           True, False))
 
     def trip(x, w):
         y, _, _ = gmm_allreduce.all_to_all_grouped_mat_mul(x, w, world1, send_counts=counts[0],

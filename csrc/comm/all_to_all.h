@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 #include <utility>
 #include <vector>
@@ -23,5 +24,14 @@ using RowRuns = std::vector<std::pair<int64_t, int64_t>>;
 // every rank through shared memory, and whatever the backend does otherwise.
 void all_to_all_rows(const GroupPtr& group, const at::Tensor& in, const std::vector<RowRuns>& send,
                      const at::Tensor& out, const std::vector<RowRuns>& recv);
+
+// Where received rows go instead of a tensor: `count` whole rows at `data` (in's width and dtype,
+// contiguous), rows [first, first + count) of those rank `from` sends this rank.
+using RowSink = c10::function_ref<void(int from, int64_t first, int64_t count, const char* data)>;
+
+// The same for CPU tensors, recv_rows[s] rows from rank s handed to `sink` as they arrive (each
+// sender's in order; through shared memory, straight from the senders' slots).
+void all_to_all_rows(const GroupPtr& group, const at::Tensor& in, const std::vector<RowRuns>& send,
+                     const std::vector<int64_t>& recv_rows, RowSink sink);
 
 }  // namespace gmm_allreduce

@@ -63,6 +63,33 @@ AxpyKernel<float> float_kernel(at::ScalarType y) {
 
 }  // namespace
 
+void add_rows_into(const at::Tensor& acc, const at::Tensor& rows, const int64_t* index,
+                   const void* weight) {
+  const int64_t n = acc.size(1);
+  TORCH_INTERNAL_ASSERT(
+      acc.is_cpu() && acc.is_contiguous() && rows.dim() == 2 && rows.size(1) == n &&
+          (rows.size(0) == 0 || rows.stride(1) == 1),
+      "add_rows_into: acc [T, N] contiguous and rows [r, N] with contiguous rows");
+  const auto* y = static_cast<const char*>(rows.const_data_ptr());
+  const int64_t row_bytes = rows.stride(0) * static_cast<int64_t>(rows.element_size());
+  if (acc.scalar_type() == at::kDouble) {
+    TORCH_INTERNAL_ASSERT(rows.scalar_type() == at::kDouble, "add_rows_into: fp64 rows expected");
+    auto* a = acc.mutable_data_ptr<double>();
+    const auto* w = static_cast<const double*>(weight);
+    for (const auto j : c10::irange(rows.size(0))) {
+      axpy_f64(a + index[j] * n, reinterpret_cast<const double*>(y + j * row_bytes), nullptr,
+               w != nullptr ? w[j] : 1.0, n);
+    }
+    return;
+  }
+  auto* a = acc.mutable_data_ptr<float>();
+  const auto* w = static_cast<const float*>(weight);
+  const AxpyKernel<float> kernel = float_kernel(rows.scalar_type());
+  for (const auto j : c10::irange(rows.size(0))) {
+    kernel(a + index[j] * n, y + j * row_bytes, nullptr, w != nullptr ? w[j] : 1.0F, n);
+  }
+}
+
 Combine::Combine(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
                  const Chunk& chunk)
     : plan_(plan),

@@ -67,6 +67,14 @@ class Combine {
   std::vector<at::Tensor> bias_;  // bias_i / world_size in the accumulation dtype (host_ only)
 };
 
+// The combine's arithmetic on rows that are not the call's own products (expert parallelism's
+// rows returned to their tokens' rank): acc[index[j]] += weight[j] * rows[j] for each row j of rows
+// in order (weight nullptr: 1). CPU tensors: rows [r, N] of any float dtype with contiguous rows,
+// acc [T, N] contiguous in its accumulation dtype (fp32; fp64 for fp64 rows), weight in that dtype;
+// every index in [0, T).
+void add_rows_into(const at::Tensor& acc, const at::Tensor& rows, const int64_t* index,
+                   const void* weight);
+
 // An engine's products of group i's rows `x` ([r, K]): rows [r0, r0 + r) of the group, or the
 // listed `rows` (counted from the group's first row) when defined; [r, N], rows contiguous, without
 // the bias. For a fused expert block x is undefined and `rows` always given: the engine computes

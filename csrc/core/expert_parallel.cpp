@@ -27,6 +27,7 @@
 #include "comm/all_reduce.h"
 #include "comm/all_to_all.h"
 #include "core/args.h"
+#include "core/combine.h"
 #include "core/consensus.h"
 
 namespace gmm_allreduce {
@@ -267,15 +268,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_op(
                           : at::empty({0}, x.options())};
 }
 
-// The received rows combined into token rows in the accumulation dtype, rounded once.
-at::Tensor combine(const at::Tensor& rows, const at::Tensor& index,
-                   const std::optional<at::Tensor>& weight, int64_t tokens) {
-  const at::ScalarType acc = at::toOpMathType(rows.scalar_type());
-  at::Tensor scaled = rows.to(acc);
-  if (weight) scaled = scaled.mul(weight->to(rows.device(), acc).unsqueeze(1));
-  return at::zeros({tokens, rows.size(1)}, rows.options().dtype(acc))
-      .index_add_(0, index.to(rows.device(), at::kLong), scaled)
-      .to(rows.scalar_type());
+// The received rows combined into token rows in the accumulation dtype, rounded once: on the
+// CPU by the combine's row kernel (core/combine.h) as the rows arrive, each sender's in order (out
+// of the senders' shared-memory slots where they lie there); elsewhere by an index_add_ once they
+// are all here. With keep_rows, the rows too (autograd's, for combine_weight's gradient).
+struct Combined {
+  at::Tensor out, rows;
+};
+
+Combined return_and_combine(const GroupPtr& group, const at::Tensor& y, const EpCall& c,
+                            const Layout& sent, const Layout& received, bool keep_rows) {
+  const int64_t rows = sum(c.recv);
+  const int64_t tokens = *c.num_tokens;
+  const at::ScalarType acc_type = at::toOpMathType(y.scalar_type());
+  const at::Tensor index = c.combine_index->to(y.device(), at::kLong).contiguous();
+  const std::optional<at::Tensor> weight =
+      c.combine_weight ? std::optional(c.combine_weight->to(y.device(), acc_type).contiguous())
+                       : std::nullopt;
+  if (!y.is_cpu()) {
+    const at::Tensor moved = move_rows(group, y, sent.expert_major, received.by_rank, rows);
+    at::Tensor scaled = moved.to(acc_type);
+    if (weight) scaled = scaled.mul(weight->unsqueeze(1));
+    at::Tensor out = at::zeros({tokens, y.size(1)}, y.options().dtype(acc_type))
+                         .index_add_(0, index, scaled)
+                         .to(y.scalar_type());
+    return {out, keep_rows ? moved : at::empty({0}, y.options())};
+  }
+  at::Tensor acc = at::zeros({tokens, y.size(1)}, y.options().dtype(acc_type));
+  at::Tensor kept = keep_rows ? at::empty({rows, y.size(1)}, y.options()) : at::empty({0});
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  const auto* w = weight ? static_cast<const char*>(weight->const_data_ptr()) : nullptr;
+  const int64_t w_bytes = static_cast<int64_t>(c10::elementSize(acc_type));
+  auto sink = [&](int from, int64_t first, int64_t count, const char* data) {
+    const int64_t j = received.by_rank[from][0].first + first;  // the first row's place
+    const at::Tensor block =
+        at::from_blob(const_cast<char*>(data), {count, y.size(1)}, y.options());
+    add_rows_into(acc, block, idx + j, w != nullptr ? w + j * w_bytes : nullptr);
+    if (keep_rows) kept.narrow(0, j, count).copy_(block);
+  };
+  if (c.world == 1) {
+    sink(0, 0, y.size(0), static_cast<const char*>(y.const_data_ptr()));
+  } else {
+    std::vector<int64_t> recv_rows(c.world);
+    for (const auto s : c10::irange(c.world)) recv_rows[s] = received.by_rank[s][0].second;
+    all_to_all_rows(group, y, sent.expert_major, recv_rows, sink);
+  }
+  return {acc.scalar_type() == y.scalar_type() ? acc : acc.to(y.scalar_type()), kept};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> return_op(
@@ -283,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> return_op(
     std::vector<int64_t> send_counts, std::vector<int64_t> recv_counts,
     const std::optional<at::Tensor>& shared_x, const std::optional<at::Tensor>& shared_weight,
     const std::optional<at::Tensor>& combine_index, const std::optional<at::Tensor>& combine_weight,
-    std::optional<int64_t> num_tokens, bool check_ranks) {
+    std::optional<int64_t> num_tokens, bool keep_rows, bool check_ranks) {
   const GroupPtr group = resolve_group(std::string(group_name));
   EpCall c{Direction::kReturn, x,         weight,        send_counts,
            recv_counts,        shared_x,  shared_weight, combine_index,
@@ -294,10 +332,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> return_op(
   const Layout sent = layout(send_counts, c.world, e);
   const Layout received = layout(recv_counts, c.world, e);
   const at::Tensor y = products(x.contiguous(), weight, sent.expert_rows);
-  const at::Tensor rows =
-      c.world == 1 ? y : move_rows(group, y, sent.expert_major, received.by_rank, sum(recv_counts));
-  if (!combine_index) return {rows, shared_products(c), at::empty({0}, y.options())};
-  return {combine(rows, *combine_index, combine_weight, *num_tokens), shared_products(c), rows};
+  if (!combine_index) {
+    const at::Tensor rows =
+        c.world == 1 ? y
+                     : move_rows(group, y, sent.expert_major, received.by_rank, sum(recv_counts));
+    return {rows, shared_products(c), at::empty({0}, y.options())};
+  }
+  Combined done = return_and_combine(group, y, c, sent, received, keep_rows);
+  return {done.out, shared_products(c), keep_rows ? done.rows : at::empty({0}, y.options())};
 }
 
 // The rows alone, moved as the dispatch (to_experts) or the return moves them (the autograd glue's

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 #include <chrono>
 #include <memory>
@@ -60,16 +61,20 @@ class SameHostGroup {
 
   // Rows of a contiguous tensor, as runs (first row, row count), in order.
   using Runs = std::vector<std::pair<int64_t, int64_t>>;
+  // Where an all-to-all's received rows go: `count` whole rows at `data`, rows [first, first +
+  // count) of those rank `from` sends this rank.
+  using RowSink = c10::function_ref<void(int from, int64_t first, int64_t count, const char* data)>;
 
-  // An all-to-all-v of rows (comm/all_to_all.h): this rank's rows send[r] of `in` go to rank r,
-  // whose rows recv[s] of `out` receive rank s's rows (in and out: contiguous CPU tensors of one
-  // dtype and row width). In rounds of at most the slot's bytes per rank: each rank copies its
-  // rows for rank r (the next bytes of them) into region r of its slot, then copies from every
-  // rank's slot region for it; rows for itself are copied directly. The first round also carries
-  // every rank's row counts (sent to, expected from each rank): when they disagree, every rank
-  // raises the same ValueError and the object stays usable. Returns false as sum() does.
-  bool all_to_all(const at::Tensor& in, const std::vector<Runs>& send, const at::Tensor& out,
-                  const std::vector<Runs>& recv);
+  // An all-to-all-v of rows (comm/all_to_all.h): this rank's rows send[r] of `in` (a contiguous
+  // 2-D CPU tensor) go to rank r; recv_rows[s] rows come from rank s, handed to `sink` as they
+  // arrive (rows of in's width and dtype). In rounds of at most the slot's bytes per rank: each
+  // rank copies its rows for rank r (the next whole rows of them) into region r of its slot, then
+  // hands every rank's region for it to the sink; its rows for itself go to the sink from `in`.
+  // The first round also carries every rank's row counts (sent to, expected from each rank): when
+  // they disagree, every rank raises the same ValueError and the object stays usable. Returns
+  // false as sum() does.
+  bool all_to_all(const at::Tensor& in, const std::vector<Runs>& send,
+                  const std::vector<int64_t>& recv_rows, RowSink sink);
 
   int rank() const { return rank_; }
   int world() const { return world_; }
