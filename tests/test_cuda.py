@@ -653,3 +653,38 @@ def test_expert_block_with_device_ids_costs_no_sync(nccl1):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert y.shape == (t, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_expert_parallel_pair_on_gpu_nccl_world1(nccl1, dtype):
+    """The expert-parallel pair on the GPU: products on the CUDA engine, NCCL's all-to-all with
+    row splits (the collectives of one rank asked to run), the combine on the device; gradients
+    flow."""
+    from gmm_allreduce.reference import expert_parallel
+
+    gen = torch.Generator().manual_seed(8)
+    e, k, n, tokens = 4, 64, 32, 24
+    counts = [3, 0, 7, 5]
+    x = torch.randn(sum(counts), k, generator=gen, dtype=torch.float64)
+    w = torch.randn(e, k, n, generator=gen, dtype=torch.float64) / k ** 0.5
+    idx = torch.randint(0, tokens, (sum(counts),), generator=gen)
+    cw = torch.rand(sum(counts), generator=gen, dtype=torch.float64)
+    ys, outs = expert_parallel([x], [w], [counts], [(idx, cw, tokens)])
+    dev = torch.device("cuda", 0)
+    torch.ops.gmm_allreduce._collectives_at_world_size_1(True)
+    try:
+        leaves = [x.to(dev, dtype).requires_grad_(), w.to(dev, dtype).requires_grad_()]
+        y, _, perm = gmm_allreduce.all_to_all_grouped_mat_mul(
+            leaves[0], leaves[1], nccl1, send_counts=counts, recv_counts=counts,
+            return_permuted=True)
+        out, _ = gmm_allreduce.grouped_mat_mul_all_to_all(
+            perm, leaves[1], nccl1, send_counts=counts, recv_counts=counts,
+            combine_index=idx.to(dev), combine_weight=cw.to(dev, torch.float32), num_tokens=tokens)
+        out.float().sum().backward()
+    finally:
+        torch.ops.gmm_allreduce._collectives_at_world_size_1(False)
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert y.is_cuda and out.is_cuda and out.dtype == dtype
+    assert float((y.double().cpu() - ys[0]).norm() / ys[0].norm()) < bound
+    assert float((out.double().cpu() - outs[0]).norm() / outs[0].norm()) < bound
+    assert all(leaf.grad is not None and leaf.grad.is_cuda for leaf in leaves)

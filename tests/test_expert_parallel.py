@@ -433,3 +433,26 @@ def test_opcheck_and_compile(world1):
     w3 = ws[0].float()
     eager = trip(x, w3)
     assert torch.equal(torch.compile(trip, fullgraph=True)(x, w3), eager)
+
+
+def test_one_rank_through_the_backend(world1):
+    """At world size 1 the rows stay put, unless the tests ask the collectives to run: then gloo's
+    all-to-all and the sink path carry them, with the same results."""
+    counts, recv, xs, ws, comb = case(1, 3, seed=4)
+    ys, outs = expert_parallel(xs, ws, counts, comb)
+    idx, w, tokens = comb[0]
+    got = []
+    for through_backend in (False, True):
+        torch.ops.gmm_allreduce._collectives_at_world_size_1(through_backend)
+        try:
+            y, _, perm = gmm_allreduce.all_to_all_grouped_mat_mul(
+                xs[0], ws[0], world1, send_counts=counts[0], recv_counts=recv[0],
+                return_permuted=True)
+            out, _ = gmm_allreduce.grouped_mat_mul_all_to_all(
+                perm, ws[0], world1, send_counts=recv[0], recv_counts=counts[0],
+                combine_index=idx, combine_weight=w, num_tokens=tokens)
+        finally:
+            torch.ops.gmm_allreduce._collectives_at_world_size_1(False)
+        assert rel(y, ys[0]) < 1e-12 and rel(out, outs[0]) < 1e-12
+        got.append(out)
+    assert torch.equal(got[0], got[1])

@@ -228,6 +228,9 @@ at::Tensor shared_products(const EpCall& c) {
   return products(c.shared_x->contiguous(), {*c.shared_weight}, {c.shared_x->size(0)});
 }
 
+// Whether the rows stay here: one rank, unless the tests ask the collectives of one rank to run.
+bool alone(int64_t world) { return world == 1 && !collectives_at_world_size_1(); }
+
 // Runs the checks (agreed between ranks with check_ranks): raises before any data moves.
 void check_call(const GroupPtr& group, const EpCall& c, bool check_ranks) {
   if (!check_ranks || c.world == 1) {
@@ -260,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_op(
   const Layout received = layout(recv_counts, c.world, e);
   // One rank: x's (0, i) order is expert-major already.
   const at::Tensor permuted =
-      c.world == 1 ? x.contiguous()
-                   : move_rows(group, x, sent.by_rank, received.expert_major, sum(recv_counts));
+      alone(c.world) ? x.contiguous()
+                     : move_rows(group, x, sent.by_rank, received.expert_major, sum(recv_counts));
   at::Tensor y = products(permuted, weight, received.expert_rows);
   return {y, shared_products(c),
           return_permuted ? (permuted.is_same(x) ? permuted.clone() : permuted)
@@ -306,7 +309,7 @@ Combined return_and_combine(const GroupPtr& group, const at::Tensor& y, const Ep
     add_rows_into(acc, block, idx + j, w != nullptr ? w + j * w_bytes : nullptr);
     if (keep_rows) kept.narrow(0, j, count).copy_(block);
   };
-  if (c.world == 1) {
+  if (alone(c.world)) {
     sink(0, 0, y.size(0), static_cast<const char*>(y.const_data_ptr()));
   } else {
     std::vector<int64_t> recv_rows(c.world);
@@ -334,8 +337,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> return_op(
   const at::Tensor y = products(x.contiguous(), weight, sent.expert_rows);
   if (!combine_index) {
     const at::Tensor rows =
-        c.world == 1 ? y
-                     : move_rows(group, y, sent.expert_major, received.by_rank, sum(recv_counts));
+        alone(c.world) ? y
+                       : move_rows(group, y, sent.expert_major, received.by_rank, sum(recv_counts));
     return {rows, shared_products(c), at::empty({0}, y.options())};
   }
   Combined done = return_and_combine(group, y, c, sent, received, keep_rows);
@@ -355,7 +358,7 @@ at::Tensor rows_op(const at::Tensor& x, c10::string_view group_name,
   check_counts("recv_counts", recv_counts, world, e);
   TORCH_CHECK_VALUE(sum(send_counts) == x.size(0), "send_counts: expected counts that sum to x's ",
                     x.size(0), " rows, got a sum of ", sum(send_counts));
-  if (world == 1) return x.clone();
+  if (alone(world)) return x.clone();
   const Layout sent = layout(send_counts, world, e);
   const Layout received = layout(recv_counts, world, e);
   return to_experts ? move_rows(group, x, sent.by_rank, received.expert_major, sum(recv_counts))
