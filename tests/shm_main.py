@@ -10,6 +10,8 @@ report.
 MODE:
   sum       whether the group took shared memory, and its sums
   kill      rank 1 dies by SIGKILL; rank 0's next sum must raise
+  a2akill   (3 ranks) rank 2 dies by SIGKILL; the others' next all-to-all (the dispatch of
+            all_to_all_grouped_mat_mul, their rows copied in, waiting for rank 2's) must raise
   room      (in a /dev/shm of 1 MiB) a sum too large for it takes the process group, a small one
             shared memory
   memory    what the group pins in /dev/shm: after setup, after sums, capped by
@@ -79,6 +81,21 @@ def rank_main(mode: str, world: int, rank: int, d: str) -> None:
         start = time.monotonic()
         try:
             ops._all_reduce_(t.clone(), name)
+            report.update(outcome="returned")
+        except RuntimeError as e:
+            report.update(outcome="raised", message=str(e).splitlines()[0])
+        report["seconds"] = time.monotonic() - start
+    if mode == "a2akill":
+        import gmm_allreduce
+
+        if rank == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        counts = [2] * world  # one local expert per rank, 2 rows to each
+        start = time.monotonic()
+        try:
+            gmm_allreduce.all_to_all_grouped_mat_mul(torch.ones(2 * world, 64),
+                                                     torch.ones(1, 64, 8), send_counts=counts,
+                                                     recv_counts=counts)
             report.update(outcome="returned")
         except RuntimeError as e:
             report.update(outcome="raised", message=str(e).splitlines()[0])

@@ -43,6 +43,7 @@ void gather_rows(const char* base, const Runs& runs, int64_t row_bytes, int64_t 
 bool SameHostGroup::all_to_all(const at::Tensor& in, const std::vector<Runs>& send,
                                const std::vector<int64_t>& recv_rows, RowSink sink) {
   RECORD_FUNCTION("gmm_allreduce::shm_all_to_all", std::vector<c10::IValue>());
+  op_ = "all-to-all";
   TORCH_CHECK(failed_.empty(), failed_,
               " (an earlier call failed; the group's shared-memory collectives are unusable)");
   TORCH_CHECK(in.is_cpu() && in.is_contiguous() && in.dim() == 2 &&

@@ -308,8 +308,8 @@ int SameHostGroup::peer_that_gave_up() const {
 }
 
 void SameHostGroup::gave_up(int r) {
-  fail("shared-memory all-reduce: rank " + std::to_string(r) +
-       " of the group gave up on the all-reduce (it timed out or lost a peer)");
+  fail("shared-memory " + std::string(op_) + ": rank " + std::to_string(r) +
+       " of the group gave up on the " + op_ + " (it timed out or lost a peer)");
 }
 
 void SameHostGroup::check_peers() {
@@ -353,11 +353,11 @@ void SameHostGroup::wait_for(uint64_t seq, bool reduced) {
       if ((quitter < 0 && !dead && !late) || word.load(std::memory_order_acquire) >= seq) continue;
       if (quitter >= 0) gave_up(quitter);
       if (dead) {
-        fail("shared-memory all-reduce: rank " + std::to_string(r) + " of the group (pid " +
-             std::to_string(pids_[r]) + ") died during the all-reduce");
+        fail("shared-memory " + std::string(op_) + ": rank " + std::to_string(r) +
+             " of the group (pid " + std::to_string(pids_[r]) + ") died during the " + op_);
       }
-      fail("shared-memory all-reduce: rank " + std::to_string(r) +
-           " of the group did not reach the all-reduce within the process group's timeout (" +
+      fail("shared-memory " + std::string(op_) + ": rank " + std::to_string(r) +
+           " of the group did not reach the " + op_ + " within the process group's timeout (" +
            std::to_string(timeout_.count()) + " ms)");
     }
   }
@@ -389,8 +389,8 @@ std::vector<const char*> SameHostGroup::exchange(uint64_t seq, int64_t bytes, at
       sizes += (r ? ", " : "") + std::to_string(s.bytes) + " bytes of " +
                c10::toString(static_cast<at::ScalarType>(s.dtype));
     }
-    fail("shared-memory all-reduce: ranks disagree on the buffer (per rank: " + sizes +
-         "): their calls differ; check_ranks=True names the rank that differs");
+    fail("shared-memory " + std::string(op_) + ": ranks disagree on the buffer (per rank: " +
+         sizes + "): their calls differ; check_ranks=True names the rank that differs");
   }
   check_peers();  // a peer that gave up after copying in
   return in;
@@ -464,6 +464,7 @@ bool in_rounds(int64_t numel, int64_t per_round, Round round) {
 
 bool SameHostGroup::reduce_scatter(const std::vector<at::Tensor>& pieces, const at::Tensor& out) {
   RECORD_FUNCTION("gmm_allreduce::shm_reduce_scatter", std::vector<c10::IValue>());
+  op_ = "all-reduce";  // the reduce-scatter op's, which the op's all-reduce settings govern
   TORCH_CHECK(failed_.empty(), failed_,
               " (an earlier call failed; the group's shared-memory "
               "all-reduce is unusable)");
@@ -484,6 +485,7 @@ bool SameHostGroup::reduce_scatter(const std::vector<at::Tensor>& pieces, const 
 
 bool SameHostGroup::sum(const at::Tensor& flat) {
   RECORD_FUNCTION("gmm_allreduce::same_host_sum", std::vector<c10::IValue>());
+  op_ = "all-reduce";
   TORCH_CHECK(failed_.empty(), failed_,
               " (an earlier call failed; the group's shared-memory "
               "all-reduce is unusable)");

@@ -118,6 +118,7 @@ class SameHostGroup {
   int64_t refused_ = 0;             // calls refused for want of room
   uint64_t seq_ = 0;                // rounds done
   std::string failed_;              // why this object refuses further calls
+  const char* op_ = "all-reduce";   // the collective under way, for its errors
 };
 
 }  // namespace gmm_allreduce
