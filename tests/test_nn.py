@@ -144,3 +144,11 @@ def test_moe_example_agrees_with_single_process(flags):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.rstrip().endswith(": OK")
+
+
+@pytest.mark.parametrize("world", ["2", "4"])
+def test_expert_parallel_example_trains_like_one_process(world):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "moe_ep.py"), "--world-size",
+                          world, "--steps", "10"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "largest relative difference" in out.stdout
