@@ -13,7 +13,7 @@ MODE:
   a2akill   (3 ranks) rank 2 dies by SIGKILL; the others' next all-to-all (the dispatch of
             all_to_all_grouped_mat_mul, their rows copied in, waiting for rank 2's) must raise
   room      (in a /dev/shm of 1 MiB) a sum too large for it takes the process group, a small one
-            shared memory
+            shared memory; the same for two all-to-alls
   memory    what the group pins in /dev/shm: after setup, after sums, capped by
             GMM_ALLREDUCE_SHM_BYTES, and after the group is destroyed (no other call)
   setupkill the launcher kills every rank the moment a segment appears in /dev/shm (during setup),
@@ -108,6 +108,18 @@ def rank_main(mode: str, world: int, rank: int, d: str) -> None:
         want = world * (world + 1) / 2
         report.update(big_ok=bool((big == want).all()), small_ok=bool((small == want).all()),
                       stats=ops._shm_stats(name))
+        import gmm_allreduce
+
+        # All-to-alls: 2 MB for the other rank finds no room (the process group takes it), a
+        # few rows do.
+        for rows in (8000, 8):
+            x = torch.full((rows * world, 64), float(rank + 1))
+            y, _, _ = gmm_allreduce.all_to_all_grouped_mat_mul(
+                x, torch.eye(64).unsqueeze(0), send_counts=[rows] * world,
+                recv_counts=[rows] * world)
+            got = torch.cat([torch.full((rows, 64), float(s + 1)) for s in range(world)])
+            report[f"a2a_ok_{rows}"] = bool(torch.equal(y, got))
+        report["stats_after_a2a"] = ops._shm_stats(name)
     path = os.path.join(d, f"report{rank}.json")
     with open(path + ".part", "w") as f:
         json.dump(report, f)

@@ -304,13 +304,15 @@ def test_a_dev_shm_without_room_refuses_only_the_calls_that_do_not_fit():
     """Both ranks in a 4 MiB /dev/shm: setup needs a page each; a 400 KB sum, 1 MiB per rank; a
     4 MB sum would need 8 MiB per rank, which no rank can reserve (posix_fallocate says so, not
     SIGBUS), so every rank takes the process group for it; and a small sum still goes through
-    shared memory."""
+    shared memory. The same for an all-to-all of 2 MB per rank and one of a few rows."""
     ranks, left, log = run_script("room", "2", "", wrap=private_dev_shm("4m"))
     assert [r["rank"] for r in ranks] == [0, 1], log
     for r in ranks:
         assert r["shared"] and r["sum_ok"] and r["big_ok"] and r["small_ok"], r
         pinned, refused = r["stats"]
         assert refused == 1 and pinned == 4096 + 2 * (512 << 10), r
+        # The all-to-alls: 2 MB for the other rank refused alike, a few rows through shm.
+        assert r["a2a_ok_8000"] and r["a2a_ok_8"] and r["stats_after_a2a"][1] == 2, r
     assert left == []
 
 

@@ -53,76 +53,85 @@ bool SameHostGroup::all_to_all(const at::Tensor& in, const std::vector<Runs>& se
               "expected");
   const int64_t row_bytes = std::max<int64_t>(in.size(1) * in.element_size(), 1);
   const char* src = static_cast<const char*>(in.const_data_ptr());
-  // A slot: every rank's counts first (rows sent to each rank, then expected from each), then one
-  // region per receiver, of whole rows.
+  // A slot: every rank's counts first (rows sent to each rank, then expected from each), in the
+  // first round alone; then, in the rounds that follow, one region per receiver, of whole rows,
+  // sized to the call's largest block, so that a small call reserves little of /dev/shm.
   const int64_t prefix = (2 * world_ * static_cast<int64_t>(sizeof(int64_t)) + 63) / 64 * 64;
-  const int64_t region = (round_bytes_ - prefix) / world_ / 64 * 64;
-  const int64_t per_round = region / row_bytes;  // rows per sender and receiver in one round
-  TORCH_CHECK(per_round > 0, "shared-memory all-to-all: rows of ", row_bytes,
-              " bytes do not fit a slot's region of ", region, " bytes for ", world_,
+  const int64_t most_rows = round_bytes_ / world_ / 64 * 64 / row_bytes;
+  TORCH_CHECK(most_rows > 0, "shared-memory all-to-all: rows of ", row_bytes,
+              " bytes do not fit a slot's region for ", world_,
               " ranks (raise GMM_ALLREDUCE_SHM_BYTES, or set GMM_ALLREDUCE_SHM=0)");
   std::vector<int64_t> sent(world_);
   for (int r = 0; r < world_; ++r) sent[r] = run_rows(send[r]);
-  int64_t rounds = 1;  // every rank learns the others' counts in the first round
+
+  // Round 0: the counts. Every rank checks every pair, in one order: the same verdict and message
+  // on every rank.
+  uint64_t seq = ++seq_;
+  const bool room = reserve(prefix);
+  if (room) {
+    auto* counts = reinterpret_cast<int64_t*>(slot_data(segments_[rank_], seq));
+    std::copy(sent.begin(), sent.end(), counts);
+    std::copy(recv_rows.begin(), recv_rows.end(), counts + world_);
+  }
+  std::vector<const char*> slots = exchange(seq, row_bytes, in.scalar_type(), room);
+  if (slots.empty()) return false;
+  int64_t largest = 0;  // the most rows one rank sends another
+  for (int s = 0; s < world_; ++s) {
+    const auto* from = reinterpret_cast<const int64_t*>(slots[s]);
+    for (int r = 0; r < world_; ++r) {
+      const int64_t gives = from[r];
+      const int64_t takes = reinterpret_cast<const int64_t*>(slots[r])[world_ + s];
+      TORCH_CHECK_VALUE(gives == takes,
+                        "send_counts and recv_counts disagree between ranks: ", "rank ", s,
+                        " sends ", gives, " rows to rank ", r, ", which expects ", takes,
+                        " from it (check_ranks=True checks every expert's count before any data "
+                        "moves)");
+      if (s != r) largest = std::max(largest, gives);
+    }
+  }
+  const int64_t per_round = std::min(most_rows, largest);  // rows of one region
+  const int64_t region = (per_round * row_bytes + 63) / 64 * 64;
+  const int64_t rounds = per_round > 0 ? (largest + per_round - 1) / per_round : 0;
+
+  // The rows, in rounds; this rank's own go to the sink once the first round has found room
+  // (until then the caller may still take the process group for the whole call).
+  auto own_rows = [&] {
+    int64_t first = 0;
+    for (const auto& [row, rows] : send[rank_]) {
+      if (rows > 0) sink(rank_, first, rows, src + row * row_bytes);
+      first += rows;
+    }
+  };
   for (int64_t k = 0; k < rounds; ++k) {
-    const uint64_t seq = ++seq_;
+    seq = ++seq_;
     char* mine = slot_data(segments_[rank_], seq);
     const int64_t begin = k * per_round;
-    int64_t need = prefix;
+    int64_t need = 0;
     for (int r = 0; r < world_; ++r) {
       if (r != rank_ && sent[r] > begin) {
-        need =
-            std::max(need, prefix + r * region + std::min(per_round, sent[r] - begin) * row_bytes);
+        need = std::max(need, r * region + std::min(per_round, sent[r] - begin) * row_bytes);
       }
     }
-    const bool room = reserve(need);
-    if (room) {
-      if (k == 0) {
-        auto* counts = reinterpret_cast<int64_t*>(mine);
-        std::copy(sent.begin(), sent.end(), counts);
-        std::copy(recv_rows.begin(), recv_rows.end(), counts + world_);
-      }
-      for (int r = 0; r < world_; ++r) {
-        if (r != rank_ && sent[r] > begin) {
-          gather_rows(src, send[r], row_bytes, begin, std::min(sent[r], begin + per_round),
-                      mine + prefix + r * region);
-        }
+    const bool fits = reserve(need);
+    for (int r = 0; r < world_ && fits; ++r) {
+      if (r != rank_ && sent[r] > begin) {
+        gather_rows(src, send[r], row_bytes, begin, std::min(sent[r], begin + per_round),
+                    mine + r * region);
       }
     }
-    const std::vector<const char*> slots = exchange(seq, row_bytes, in.scalar_type(), room);
-    if (slots.empty()) {  // only the first round can find no room: nothing has moved
+    slots = exchange(seq, row_bytes, in.scalar_type(), fits);
+    if (slots.empty()) {  // only the first, the largest, can find no room: nothing has moved
       TORCH_INTERNAL_ASSERT(k == 0, "shared-memory all-to-all: a later round found no room");
       return false;
     }
-    if (k == 0) {
-      // Every rank checks every pair, in one order: the same verdict and message on every rank.
-      auto counts = [&](int r) { return reinterpret_cast<const int64_t*>(slots[r]); };
-      for (int s = 0; s < world_; ++s) {
-        for (int r = 0; r < world_; ++r) {
-          const int64_t gives = counts(s)[r];
-          const int64_t takes = counts(r)[world_ + s];
-          TORCH_CHECK_VALUE(gives == takes,
-                            "send_counts and recv_counts disagree between ranks: ", "rank ", s,
-                            " sends ", gives, " rows to rank ", r, ", which expects ", takes,
-                            " from it (check_ranks=True checks every expert's count before any "
-                            "data moves)");
-          if (s != r) rounds = std::max(rounds, (gives + per_round - 1) / per_round);
-        }
-      }
-      // This rank's own rows, from where they lie, while the others copy theirs.
-      int64_t first = 0;
-      for (const auto& [row, rows] : send[rank_]) {
-        if (rows > 0) sink(rank_, first, rows, src + row * row_bytes);
-        first += rows;
-      }
-    }
+    if (k == 0) own_rows();
     for (int s = 0; s < world_; ++s) {
       if (s != rank_ && recv_rows[s] > begin) {
-        sink(s, begin, std::min(per_round, recv_rows[s] - begin),
-             slots[s] + prefix + rank_ * region);
+        sink(s, begin, std::min(per_round, recv_rows[s] - begin), slots[s] + rank_ * region);
       }
     }
   }
+  if (rounds == 0) own_rows();
   return true;
 }
 

@@ -67,12 +67,12 @@ class SameHostGroup {
 
   // An all-to-all-v of rows (comm/all_to_all.h): this rank's rows send[r] of `in` (a contiguous
   // 2-D CPU tensor) go to rank r; recv_rows[s] rows come from rank s, handed to `sink` as they
-  // arrive (rows of in's width and dtype). In rounds of at most the slot's bytes per rank: each
-  // rank copies its rows for rank r (the next whole rows of them) into region r of its slot, then
-  // hands every rank's region for it to the sink; its rows for itself go to the sink from `in`.
-  // The first round also carries every rank's row counts (sent to, expected from each rank): when
-  // they disagree, every rank raises the same ValueError and the object stays usable. Returns
-  // false as sum() does.
+  // arrive (rows of in's width and dtype). A first round exchanges every rank's row counts (sent
+  // to, expected from each rank): when they disagree, every rank raises the same ValueError and
+  // the object stays usable. Then rounds of at most the slot's bytes per rank: each rank copies
+  // its rows for rank r (the next whole rows of them) into region r of its slot, regions sized to
+  // the call's largest block, then hands every rank's region for it to the sink; its rows for
+  // itself go to the sink from `in`. Returns false as sum() does (nothing handed to the sink).
   bool all_to_all(const at::Tensor& in, const std::vector<Runs>& send,
                   const std::vector<int64_t>& recv_rows, RowSink sink);
 
