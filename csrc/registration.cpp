@@ -83,6 +83,12 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   m.def(
       "_all_to_all_rows(Tensor x, str group_name, int[] send_counts, int[] recv_counts, int e, "
       "bool to_experts) -> Tensor");
+  // The combine on rows already computed (core/combine_rows.cpp): out[token[p]] += weight[p] *
+  // (rows[pick[p]] + bias[expert[p]]) for each p, plus the addends, rounded once (the front of
+  // Ascend's npu_moe_finalize_routing).
+  m.def(
+      "_combine_rows(Tensor rows, Tensor pick, Tensor token, Tensor? weight, Tensor? bias, "
+      "Tensor? expert, int num_tokens, Tensor[] addends) -> Tensor");
   // The op's all-reduce alone (comm/ops.cpp): the in-place sum of the contiguous `t` over the
   // group, the way the op sums its buffer (the benchmark's comm_op line).
   m.def("_all_reduce_(Tensor(a!) t, str group_name) -> ()");

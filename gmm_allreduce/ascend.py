@@ -1,6 +1,7 @@
 """The names, arguments and defaults of Ascend's MoE ops (torch_npu), as thin fronts over ours, so
 that code ported from an NPU changes its import and its device only. No engine of their own: each
-maps its arguments onto `grouped_mat_mul` (docs/porting.md)."""
+maps its arguments onto `grouped_mat_mul`, or the combine alone for rows already computed
+(docs/porting.md)."""
 
 from __future__ import annotations
 
@@ -277,3 +278,87 @@ def npu_grouped_matmul(
         list(x), weight, bias=bias, group_list=gl, split_item=split_item, group_list_type=gl_type,
         scale=scale, per_token_scale=per_token_scale, antiquant_scale=antiquant_scale,
         antiquant_offset=antiquant_offset, output_dtype=output_dtype)
+
+
+def _in_range(arg: str, index: torch.Tensor, lowest: int, bound: int) -> None:
+    """Host indices checked against [lowest, bound) (a device tensor is not read)."""
+    if index.device.type == "cpu" and index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < lowest or hi >= bound:
+            raise ValueError(f"{arg}: expected values in [{lowest}, {bound}), got values in "
+                             f"[{lo}, {hi}]")
+
+
+def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
+                             expanded_src_to_dst_row, export_for_source_row,
+                             drop_pad_mode=0) -> torch.Tensor:
+    """torch_npu's npu_moe_finalize_routing: the experts' output rows gathered back into token
+    rows. With T token rows and K slots each::
+
+        out[i] = skip1[i] + skip2[i] + sum over k of scales[i, k] *
+                 (expanded_permuted_rows[expanded_src_to_dst_row[i + k * T]]
+                  + bias[export_for_source_row[i, k]])
+
+    in fp32 (rounded once into the rows' dtype). skip1, skip2, bias, scales (1 where None) and
+    export_for_source_row (needed with bias) are optional; T comes from skip1, skip2, scales or
+    export_for_source_row. An index may repeat (a gather, not a permutation); -1 takes no row (the
+    bias alone). drop_pad_mode 0: rows [T * K, H]; 1: rows [E, C, H] (each expert's capacity,
+    padded), read as [E * C, H]; 2 and 3 (row-major indices) raise NotImplementedError.
+    Inference, like Ascend's.
+    """
+    rows = expanded_permuted_rows
+    if not isinstance(drop_pad_mode, int) or isinstance(drop_pad_mode, bool):
+        raise TypeError(f"drop_pad_mode: expected an int, got {type(drop_pad_mode).__name__}")
+    if drop_pad_mode not in (0, 1):
+        raise NotImplementedError(f"drop_pad_mode: {drop_pad_mode} (indices in row-major order) is "
+                                  "not supported here; pass 0 or 1")
+    rows = _tensor("expanded_permuted_rows", rows, 2 if drop_pad_mode == 0 else 3)
+    rows = rows.reshape(-1, rows.shape[-1])
+    if rows.dtype not in _OUTPUT_DTYPES:
+        raise TypeError(f"expanded_permuted_rows: expected float32, bfloat16 or float16, got "
+                        f"{rows.dtype}")
+    src = _tensor("expanded_src_to_dst_row", expanded_src_to_dst_row, 1)
+    tokens = next((t.shape[0] for t in (skip1, skip2, scales, export_for_source_row)
+                   if isinstance(t, torch.Tensor) and t.dim() == 2), None)
+    if tokens is None:
+        raise ValueError("skip1, skip2, scales, export_for_source_row: one of them is needed to "
+                         "know the token rows (NUM_ROWS)")
+    if tokens == 0 or src.shape[0] % tokens:
+        raise ValueError(f"expanded_src_to_dst_row: expected NUM_ROWS * K values with NUM_ROWS = "
+                         f"{tokens}, got {src.shape[0]}")
+    top_k = src.shape[0] // tokens
+    addends = []
+    for arg, t in (("skip1", skip1), ("skip2", skip2)):
+        if t is not None:
+            t = _tensor(arg, t, 2)
+            if t.shape != (tokens, rows.shape[1]) or t.dtype != rows.dtype:
+                raise ValueError(f"{arg}: expected {rows.dtype} of shape ({tokens}, "
+                                 f"{rows.shape[1]}), got {t.dtype} of shape {tuple(t.shape)}")
+            addends.append(t)
+    weight = expert = None
+    if scales is not None:
+        scales = _tensor("scales", scales, 2)
+        if scales.shape != (tokens, top_k):
+            raise ValueError(f"scales: expected shape ({tokens}, {top_k}), got "
+                             f"{tuple(scales.shape)}")
+        weight = scales.t().reshape(-1)  # add p = i + k * T takes scales[i, k]
+    if bias is not None:
+        bias = _tensor("bias", bias, 2)
+        if export_for_source_row is None:
+            raise ValueError("export_for_source_row: needed with bias (each slot's expert)")
+        experts = _tensor("export_for_source_row", export_for_source_row, 2)
+        if experts.shape != (tokens, top_k):
+            raise ValueError(f"export_for_source_row: expected shape ({tokens}, {top_k}), got "
+                             f"{tuple(experts.shape)}")
+        expert = experts.t().reshape(-1)
+    _in_range("expanded_src_to_dst_row", src, -1, rows.shape[0])
+    if expert is not None:
+        _in_range("export_for_source_row", expert, 0, bias.shape[0])
+    token = torch.arange(src.shape[0], device=rows.device) % tokens
+    return torch.ops.gmm_allreduce._combine_rows(rows, src, token, weight, bias, expert, tokens,
+                                                 addends)
+
+
+@torch.library.register_fake("gmm_allreduce::_combine_rows")
+def _combine_rows_fake(rows, pick, token, weight, bias, expert, num_tokens, addends):
+    return rows.new_empty((num_tokens, rows.shape[1]))

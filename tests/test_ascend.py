@@ -342,3 +342,137 @@ def test_grouped_matmul_bad_calls(change, error, message):
     x, w = kw.pop("x"), kw.pop("weight")
     with pytest.raises(error, match=message):
         npu_grouped_matmul(x, w, **kw)
+
+
+def _finalize_golden(rows, skip1, skip2, bias, scales, src, experts):
+    """The golden of op-plugin's test/test_custom_ops/test_npu_moe_finalize_routing.py
+    (moe_finalize_routing_np), in float64: a slot whose index is -1 adds its bias alone."""
+    top_k = scales.shape[1] if scales is not None else 1
+    tokens = src.shape[0] // top_k
+    rows = rows.double().reshape(-1, rows.shape[-1])
+    out = torch.zeros(tokens, rows.shape[1], dtype=torch.float64)
+    for t in (skip1, skip2):
+        if t is not None:
+            out += t.double()
+    for i in range(tokens):
+        for k in range(top_k):
+            value = int(src[k * tokens + i])
+            row = rows[value] if value != -1 else 0
+            s = float(scales[i, k]) if scales is not None else 1.0
+            b = bias[int(experts[i, k])].double() if bias is not None else 0
+            out[i] += s * (row + b)
+    return out
+
+
+def _finalize_inputs(expert_num, token_len, top_k, num_rows, dtype=torch.float32, seed=0):
+    """op-plugin's generate_input_data: normal rows, skips, bias and scales; the destination rows
+    a shuffled arange; each slot's expert drawn in [0, expert_num)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        expanded_permuted_rows=torch.randn(num_rows * top_k, token_len, generator=g).to(dtype),
+        skip1=torch.randn(num_rows, token_len, generator=g).to(dtype),
+        skip2=torch.randn(num_rows, token_len, generator=g).to(dtype),
+        bias=torch.randn(expert_num, token_len, generator=g).to(dtype),
+        scales=torch.randn(num_rows, top_k, generator=g).to(dtype),
+        expanded_src_to_dst_row=torch.randperm(num_rows * top_k, generator=g).to(torch.int32),
+        export_for_source_row=torch.randint(0, expert_num, (num_rows, top_k), generator=g,
+                                            dtype=torch.int32))
+
+
+def _golden_of(a):
+    return _finalize_golden(a["expanded_permuted_rows"], a["skip1"], a["skip2"], a["bias"],
+                            a["scales"], a["expanded_src_to_dst_row"], a["export_for_source_row"])
+
+
+def test_moe_finalize_routing_the_unit_test_case():
+    # op-plugin test/test_custom_ops/test_npu_moe_finalize_routing.py, test_moe_finalize_routing:
+    # generate_input_data(expert_num=16, token_len=5, top_k=4, num_rows=5), rtol 1e-4.
+    a = _finalize_inputs(16, 5, 4, 5)
+    out = gmm_allreduce.npu_moe_finalize_routing(**a)
+    assert out.shape == (5, 5) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _golden_of(a), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_finalize_routing_drop_pad_unit_test_case():
+    # The same file, test_moe_finalize_routing_drop_pad: rows [expert_num, c, H] = [16, 20, 5],
+    # top_k 1, num_rows 20, scales None, export_for_source_row reshaped to (20, 1),
+    # drop_pad_mode=1.
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(16, 20, 5, generator=g)
+    a = dict(expanded_permuted_rows=rows, skip1=torch.randn(20, 5, generator=g),
+             skip2=torch.randn(20, 5, generator=g), bias=torch.randn(16, 5, generator=g),
+             scales=None, expanded_src_to_dst_row=torch.randperm(20, generator=g).int(),
+             export_for_source_row=torch.randint(0, 16, (20, 1), generator=g).int())
+    out = gmm_allreduce.npu_moe_finalize_routing(**a, drop_pad_mode=1)
+    torch.testing.assert_close(out.double(), _golden_of(a), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_finalize_routing_the_documented_example():
+    # op-plugin docs/context/torch_npu-npu_moe_finalize_routing.md: expert_num 16, token_len 10,
+    # top_k 4, num_rows 50, float32; expanded_src_to_dst_row drawn with randint (indices repeat:
+    # a gather), run unchanged but for the device.
+    expert_num, token_len, top_k, num_rows = 16, 10, 4, 50
+    expanded_permuted_rows = torch.randn((num_rows * top_k, token_len), dtype=torch.float32)
+    skip1 = torch.randn((num_rows, token_len), dtype=torch.float32)
+    skip2_optional = torch.randn((num_rows, token_len), dtype=torch.float32)
+    bias = torch.randn((expert_num, token_len), dtype=torch.float32)
+    scales = torch.randn((num_rows, top_k), dtype=torch.float32)
+    expert_for_source_row = torch.randint(low=0, high=expert_num, size=(num_rows, top_k),
+                                          dtype=torch.int32)
+    expanded_src_to_dst_row = torch.randint(low=0, high=num_rows * top_k,
+                                            size=(num_rows * top_k,), dtype=torch.int32)
+    drop_pad_mode = 0
+    output = gmm_allreduce.npu_moe_finalize_routing(
+        expanded_permuted_rows, skip1, skip2_optional, bias, scales, expanded_src_to_dst_row,
+        expert_for_source_row, drop_pad_mode)
+    want = _finalize_golden(expanded_permuted_rows, skip1, skip2_optional, bias, scales,
+                            expanded_src_to_dst_row, expert_for_source_row)
+    torch.testing.assert_close(output.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_finalize_routing_16_bit_rounds_once(dtype):
+    a = _finalize_inputs(8, 16, 2, 12, dtype=dtype, seed=3)
+    out = gmm_allreduce.npu_moe_finalize_routing(**a)
+    assert out.dtype == dtype
+    want = _golden_of(a)
+    assert float((out.double() - want).abs().max()) <= float(want.abs().max()) * 2 ** -7
+
+
+def test_moe_finalize_routing_optional_inputs_and_dropped_rows():
+    a = _finalize_inputs(8, 6, 3, 4, seed=4)
+    a["expanded_src_to_dst_row"][[0, 5]] = -1  # dropped slots: their bias alone
+    for drop in ({}, {"skip1": None}, {"skip1": None, "skip2": None},
+                 {"bias": None, "export_for_source_row": None}, {"scales": None, "skip1": None}):
+        b = {**a, **drop}
+        if b["scales"] is None:  # K from the inputs that are left: one slot per row
+            b["expanded_src_to_dst_row"] = a["expanded_src_to_dst_row"][:4].clamp_min(0)
+            b["export_for_source_row"] = a["export_for_source_row"][:, :1]
+        out = gmm_allreduce.npu_moe_finalize_routing(**b)
+        torch.testing.assert_close(out.double(), _golden_of(b), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_finalize_routing_errors():
+    a = _finalize_inputs(8, 6, 3, 4)
+    cases = [
+        ({"drop_pad_mode": 2}, NotImplementedError, "drop_pad_mode: 2"),
+        ({"drop_pad_mode": True}, TypeError, "drop_pad_mode: expected an int"),
+        ({"expanded_permuted_rows": a["expanded_permuted_rows"].int()}, TypeError,
+         "expanded_permuted_rows: expected float32"),
+        ({"expanded_permuted_rows": a["expanded_permuted_rows"][0]}, ValueError,
+         "expanded_permuted_rows: expected a 2-D"),
+        ({"skip1": None, "skip2": None, "scales": None, "export_for_source_row": None,
+          "bias": None}, ValueError, "one of them is needed"),
+        ({"scales": a["scales"][:, :2]}, ValueError, "scales: expected shape"),
+        ({"export_for_source_row": None}, ValueError, "export_for_source_row: needed with bias"),
+        ({"skip2": a["skip2"].double()}, ValueError, "skip2: expected"),
+        ({"expanded_src_to_dst_row": a["expanded_src_to_dst_row"][:-1]}, ValueError,
+         "expanded_src_to_dst_row: expected NUM_ROWS"),
+        ({"expanded_src_to_dst_row": a["expanded_src_to_dst_row"] + 100}, ValueError,
+         r"expanded_src_to_dst_row: expected values in \[-1, 12\)"),
+        ({"export_for_source_row": a["export_for_source_row"] + 8}, ValueError,
+         r"export_for_source_row: expected values in \[0, 8\)"),
+    ]
+    for over, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            gmm_allreduce.npu_moe_finalize_routing(**{**a, **over})

@@ -63,31 +63,42 @@ AxpyKernel<float> float_kernel(at::ScalarType y) {
 
 }  // namespace
 
-void add_rows_into(const at::Tensor& acc, const at::Tensor& rows, const int64_t* index,
-                   const void* weight) {
+void add_rows_into(const at::Tensor& acc, const at::Tensor& rows, const RowAdds& adds) {
   const int64_t n = acc.size(1);
   TORCH_INTERNAL_ASSERT(
       acc.is_cpu() && acc.is_contiguous() && rows.dim() == 2 && rows.size(1) == n &&
           (rows.size(0) == 0 || rows.stride(1) == 1),
       "add_rows_into: acc [T, N] contiguous and rows [r, N] with contiguous rows");
+  TORCH_INTERNAL_ASSERT(!adds.bias.defined() || (adds.bias.is_contiguous() &&
+                                                 adds.bias.scalar_type() == acc.scalar_type()),
+                        "add_rows_into: a contiguous bias in the accumulation dtype");
   const auto* y = static_cast<const char*>(rows.const_data_ptr());
   const int64_t row_bytes = rows.stride(0) * static_cast<int64_t>(rows.element_size());
+  auto each = [&](auto* a, const auto* w, const auto* bias, auto kernel) {
+    for (const auto p : c10::irange(adds.count)) {
+      const int64_t row = adds.pick != nullptr ? adds.pick[p] : p;
+      const auto* b = bias != nullptr ? bias + adds.expert[p] * n : nullptr;
+      const auto wp = w != nullptr ? w[p] : 1;
+      auto* target = a + adds.token[p] * n;
+      if (row >= 0) {
+        kernel(target, y + row * row_bytes, b, wp, n);
+      } else if (b != nullptr) {  // a dropped row: its bias alone
+        for (int64_t c = 0; c < n; ++c) target[c] += wp * b[c];
+      }
+    }
+  };
   if (acc.scalar_type() == at::kDouble) {
     TORCH_INTERNAL_ASSERT(rows.scalar_type() == at::kDouble, "add_rows_into: fp64 rows expected");
-    auto* a = acc.mutable_data_ptr<double>();
-    const auto* w = static_cast<const double*>(weight);
-    for (const auto j : c10::irange(rows.size(0))) {
-      axpy_f64(a + index[j] * n, reinterpret_cast<const double*>(y + j * row_bytes), nullptr,
-               w != nullptr ? w[j] : 1.0, n);
-    }
+    each(acc.mutable_data_ptr<double>(), static_cast<const double*>(adds.weight),
+         adds.bias.defined() ? adds.bias.const_data_ptr<double>() : nullptr,
+         [](double* a, const void* v, const double* b, double w, int64_t k) {
+           axpy_f64(a, static_cast<const double*>(v), b, w, k);
+         });
     return;
   }
-  auto* a = acc.mutable_data_ptr<float>();
-  const auto* w = static_cast<const float*>(weight);
-  const AxpyKernel<float> kernel = float_kernel(rows.scalar_type());
-  for (const auto j : c10::irange(rows.size(0))) {
-    kernel(a + index[j] * n, y + j * row_bytes, nullptr, w != nullptr ? w[j] : 1.0F, n);
-  }
+  each(acc.mutable_data_ptr<float>(), static_cast<const float*>(adds.weight),
+       adds.bias.defined() ? adds.bias.const_data_ptr<float>() : nullptr,
+       float_kernel(rows.scalar_type()));
 }
 
 Combine::Combine(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,

@@ -68,12 +68,21 @@ class Combine {
 };
 
 // The combine's arithmetic on rows that are not the call's own products (expert parallelism's
-// rows returned to their tokens' rank): acc[index[j]] += weight[j] * rows[j] for each row j of rows
-// in order (weight nullptr: 1). CPU tensors: rows [r, N] of any float dtype with contiguous rows,
-// acc [T, N] contiguous in its accumulation dtype (fp32; fp64 for fp64 rows), weight in that dtype;
-// every index in [0, T).
-void add_rows_into(const at::Tensor& acc, const at::Tensor& rows, const int64_t* index,
-                   const void* weight);
+// rows returned to their tokens' rank, Ascend's finalize routing): for each add p in order,
+// acc[token[p]] += weight[p] * (rows[pick[p]] + bias[expert[p]]). CPU tensors: rows [r, N] of any
+// float dtype with contiguous rows, acc [T, N] contiguous in its accumulation dtype (fp32; fp64
+// for fp64 rows), weight in that dtype (nullptr: 1), bias [E, N] contiguous in it (undefined: none,
+// expert unread); pick nullptr: add p takes row p; a pick of -1 adds no row (its bias alone).
+// Every other index in range.
+struct RowAdds {
+  int64_t count = 0;
+  const int64_t* token = nullptr;
+  const void* weight = nullptr;
+  const int64_t* pick = nullptr;
+  at::Tensor bias;
+  const int64_t* expert = nullptr;
+};
+void add_rows_into(const at::Tensor& acc, const at::Tensor& rows, const RowAdds& adds);
 
 // An engine's products of group i's rows `x` ([r, K]): rows [r0, r0 + r) of the group, or the
 // listed `rows` (counted from the group's first row) when defined; [r, N], rows contiguous, without

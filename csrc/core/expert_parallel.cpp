@@ -306,7 +306,9 @@ Combined return_and_combine(const GroupPtr& group, const at::Tensor& y, const Ep
     const int64_t j = received.by_rank[from][0].first + first;  // the first row's place
     const at::Tensor block =
         at::from_blob(const_cast<char*>(data), {count, y.size(1)}, y.options());
-    add_rows_into(acc, block, idx + j, w != nullptr ? w + j * w_bytes : nullptr);
+    add_rows_into(
+        acc, block,
+        {.count = count, .token = idx + j, .weight = w != nullptr ? w + j * w_bytes : nullptr});
     if (keep_rows) kept.narrow(0, j, count).copy_(block);
   };
   if (alone(c.world)) {
