@@ -289,7 +289,8 @@ Combined return_and_combine(const GroupPtr& group, const at::Tensor& y, const Ep
       c.combine_weight ? std::optional(c.combine_weight->to(y.device(), acc_type).contiguous())
                        : std::nullopt;
   if (!y.is_cpu()) {
-    const at::Tensor moved = move_rows(group, y, sent.expert_major, received.by_rank, rows);
+    const at::Tensor moved =
+        alone(c.world) ? y : move_rows(group, y, sent.expert_major, received.by_rank, rows);
     at::Tensor scaled = moved.to(acc_type);
     if (weight) scaled = scaled.mul(weight->unsqueeze(1));
     at::Tensor out = at::zeros({tokens, y.size(1)}, y.options().dtype(acc_type))
