@@ -89,6 +89,11 @@ TORCH_LIBRARY(gmm_allreduce, m) {
   m.def(
       "_combine_rows(Tensor rows, Tensor pick, Tensor token, Tensor? weight, Tensor? bias, "
       "Tensor? expert, int num_tokens, Tensor[] addends) -> Tensor");
+  // The combine's backward on given rows (core/combine.h): each row's gradient, and with `rows`
+  // combine_weight's (fp32; fp64 for fp64), for expert parallelism's returned rows.
+  m.def(
+      "_combine_rows_backward(Tensor grad, Tensor combine_index, Tensor? combine_weight, "
+      "Tensor? rows) -> (Tensor, Tensor)");
   // The op's all-reduce alone (comm/ops.cpp): the in-place sum of the contiguous `t` over the
   // group, the way the op sums its buffer (the benchmark's comm_op line).
   m.def("_all_reduce_(Tensor(a!) t, str group_name) -> ()");

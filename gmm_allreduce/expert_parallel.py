@@ -156,6 +156,13 @@ def _return_fake(x, weight, group_name, send_counts, recv_counts, shared_x, shar
             rows if keep_rows else x.new_empty((0,)))
 
 
+@torch.library.register_fake("gmm_allreduce::_combine_rows_backward")
+def _combine_rows_backward_fake(grad, combine_index, combine_weight, rows):
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return (grad.new_empty((combine_index.shape[0], grad.shape[1])),
+            grad.new_empty((combine_index.shape[0] if rows is not None else 0,), dtype=acc))
+
+
 @torch.library.register_fake("gmm_allreduce::_all_to_all_rows")
 def _rows_fake(x, group_name, send_counts, recv_counts, e, to_experts):
     return x.new_empty((sum(recv_counts), x.shape[1]))
@@ -241,12 +248,10 @@ def _backward_return(ctx, grad_out, grad_shared, grad_rows):
     out = dict.fromkeys(NAMES[ctx.op])
     g = grad_out
     if ctx.combined:  # the combine's backward: each returned row's share of its token's gradient
-        picked = grad_out.index_select(0, index.long())
+        g, grad_cw = torch.ops.gmm_allreduce._combine_rows_backward(
+            grad_out.contiguous(), index, cw, rows if ctx.needs_cw else None)
         if ctx.needs_cw:
-            acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
-            out["combine_weight"] = (rows.to(acc) * picked.to(acc)).sum(1).to(cw.dtype)
-        g = picked if cw is None else (picked.to(torch.promote_types(picked.dtype, cw.dtype))
-                                       * cw.unsqueeze(1)).to(grad_out.dtype)
+            out["combine_weight"] = grad_cw.to(cw.dtype)
         if grad_rows is not None and grad_rows.numel():
             g = g + grad_rows
     if ctx.needs_x or ctx.needs_w:

@@ -11,6 +11,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include "core/combine.h"
 #include "core/plan.h"
 
 namespace gmm_allreduce {
@@ -39,26 +40,6 @@ std::vector<at::Tensor> grouped_mat_mul(at::TensorList x, at::TensorList weight,
                                         int64_t group_list_type) {
   return grouped_mat_mul(x, weight, std::nullopt, group_list, std::nullopt, split_item,
                          group_list_type, 1);
-}
-
-// The combine's backward: the combined output's gradient dout [T, N] taken back to the expert
-// rows, dy_j = combine_weight[j] * dout[combine_index[j]] (0 for a row outside [0, T), which the
-// forward dropped), in dout's dtype; and the rows of dout each expert row went to (`picked`) and
-// whether it went anywhere (`kept`), for combine_weight's gradient.
-struct CombineGrad {
-  at::Tensor dy, picked, kept;
-};
-
-CombineGrad combine_backward(const at::Tensor& dout, const at::Tensor& combine_index,
-                             const std::optional<at::Tensor>& combine_weight) {
-  const int64_t tokens = dout.size(0);
-  const at::ScalarType acc = at::toOpMathType(dout.scalar_type());
-  const at::Tensor index = combine_index.to(dout.device(), at::kLong);
-  const at::Tensor kept = index.ge(0).logical_and_(index.lt(tokens)).to(acc);
-  const at::Tensor picked = dout.index_select(0, index.clamp(0, std::max<int64_t>(tokens - 1, 0)));
-  at::Tensor scale = combine_weight ? combine_weight->to(acc).mul(kept) : kept;
-  // Out of place: .to() returns its input when the dtype already matches.
-  return {picked.to(acc).mul(scale.unsqueeze(1)).to(dout.scalar_type()), picked, kept};
 }
 
 // The split mode of the grad-x product: its x is dy (laid out as y) and its output is laid out as

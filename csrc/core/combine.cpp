@@ -101,6 +101,18 @@ void add_rows_into(const at::Tensor& acc, const at::Tensor& rows, const RowAdds&
        float_kernel(rows.scalar_type()));
 }
 
+CombineGrad combine_backward(const at::Tensor& dout, const at::Tensor& combine_index,
+                             const std::optional<at::Tensor>& combine_weight) {
+  const int64_t tokens = dout.size(0);
+  const at::ScalarType acc = at::toOpMathType(dout.scalar_type());
+  const at::Tensor index = combine_index.to(dout.device(), at::kLong);
+  const at::Tensor kept = index.ge(0).logical_and_(index.lt(tokens)).to(acc);
+  const at::Tensor picked = dout.index_select(0, index.clamp(0, std::max<int64_t>(tokens - 1, 0)));
+  at::Tensor scale = combine_weight ? combine_weight->to(acc).mul(kept) : kept;
+  // Out of place: .to() returns its input when the dtype already matches.
+  return {picked.to(acc).mul(scale.unsqueeze(1)).to(dout.scalar_type()), picked, kept};
+}
+
 Combine::Combine(const Plan& plan, const OpArgs& args, int64_t world_size, at::Tensor& flat,
                  const Chunk& chunk)
     : plan_(plan),

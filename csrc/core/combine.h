@@ -84,6 +84,17 @@ struct RowAdds {
 };
 void add_rows_into(const at::Tensor& acc, const at::Tensor& rows, const RowAdds& adds);
 
+// The combine's backward: the combined output's gradient dout [T, N] taken back to the expert
+// rows, dy_j = combine_weight[j] * dout[combine_index[j]] (0 for a row outside [0, T), which the
+// forward dropped), in dout's dtype; and the rows of dout each expert row went to (`picked`) and
+// whether it went anywhere (`kept`, in the accumulation dtype), for combine_weight's gradient
+// <picked_j, y_j> * kept_j. Any device.
+struct CombineGrad {
+  at::Tensor dy, picked, kept;
+};
+CombineGrad combine_backward(const at::Tensor& dout, const at::Tensor& combine_index,
+                             const std::optional<at::Tensor>& combine_weight);
+
 // An engine's products of group i's rows `x` ([r, K]): rows [r0, r0 + r) of the group, or the
 // listed `rows` (counted from the group's first row) when defined; [r, N], rows contiguous, without
 // the bias. For a fused expert block x is undefined and `rows` always given: the engine computes

@@ -80,10 +80,23 @@ at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& pick, const at
   return acc.scalar_type() == rows.scalar_type() ? acc : acc.to(rows.scalar_type());
 }
 
+// The combine's backward on given rows (expert parallelism's returned rows): each row's gradient
+// and, with `rows`, combine_weight's, <dout[combine_index[j]], rows[j]> in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> combine_rows_backward(
+    const at::Tensor& grad, const at::Tensor& combine_index,
+    const std::optional<at::Tensor>& combine_weight, const std::optional<at::Tensor>& rows) {
+  const CombineGrad back = combine_backward(grad, combine_index, combine_weight);
+  const at::ScalarType acc = back.kept.scalar_type();
+  at::Tensor grad_weight = rows ? back.picked.to(acc).mul(rows->to(acc)).sum(1).mul_(back.kept)
+                                : at::empty({0}, back.kept.options());
+  return {back.dy, grad_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmm_allreduce, CompositeExplicitAutograd, m) {
   m.impl("_combine_rows", &combine_rows);
+  m.impl("_combine_rows_backward", &combine_rows_backward);
 }
 
 }  // namespace gmm_allreduce
