@@ -109,11 +109,13 @@ cuda-check-%: .venv-cuda-%/.deps-$(DEPS_TAG)
 
 # torch 2.11.0 asks for CUDA 13.0 wheels other than those on disk: the same libraries' versions of
 # the 2.14.1 set serve it (one CUDA major version, one ABI), so that only torch and triton download.
-.venv-cuda-2.11.0/.deps-$(DEPS_TAG): tools/cuda-constraints.txt
-	$(PYTHON) -m venv $(@D)
-	$(@D)/bin/python -m pip install -q --upgrade pip
-	$(@D)/bin/python -m pip install -q -c tools/cuda-constraints.txt torch==2.14.1 $(TEST_DEPS)
-	$(@D)/bin/python -m pip install -q --no-deps torch==2.11.0 triton==3.6.0
+# The venv is a hard-linked copy of the 2.14.1 one (pip replaces files, never rewrites them), so
+# that the CUDA libraries (3 GB) are on disk once; the download is not cached.
+.venv-cuda-2.11.0/.deps-$(DEPS_TAG): .venv-cuda-2.14.1/.deps-$(DEPS_TAG)
+	rm -rf $(@D)
+	cp -al $(<D) $(@D)
+	rm -f $(@D)/.deps-*
+	$(@D)/bin/python -m pip install -q --no-cache-dir --no-deps torch==2.11.0 triton==3.6.0
 	touch $@
 
 # Python and C++ style (pinned: another clang-format may wrap comments otherwise).
