@@ -1,11 +1,13 @@
 """The transformers integration: a tiny Qwen2-MoE (random config, no download; it has a shared
 expert) sharded over 2 and 4 CPU ranks gives the single-process model's logits and gradients,
-through the expert block op (silu), and through the composed ops (an activation the block lacks)."""
+through the expert block op (silu), and through the composed ops (an activation the block lacks);
+a tiny gpt-oss (transposed weights, interleaved gate and up columns, biases, its clamped SwiGLU)
+alike."""
 
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import GptOssConfig, GptOssForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from gmm_allreduce.integrations.transformers import shard_experts
 
@@ -28,16 +30,45 @@ def tiny_qwen2_moe(dtype, hidden_act="silu"):
     return model.to(dtype)
 
 
-def _sharded(name: str, grad: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
-    """The slice of a single-process gradient that rank `rank` holds after shard_experts."""
+def tiny_gpt_oss(dtype, limit=7.0):
+    """gpt-oss: [E, H, 2I] gate_up_proj with gate and up columns interleaved, biases, a clamped
+    SwiGLU (`limit` other than 7 is a gate the block op lacks)."""
+    config = GptOssConfig(vocab_size=96, hidden_size=32, intermediate_size=16, head_dim=8,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+                          sliding_window=8, rope_parameters={"rope_type": "default",
+                                                             "rope_theta": 10000.0})
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    for layer in model.model.layers:
+        layer.mlp.experts.limit = limit
+    return model.to(dtype)
+
+
+def _sharded(name: str, grad: torch.Tensor, rank: int, ranks: int, layout="qwen2") -> torch.Tensor:
+    """The slice of a single-process gradient that rank `rank` holds after shard_experts: gate and
+    up columns concatenated ("qwen2", "gpt-oss" through the block op) or interleaved ("gpt-oss
+    composed"); gpt-oss's weights are transposed."""
     def part(t, dim):
         size = t.shape[dim] // ranks
         return t.narrow(dim, rank * size, size)
-    if name.endswith("experts.gate_up_proj"):
-        gate, up = grad.chunk(2, dim=1)
-        return torch.cat([part(gate, 1), part(up, 1)], dim=1)
+    gpt_oss = layout.startswith("gpt-oss")
+    if name.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")):
+        dim = 2 if gpt_oss and grad.dim() == 3 else 1
+        if not gpt_oss:
+            gate, up = grad.chunk(2, dim=dim)
+        else:
+            gate, up = grad.unflatten(dim, (-1, 2)).unbind(dim + 1)
+        if layout == "gpt-oss composed":
+            return torch.stack([part(gate, dim), part(up, dim)], dim=dim + 1).flatten(dim, dim + 1)
+        return torch.cat([part(gate, dim), part(up, dim)], dim=dim)
     if name.endswith("experts.down_proj"):
-        return part(grad, 2)
+        return part(grad, 1 if gpt_oss else 2)
     if name.endswith(("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight")):
         return part(grad, 0)
     if name.endswith("shared_expert.down_proj.weight"):
@@ -45,7 +76,7 @@ def _sharded(name: str, grad: torch.Tensor, rank: int, ranks: int) -> torch.Tens
     return grad
 
 
-def logits_and_grads(dtype, hidden_act="silu"):
+def logits_and_grads(dtype, hidden_act="silu", model="qwen2", limit=7.0):
     """On every rank: the sharded model's logits and gradients against the single process's."""
     rank, ranks = dist.get_rank(), dist.get_world_size()
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -55,15 +86,20 @@ def logits_and_grads(dtype, hidden_act="silu"):
         out.loss.backward()
         return out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
-    want_logits, want_grads = run(tiny_qwen2_moe(dtype, hidden_act))
-    model = shard_experts(tiny_qwen2_moe(dtype, hidden_act))
-    got_logits, got_grads = run(model)
+    def build():
+        if model == "gpt-oss":
+            return tiny_gpt_oss(dtype, limit)
+        return tiny_qwen2_moe(dtype, hidden_act)
+
+    want_logits, want_grads = run(build())
+    got_logits, got_grads = run(shard_experts(build()))
+    layout = model if limit == 7.0 else f"{model} composed"
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got_logits, want_logits, **tol)
     assert got_grads.keys() == want_grads.keys()
     for name, grad in got_grads.items():
-        torch.testing.assert_close(grad, _sharded(name, want_grads[name], rank, ranks), **tol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(grad, _sharded(name, want_grads[name], rank, ranks, layout),
+                                   **tol, msg=lambda m, name=name: f"{name}: {m}")
     return got_logits
 
 
@@ -77,6 +113,36 @@ def test_sharded_qwen2_moe_matches_one_process(pools, world, dtype):
 def test_an_activation_the_block_lacks_runs_composed(pools):
     per_rank = pools(2).run(logits_and_grads, torch.float32, "relu")
     assert torch.equal(per_rank[0], per_rank[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sharded_gpt_oss_matches_one_process(pools, dtype):
+    per_rank = pools(2).run(logits_and_grads, dtype, "silu", "gpt-oss")
+    assert torch.equal(per_rank[0], per_rank[1])
+
+
+def test_gpt_oss_with_another_limit_runs_composed(pools):
+    per_rank = pools(2).run(logits_and_grads, torch.float32, "silu", "gpt-oss", 5.0)
+    assert torch.equal(per_rank[0], per_rank[1])
+
+
+def test_gpt_oss_takes_the_block_op(world1, monkeypatch):
+    """Its "silu" hidden_act is not its gate: the block op runs swigluoai, on gate columns then up
+    columns with their biases."""
+    calls = []
+    import gmm_allreduce.integrations.transformers as integration
+    monkeypatch.setattr(integration, "grouped_mlp_all_reduce",
+                        lambda *a, **k: calls.append(k["activation"]) or a[0])
+    model = shard_experts(tiny_gpt_oss(torch.float32))
+    experts = model.model.layers[0].mlp.experts
+    assert experts.is_concatenated and experts.gate_up_proj.shape == (8, 32, 32)
+    model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    assert calls == ["swigluoai", "swigluoai"]
+
+
+def test_expert_parallelism_refuses_expert_biases(world1):
+    with pytest.raises(NotImplementedError, match="expert biases"):
+        shard_experts(tiny_gpt_oss(torch.float32), mode="ep")
 
 
 def test_the_implementation_is_selected(world1):

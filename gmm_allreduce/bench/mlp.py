@@ -67,8 +67,9 @@ def _composed(x, gate_up, down, index, weights) -> Callable:
         gate, value = up.chunk(2, dim=-1)
         return F.silu(gate) * value
 
-    module = types.SimpleNamespace(gate_up_proj=gate_up, down_proj=down,
-                                   _gmm_group=dist.group.WORLD, _apply_gate=apply_gate)
+    module = types.SimpleNamespace(gate_up_proj=gate_up, down_proj=down, is_transposed=False,
+                                   has_bias=False, _gmm_group=dist.group.WORLD,
+                                   _gmm_activation=None, _apply_gate=apply_gate)
     return lambda: experts_forward(module, x, index, weights)
 
 

@@ -23,6 +23,13 @@ shared expert stays whole on every rank. Gradients flow back through both all-to
 gradient sums every rank's tokens, the replicated parameters' are each rank's own (data parallel:
 sum them over the group, as DDP does).
 
+Weights in either of transformers' layouts are taken: ``[E, 2I, H]`` / ``[E, H, I]`` or transposed
+(``is_transposed``: ``[E, H, 2I]`` / ``[E, I, H]``), gate and up columns concatenated or interleaved
+(gpt-oss), with biases (``gate_up_proj_bias`` sliced with its columns, ``down_proj_bias`` counted
+once). The gate is the module's: transformers' default (``config.hidden_act``) and gpt-oss's
+clamped SwiGLU run in the block op (an interleaved ``gate_up_proj`` is reordered to gate columns
+then up columns when sharded); any other ``_apply_gate`` runs composed.
+
 ``shard_experts(model, group)`` turns a loaded model (the same weights on every rank) into that
 layout and selects the implementation. A block with a shared expert (Qwen2-MoE's
 ``shared_expert`` and ``shared_expert_gate``) gets it split alike (gate/up column-parallel,
@@ -39,7 +46,7 @@ import types
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 
 from ..block import grouped_mlp_all_reduce
 from ..expert_parallel import all_to_all_grouped_mat_mul, grouped_mat_mul_all_to_all
@@ -73,29 +80,42 @@ def copy_to_group(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return _CopyToGroup.apply(x, group.group_name)
 
 
+def _weights(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up_proj and down_proj as [E, H, 2I] and [E, I, H] (views: no copy)."""
+    if module.is_transposed:
+        return module.gate_up_proj, module.down_proj
+    return module.gate_up_proj.transpose(1, 2), module.down_proj.transpose(1, 2)
+
+
+def _biases(module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not module.has_bias:
+        return None, None
+    return module.gate_up_proj_bias, module.down_proj_bias
+
+
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, shared_input: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """The "gmm_allreduce" experts implementation, on a module sharded by shard_experts."""
     group = self._gmm_group
-    activation = _BLOCK_ACTIVATIONS.get(getattr(getattr(self, "config", None), "hidden_act", None))
-    if activation is not None:  # hidden_states' gradient is summed over the group by the op
-        return grouped_mlp_all_reduce(hidden_states, self.gate_up_proj.transpose(1, 2),
-                                      self.down_proj.transpose(1, 2), group, topk_ids=top_k_index,
-                                      topk_weights=top_k_weights, activation=activation,
-                                      shared_input=shared_input)
+    w13, w2 = _weights(self)
+    b13, b2 = _biases(self)
+    if self._gmm_activation is not None:  # hidden_states' gradient is summed over the group by the op
+        return grouped_mlp_all_reduce(hidden_states, w13, w2, group, topk_ids=top_k_index,
+                                      topk_weights=top_k_weights, activation=self._gmm_activation,
+                                      w13_bias=b13, w2_bias=b2, shared_input=shared_input)
     tokens, top_k = top_k_index.shape
-    experts = self.gate_up_proj.shape[0]
+    experts = w13.shape[0]
     # The token-expert pairs sorted by expert: expert row j is token order[j] // top_k's.
     expert_ids = top_k_index.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)
     counts = torch.bincount(expert_ids, minlength=experts)
     x = copy_to_group(hidden_states, group)[order // top_k]
-    (up,) = grouped_mat_mul([x], list(self.gate_up_proj.transpose(1, 2).unbind(0)),
+    (up,) = grouped_mat_mul([x], list(w13.unbind(0)), bias=None if b13 is None else list(b13),
                             group_list=counts, group_list_type=1, split_item=3)
     act = self._apply_gate(up)  # this rank's [gate; up] slice: its slice of the activation
     (out,) = grouped_mat_mul_all_reduce(
-        [act], list(self.down_proj.transpose(1, 2).unbind(0)), group, group_list=counts,
+        [act], list(w2.unbind(0)), group, bias=None if b2 is None else list(b2), group_list=counts,
         group_list_type=1, split_item=3, combine_index=order // top_k,
         combine_weight=top_k_weights.reshape(-1)[order], num_tokens=tokens,
         shared_input=shared_input)
@@ -118,11 +138,11 @@ def experts_forward_ep(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[s*e + i]: rank s's rows for my i
     send, recv = send.tolist(), recv.tolist()
-    up, _, _ = all_to_all_grouped_mat_mul(hidden_states[order // top_k],
-                                          self.gate_up_proj.transpose(1, 2), group,
+    w13, w2 = _weights(self)
+    up, _, _ = all_to_all_grouped_mat_mul(hidden_states[order // top_k], w13, group,
                                           send_counts=send, recv_counts=recv)
     out, _ = grouped_mat_mul_all_to_all(
-        self._apply_gate(up), self.down_proj.transpose(1, 2), group, send_counts=recv,
+        self._apply_gate(up), w2, group, send_counts=recv,
         recv_counts=send, combine_index=order // top_k,
         combine_weight=top_k_weights.reshape(-1)[order], num_tokens=tokens)
     return out
@@ -157,6 +177,49 @@ def _slice(t: torch.Tensor, dim: int, rank: int, ranks: int, what: str) -> torch
     return t.narrow(dim, rank * part, part)
 
 
+def _block_activation(module) -> str | None:
+    """The block op's activation for the module's gate, or None: the module's own, composed."""
+    gate = type(module)._apply_gate
+    if gate is _default_apply_gate:
+        return _BLOCK_ACTIVATIONS.get(getattr(module.config, "hidden_act", None))
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:  # pragma: no cover - a transformers without gpt-oss
+        return None
+    if gate is GptOssExperts._apply_gate and (module.alpha, module.limit) == (1.702, 7.0):
+        return "swigluoai"
+    return None
+
+
+def _shard_tensor_parallel(module, name: str, rank: int, ranks: int) -> None:
+    """gate_up_proj's and its bias's gate and up columns [r I/n, (r+1) I/n), down_proj's rows alike;
+    an interleaved gate_up_proj that the block op computes is reordered to gate then up columns."""
+    activation = _block_activation(module)
+    columns = 2 if module.is_transposed else 1  # gate_up_proj's 2I dim; its bias's is 1
+
+    def split(t: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+        if module.is_concatenated:
+            gate, up = t.chunk(2, dim=dim)
+        else:
+            gate, up = t.unflatten(dim, (-1, 2)).unbind(dim + 1)
+        gate, up = _slice(gate, dim, rank, ranks, what), _slice(up, dim, rank, ranks, what)
+        if module.is_concatenated or activation is not None:
+            return torch.cat([gate, up], dim=dim).contiguous()
+        return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)  # the module's own order
+
+    module.gate_up_proj = torch.nn.Parameter(split(module.gate_up_proj.data, columns,
+                                                   f"{name}.gate_up_proj"))
+    if module.has_bias:
+        module.gate_up_proj_bias = torch.nn.Parameter(split(module.gate_up_proj_bias.data, 1,
+                                                            f"{name}.gate_up_proj_bias"))
+    rows = 1 if module.is_transposed else 2  # down_proj's I dim
+    module.down_proj = torch.nn.Parameter(
+        _slice(module.down_proj.data, rows, rank, ranks, f"{name}.down_proj").contiguous())
+    if activation is not None:
+        module.is_concatenated = True
+    module._gmm_activation = activation
+
+
 def _shard_linear(linear: torch.nn.Linear, dim: int, rank: int, ranks: int, what: str) -> None:
     if linear.bias is not None:
         raise NotImplementedError(f"{what}: a bias in a sharded projection is not supported")
@@ -179,23 +242,17 @@ def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup | None = None
         if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")
                 and getattr(module, "has_gate", False)):
             continue
-        if module.is_transposed or not module.is_concatenated or module.has_bias:
-            raise NotImplementedError(f"{name}: only [E, 2I, H] concatenated gate_up_proj and "
-                                      "[E, H, I] down_proj without bias are supported")
         if mode == "ep":
+            if module.has_bias:
+                raise NotImplementedError(f"{name}: expert parallelism with expert biases is not "
+                                          "supported")
             experts = module.gate_up_proj.shape[0]
-            module.gate_up_proj = torch.nn.Parameter(
-                _slice(module.gate_up_proj.data, 0, rank, ranks, f"{name}.gate_up_proj").clone())
-            module.down_proj = torch.nn.Parameter(
-                _slice(module.down_proj.data, 0, rank, ranks, f"{name}.down_proj").clone())
+            for what in ("gate_up_proj", "down_proj"):
+                setattr(module, what, torch.nn.Parameter(_slice(
+                    getattr(module, what).data, 0, rank, ranks, f"{name}.{what}").clone()))
             module._gmm_experts = experts
         else:
-            gate, up = module.gate_up_proj.data.chunk(2, dim=1)
-            module.gate_up_proj = torch.nn.Parameter(torch.cat(
-                [_slice(gate, 1, rank, ranks, f"{name}.gate_up_proj"),
-                 _slice(up, 1, rank, ranks, f"{name}.gate_up_proj")], dim=1).contiguous())
-            module.down_proj = torch.nn.Parameter(
-                _slice(module.down_proj.data, 2, rank, ranks, f"{name}.down_proj").contiguous())
+            _shard_tensor_parallel(module, name, rank, ranks)
         module._gmm_group = group
         module.config._experts_implementation = name_used
         found += 1
