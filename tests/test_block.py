@@ -405,7 +405,9 @@ def test_few_rows_kernel(dtype):
     if gmm_allreduce.cpu_capabilities()["host"] == "baseline":
         pytest.skip("no AVX2 on this CPU")
     g = torch.Generator().manual_seed(3)
-    for r, k, n in ((1, 7, 5), (3, 64, 40), (8, 129, 33), (9, 16, 8), (32, 200, 17)):
+    # r 1 and 2 with a [k, n] weight: the streaming tile (2100 columns: two tiles at r 2, the
+    # second's last columns short of a vector); more rows: the register tiles.
+    for r, k, n in ((1, 7, 5), (2, 35, 2100), (3, 64, 40), (8, 129, 33), (9, 16, 8), (32, 200, 17)):
         x = torch.randn(r, k, generator=g).to(dtype)
         for w in (torch.randn(k, n, generator=g).to(dtype),
                   torch.randn(n, k, generator=g).to(dtype).t()):

@@ -242,6 +242,59 @@ GMM_WEIGHT_AVX2 void rows_tile_avx2(const float* x, int64_t ldx, const W* w, int
   }
 }
 
+// Columns of one streaming tile of R <= kStreamMaxRows rows: their fp32 sums (16 KB) stay in L1
+// while the weight's rows stream past.
+template <int R>
+constexpr int64_t kStreamCols = 4096 / R;
+constexpr int kStreamMaxRows = 2;  // above, the tile measured faster (RESULTS.md)
+
+// One step of rows_stream_avx2: J rows of the weight from row kk (w at the tile's first column),
+// each read along `cols` contiguous columns, added into acc's R rows in the order of k.
+template <int R, int J, typename W>
+GMM_WEIGHT_AVX2 inline void stream_step(const float* x, int64_t ldx, const W* w, int64_t ldw,
+                                        int64_t kk, float (*acc)[kStreamCols<R>], int64_t cols) {
+  __m256 xb[J][R];
+  const W* wr[J];
+  GMM_UNROLL
+  for (int j = 0; j < J; ++j) {
+    wr[j] = w + (kk + j) * ldw;
+    GMM_UNROLL
+    for (int r = 0; r < R; ++r) xb[j][r] = _mm256_set1_ps(x[r * ldx + kk + j]);
+  }
+  for (int64_t c = 0; c < cols; c += 8) {
+    __m256 wv[J];
+    GMM_UNROLL
+    for (int j = 0; j < J; ++j) {
+      wv[j] = c + 8 <= cols ? widen8(wr[j] + c) : widen8_part(wr[j] + c, cols - c);
+    }
+    GMM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      __m256 a = _mm256_load_ps(acc[r] + c);
+      GMM_UNROLL
+      for (int j = 0; j < J; ++j) a = _mm256_fmadd_ps(xb[j][r], wv[j], a);
+      _mm256_store_ps(acc[r] + c, a);
+    }
+  }
+}
+
+// rows_tile_avx2 for a few rows (R <= kStreamMaxRows), up to kStreamCols columns: the weight read
+// in its own order, a few of its rows at a time along the tile's columns (long contiguous reads,
+// where rows_tile_avx2's narrow tile steps from page to page down k), the sums kept in L1 between
+// them. Each sum adds its products in the order of k, as rows_tile_avx2 does: the same bits.
+template <int R, typename W>
+GMM_WEIGHT_AVX2 void rows_stream_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw,
+                                      int64_t k, float* y, int64_t ldy, int64_t n0, int64_t cols) {
+  static_assert(R <= kStreamMaxRows, "the sums of R rows in L1, their x in registers");
+  constexpr int J = 4;  // weight rows a step: J * R broadcasts of x in registers
+  alignas(32) float acc[R][kStreamCols<R>];
+  for (int r = 0; r < R; ++r) std::fill_n(acc[r], (cols + 7) / 8 * 8, 0.0f);
+  const W* wt = w + n0;
+  int64_t kk = 0;
+  for (; kk + J <= k; kk += J) stream_step<R, J>(x, ldx, wt, ldw, kk, acc, cols);
+  for (; kk < k; ++kk) stream_step<R, 1>(x, ldx, wt, ldw, kk, acc, cols);
+  for (int r = 0; r < R; ++r) std::copy_n(acc[r], cols, y + r * ldy + n0);
+}
+
 // cols_tile on AVX2: y[r, n0 + c] for R rows and C columns (`cols` of them valid) as dot products
 // over k, 8 lanes at a time.
 template <int R, int C, typename W>
@@ -313,8 +366,12 @@ void rows_mm(const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) 
   const auto* wp = static_cast<const W*>(w.const_data_ptr());
   const bool rows = w.stride(1) == 1;
   const int64_t ldw = rows ? w.stride(0) : w.stride(1);
+  constexpr bool kStream = kAvx2 && R <= kStreamMaxRows;
+  // A streaming tile is as wide as its L1 buffer allows, but split so that every thread has one.
+  const int64_t stream = std::min(kStreamCols<R>, (n / at::get_num_threads() + 7) / 8 * 8);
   const int64_t width =
-      kAvx2 ? (rows ? 8 * kBlocksAvx2<R> : kColsAvx2<R>) : (rows ? 16 * kBlocks<R> : kBlocks<R>);
+      kAvx2 ? (rows ? (kStream ? std::max<int64_t>(stream, 8) : 8 * kBlocksAvx2<R>) : kColsAvx2<R>)
+            : (rows ? 16 * kBlocks<R> : kBlocks<R>);
   const int64_t tiles = (n + width - 1) / width;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k * width, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
@@ -323,10 +380,12 @@ void rows_mm(const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) 
       const int64_t cols = std::min(width, n - n0);
       if constexpr (kAvx2) {
         static_assert(std::is_same_v<X, float>, "AVX2: fp32 x");
-        if (rows) {
-          rows_tile_avx2<R, kBlocksAvx2<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
-        } else {
+        if (!rows) {
           cols_tile_avx2<R, kColsAvx2<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
+        } else if constexpr (kStream) {
+          rows_stream_avx2<R>(x, ldx, wp, ldw, k, y, n, n0, cols);
+        } else {
+          rows_tile_avx2<R, kBlocksAvx2<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
         }
       } else if constexpr (!std::is_same_v<W, int8_t>) {
         TORCH_INTERNAL_ASSERT(false, "16-bit weights: the AVX2 kernels");
