@@ -507,7 +507,7 @@ def test_int8_weights_composed_path(dtype):
 
 def test_the_same_bytes_on_any_thread_count():
     """Blocks of rows run in parallel, their products added in a fixed order: the bytes of one
-    thread on two (the block op and a combined grouped call)."""
+    thread on two (the block op with float and int8 weights, and a combined grouped call)."""
     b = Block("threads", tokens=256, top_k=4, experts=8, hidden=64, inter=48, out=64,
               dtype=torch.bfloat16)
     a = cast(inputs(b, 0), torch.bfloat16)
@@ -518,16 +518,26 @@ def test_the_same_bytes_on_any_thread_count():
     gkw = dict(group_list=[50, 0, 90, 60, 40, 60], group_list_type=1, split_item=3,
                combine_index=torch.randint(0, 37, (300,)), combine_weight=torch.rand(300),
                num_tokens=37)
+    # int8 weights, a decode step's few rows per expert and many (the dequantised weight, one
+    # per thread)
+    qa, q = int8_case(dataclasses.replace(b, dtype=torch.float32), 0)
+    qkw = dict(topk_ids=qa["topk_ids"], topk_weights=qa["topk_weights"].float(),
+               w13_antiquant_scale=q["w13_antiquant_scale"],
+               w2_antiquant_scale=q["w2_antiquant_scale"])
+    few = dict(qkw, topk_ids=qa["topk_ids"][:8], topk_weights=qa["topk_weights"][:8].float())
+    hq = qa["hidden_states"].float()
     before = torch.get_num_threads()
     outs = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             outs.append((gmm_allreduce.grouped_mlp(a["hidden_states"], a["w13"], a["w2"], **kw),
-                         gmm_allreduce.grouped_mat_mul([x], w, **gkw)[0]))
+                         gmm_allreduce.grouped_mat_mul([x], w, **gkw)[0],
+                         gmm_allreduce.grouped_mlp(hq, q["w13"], q["w2"], **qkw),
+                         gmm_allreduce.grouped_mlp(hq[:8], q["w13"], q["w2"], **few)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(one, two) for one, two in zip(*outs))
 
 
 def _one_bad_rank():
