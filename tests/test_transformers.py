@@ -140,9 +140,11 @@ def test_gpt_oss_takes_the_block_op(world1, monkeypatch):
     assert calls == ["swigluoai", "swigluoai"]
 
 
-def test_expert_parallelism_refuses_expert_biases(world1):
-    with pytest.raises(NotImplementedError, match="expert biases"):
-        shard_experts(tiny_gpt_oss(torch.float32), mode="ep")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_expert_parallel_gpt_oss_matches_one_process(pools, dtype):
+    """Transposed, interleaved experts with biases: gate_up's split with the experts, down's whole
+    on every rank (its gradient, summed over the ranks, the single process's)."""
+    assert all(pools(2).run(expert_parallel_logits_and_grads, dtype, "gpt-oss"))
 
 
 def test_the_implementation_is_selected(world1):
@@ -153,7 +155,7 @@ def test_the_implementation_is_selected(world1):
     assert experts.gate_up_proj.shape == (8, 32, 32) and experts.down_proj.shape == (8, 32, 16)
 
 
-def expert_parallel_logits_and_grads(dtype):
+def expert_parallel_logits_and_grads(dtype, model="qwen2"):
     """shard_experts(mode="ep"), each rank its own two sequences of one batch: its logits are the
     single process's rows of them; its experts' gradients the single process's (every rank's
     tokens reach them); the replicated parameters' gradients, summed over the ranks (as DDP
@@ -168,15 +170,16 @@ def expert_parallel_logits_and_grads(dtype):
         (logits * probe).sum().backward()
         return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
-    want_logits, want_grads = run(tiny_qwen2_moe(dtype), ids, probe)
-    model = shard_experts(tiny_qwen2_moe(dtype), mode="ep")
+    build = tiny_gpt_oss if model == "gpt-oss" else tiny_qwen2_moe
+    want_logits, want_grads = run(build(dtype), ids, probe)
+    model = shard_experts(build(dtype), mode="ep")
     assert model.config._experts_implementation == "gmm_allreduce_ep"
     got_logits, got_grads = run(model, ids[mine], probe[mine])
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got_logits, want_logits[mine], **tol)
     experts = 8 // ranks
     for name, grad in got_grads.items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj", "experts.gate_up_proj_bias")):
             want = want_grads[name][rank * experts:(rank + 1) * experts]
         else:
             grad = grad.float()

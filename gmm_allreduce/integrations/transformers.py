@@ -18,8 +18,10 @@ named by ``config._experts_implementation``. Importing this module registers ``"
 and its own tokens (data parallel). Per MoE block: the routing's (token, slot) pairs sorted by
 expert, the counts exchanged (``dist.all_to_all_single``), the rows dispatched to their experts'
 ranks and multiplied by gate_up there (``all_to_all_grouped_mat_mul``), the gated activation, then
-the down products returned and combined into the token rows (``grouped_mat_mul_all_to_all``). The
-shared expert stays whole on every rank. Gradients flow back through both all-to-alls: an expert's
+the down products returned and combined into the token rows (``grouped_mat_mul_all_to_all``);
+expert biases: gate_up's added to the received rows, down's (kept whole on every rank, [E, H])
+added by the tokens' rank as its weighted sum over each token's experts. The shared expert stays
+whole on every rank. Gradients flow back through both all-to-alls: an expert's
 gradient sums every rank's tokens, the replicated parameters' are each rank's own (data parallel:
 sum them over the group, as DDP does).
 
@@ -141,10 +143,18 @@ def experts_forward_ep(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     w13, w2 = _weights(self)
     up, _, _ = all_to_all_grouped_mat_mul(hidden_states[order // top_k], w13, group,
                                           send_counts=send, recv_counts=recv)
+    if self.has_bias:  # each received row's expert's: the rows are expert-major
+        mine = self.gate_up_proj_bias.shape[0]
+        rows = torch.tensor(recv).view(-1, mine).sum(0)
+        up = up + self.gate_up_proj_bias.repeat_interleave(rows, dim=0)
     out, _ = grouped_mat_mul_all_to_all(
         self._apply_gate(up), w2, group, send_counts=recv,
         recv_counts=send, combine_index=order // top_k,
         combine_weight=top_k_weights.reshape(-1)[order], num_tokens=tokens)
+    if self.has_bias:  # down_proj_bias, whole on every rank: each token's weighted sum of its
+        # experts' (the combine of rows that each carry their expert's bias)
+        out = out + (top_k_weights.unsqueeze(-1) * self.down_proj_bias[top_k_index]).sum(1).to(
+            out.dtype)
     return out
 
 
@@ -242,12 +252,11 @@ def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup | None = None
         if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")
                 and getattr(module, "has_gate", False)):
             continue
-        if mode == "ep":
-            if module.has_bias:
-                raise NotImplementedError(f"{name}: expert parallelism with expert biases is not "
-                                          "supported")
+        if mode == "ep":  # down_proj_bias stays whole (the tokens' ranks add it)
             experts = module.gate_up_proj.shape[0]
-            for what in ("gate_up_proj", "down_proj"):
+            split = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias",) if module.has_bias
+                                                     else ())
+            for what in split:
                 setattr(module, what, torch.nn.Parameter(_slice(
                     getattr(module, what).data, 0, rank, ranks, f"{name}.{what}").clone()))
             module._gmm_experts = experts
