@@ -25,7 +25,8 @@
 #define GMM_MLP_OPERANDS                                                                    \
   "Tensor hidden_states, Tensor[] w13, Tensor[] w2, Tensor topk_ids, Tensor topk_weights, " \
   "str activation, Tensor[]? w13_bias, Tensor[]? w2_bias, Tensor? shared_input, "           \
-  "Tensor[]? w13_antiquant_scale, Tensor[]? w2_antiquant_scale, "
+  "Tensor[]? w13_antiquant_scale, Tensor[]? w2_antiquant_scale, Tensor[]? w13_scale, "      \
+  "Tensor[]? w2_scale, "
 #define GMM_MLP_COLLECTIVE \
   "str group_name, int comm_turn, bool check_ranks, ScalarType? reduce_dtype, bool async_op"
 

@@ -47,7 +47,8 @@ def _per_expert(arg: str, value) -> list[torch.Tensor] | None:
 
 
 def _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bias, w2_bias,
-              shared_input, w13_antiquant_scale=None, w2_antiquant_scale=None) -> dict:
+              shared_input, w13_antiquant_scale=None, w2_antiquant_scale=None, w13_scale=None,
+              w2_scale=None) -> dict:
     if not isinstance(activation, str):
         raise TypeError(f"activation: expected a str ({', '.join(_ACTIVATIONS)}), got "
                         f"{type(activation).__name__}")
@@ -58,8 +59,12 @@ def _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bi
          "w13_bias": _per_expert("w13_bias", w13_bias), "w2_bias": _per_expert("w2_bias", w2_bias),
          "shared_input": None if shared_input is None else _tensor("shared_input", shared_input),
          "w13_antiquant_scale": _per_expert("w13_antiquant_scale", w13_antiquant_scale),
-         "w2_antiquant_scale": _per_expert("w2_antiquant_scale", w2_antiquant_scale)}
-    if a["w13_antiquant_scale"] is not None and torch.is_grad_enabled() and any(
+         "w2_antiquant_scale": _per_expert("w2_antiquant_scale", w2_antiquant_scale),
+         "w13_scale": _per_expert("w13_scale", w13_scale),
+         "w2_scale": _per_expert("w2_scale", w2_scale)}
+    quantised = any(a[k] is not None for k in ("w13_antiquant_scale", "w2_antiquant_scale",
+                                                 "w13_scale", "w2_scale"))
+    if quantised and torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad
             for t in (a["hidden_states"], a["topk_weights"], a["shared_input"],
                       *(a["w13_bias"] or []), *(a["w2_bias"] or []))):
@@ -76,10 +81,11 @@ def _collective_front(name: str, doc: str):
               topk_weights: torch.Tensor, activation: str = "silu", w13_bias=None, w2_bias=None,
               shared_input: torch.Tensor | None = None, comm_turn: int = 0,
               reduce_dtype: torch.dtype | None = None, async_op: bool = False,
-              check_ranks: bool = False, w13_antiquant_scale=None,
-              w2_antiquant_scale=None) -> torch.Tensor:
+              check_ranks: bool = False, w13_antiquant_scale=None, w2_antiquant_scale=None,
+              w13_scale=None, w2_scale=None) -> torch.Tensor:
         operands = _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bias,
-                             w2_bias, shared_input, w13_antiquant_scale, w2_antiquant_scale)
+                             w2_bias, shared_input, w13_antiquant_scale, w2_antiquant_scale,
+                             w13_scale, w2_scale)
         return op(*operands.values(), _group_name("hcomm", hcomm), _int("comm_turn", comm_turn),
                   _bool("check_ranks", check_ranks), _dtype("reduce_dtype", reduce_dtype),
                   _async("async_op", async_op))
@@ -125,6 +131,10 @@ Args:
         output's token rows cut into chunks, each summed while the next computes).
     w13_antiquant_scale, w2_antiquant_scale: with int8 w13 and w2 (weight-only, inference),
         their per-column scales, [E, 2I] and [E, N] (or lists): the weights are w * scale.
+    w13_scale, w2_scale: instead, W8A8 (inference): the same per-column scales of int8 w13 and
+        w2, with int8 activations: each routed row of hidden_states and of the activation is
+        quantised on the fly, s = max|row| / 127, round(row / s), and the int8 products exact
+        (int32) are scaled by s * scale.
 
 Returns:
     [T, N] in hidden_states' dtype.
@@ -143,11 +153,13 @@ Backward all-gathers the output's gradient first.""")
 def grouped_mlp(hidden_states: torch.Tensor, w13, w2, *, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor, activation: str = "silu", w13_bias=None, w2_bias=None,
                 shared_input: torch.Tensor | None = None, world_size: int = 1,
-                w13_antiquant_scale=None, w2_antiquant_scale=None) -> torch.Tensor:
+                w13_antiquant_scale=None, w2_antiquant_scale=None, w13_scale=None,
+                w2_scale=None) -> torch.Tensor:
     """One rank's part of the expert block, with no collective (w2_bias divided by world_size):
     the same arguments and checks as grouped_mlp_all_reduce."""
     operands = _operands(hidden_states, w13, w2, topk_ids, topk_weights, activation, w13_bias,
-                         w2_bias, shared_input, w13_antiquant_scale, w2_antiquant_scale)
+                         w2_bias, shared_input, w13_antiquant_scale, w2_antiquant_scale,
+                         w13_scale, w2_scale)
     return torch.ops.gmm_allreduce.grouped_mlp(*operands.values(), _int("world_size", world_size))
 
 

@@ -610,6 +610,29 @@ def test_expert_block_matches_reference_nccl_world1(nccl1, dtype):
         assert error < (2e-2 if dtype == torch.bfloat16 else 1e-4), (device_ids, error)
 
 
+def test_expert_block_w8a8_matches_the_cpu(nccl1):
+    """W8A8 in the block on the GPU (the rows quantised on the device, cuBLASLt's int8 GEMMs where
+    they take the shapes) gives the CPU's values: the same int8 rows, exact int32 sums."""
+    gen = torch.Generator().manual_seed(6)
+    t, k, e, h, i = 64, 4, 8, 128, 64
+    x = torch.randn(t, h, generator=gen).bfloat16()
+    q13, s13 = gmm_allreduce.quantize_weights(list(torch.randn(e, h, 2 * i, generator=gen)))
+    q2, s2 = gmm_allreduce.quantize_weights(list(torch.randn(e, i, h, generator=gen)))
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=gen)
+    kw = dict(topk_ids=ids, topk_weights=weights, w13_scale=s13, w2_scale=s2)
+    with torch.no_grad():
+        want = gmm_allreduce.grouped_mlp(x, q13, q2, **kw)
+        dev = torch.device("cuda", 0)
+        y = gmm_allreduce.grouped_mlp_all_reduce(
+            x.to(dev), [q.to(dev) for q in q13], [q.to(dev) for q in q2], nccl1,
+            topk_ids=ids.to(dev), topk_weights=weights.to(dev),
+            w13_scale=[s.to(dev) for s in s13], w2_scale=[s.to(dev) for s in s2])
+    assert y.is_cuda and y.dtype == torch.bfloat16
+    error = float((y.double().cpu() - want.double()).norm() / want.double().norm())
+    assert error < 1e-2, error
+
+
 def test_expert_block_device_ids_drop_bad_ids_and_grads(nccl1):
     """A device topk_ids is not read on the host: ids outside [0, E) are dropped; gradients flow."""
     from gmm_allreduce.reference import expert_block

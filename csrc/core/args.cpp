@@ -92,6 +92,8 @@ OpArgs read_args(const c10::OperatorHandle& op, const torch::jit::Stack& stack) 
   read(arg("activation"), a.mlp.activation);
   read(arg("w13_antiquant_scale"), a.mlp.w13_antiquant_scale);
   read(arg("w2_antiquant_scale"), a.quant.antiquant_scale);
+  read(arg("w13_scale"), a.mlp.w13_scale);
+  read(arg("w2_scale"), a.quant.scale);
   return a;
 }
 

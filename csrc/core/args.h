@@ -60,6 +60,10 @@ struct MlpArgs {
   // int8 w13 and w2 (weight-only): w13's per-column scales, per expert [2 * I]; w2's are the
   // down product's QuantArgs::antiquant_scale.
   std::optional<std::vector<at::Tensor>> w13_antiquant_scale;
+  // int8 w13 and w2 with int8 activations (W8A8): w13's per-column scales, per expert [2 * I];
+  // w2's are the down product's QuantArgs::scale. hidden_states' rows and the activations' are
+  // quantised per row (dynamic per-token scales).
+  std::optional<std::vector<at::Tensor>> w13_scale;
   std::optional<at::Tensor> topk_ids;      // [T, k]: the expert of each (token, slot), -1 for none
   std::optional<at::Tensor> topk_weights;  // [T, k]
   std::string activation = "silu";

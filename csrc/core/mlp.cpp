@@ -3,7 +3,9 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/irange.h>
 
+#include <limits>
 #include <string>
+#include <utility>
 
 namespace gmm_allreduce {
 namespace {
@@ -91,12 +93,22 @@ void check_mlp(const OpArgs& a) {
   const int64_t n = a.weight[0].size(1);
   check_biases("w13_bias", a.mlp.w13_bias, h, experts, two_i, "2 * I, the columns of w13");
   check_biases("w2_bias", a.bias, h, experts, n, "the columns of w2");
-  for (const auto& [arg, scale, cols] :
-       {std::tuple{"w13_antiquant_scale", &a.mlp.w13_antiquant_scale, int64_t{two_i}},
-        std::tuple{"w2_antiquant_scale", &a.quant.antiquant_scale, n}}) {
-    TORCH_CHECK_VALUE(scale->has_value() == int8, arg,
-                      int8 ? ": required for int8 w13 and w2 (their per-column scales)"
-                           : ": given for float weights, which it does not apply to");
+  // int8 weights: weight-only (antiquant scales) or W8A8 (scales), one of them.
+  const bool w8a8 = a.mlp.w13_scale.has_value() || a.quant.scale.has_value();
+  for (const auto& [arg, scale, cols, of_w8a8] :
+       {std::tuple{"w13_antiquant_scale", &a.mlp.w13_antiquant_scale, int64_t{two_i}, false},
+        std::tuple{"w2_antiquant_scale", &a.quant.antiquant_scale, n, false},
+        std::tuple{"w13_scale", &a.mlp.w13_scale, int64_t{two_i}, true},
+        std::tuple{"w2_scale", &a.quant.scale, n, true}}) {
+    TORCH_CHECK_VALUE(!scale->has_value() || int8, arg,
+                      ": given for float weights, which it does not apply to");
+    TORCH_CHECK_VALUE(!int8 || of_w8a8 != w8a8 || scale->has_value(), arg,
+                      of_w8a8 ? ": required with the other W8A8 scale (int8 w13 and w2 with int8 "
+                                "activations: their per-column scales)"
+                              : ": required for int8 w13 and w2 (their per-column scales)");
+    TORCH_CHECK_VALUE(!int8 || of_w8a8 == w8a8 || !scale->has_value(), arg,
+                      ": given with W8A8's w13_scale and w2_scale: pass the antiquant scales ",
+                      "(weight-only) or the scales (W8A8), not both");
     check_biases(arg, *scale, h, experts, cols, "the columns of its weight");
   }
 
@@ -169,23 +181,60 @@ Routing route_on_device(const at::Tensor& topk_ids, const at::Tensor& topk_weigh
   return r;
 }
 
-// The activations of the routed rows, whole: the gate_up products of the gathered rows through the
-// comm-free op (on whichever engine serves the device), then the activation.
-at::Tensor activations(const OpArgs& a) {
-  const at::Tensor gathered = a.mlp.hidden->index_select(
+// The routed rows of hidden_states, expert-major (a dropped row, token T, reads row T - 1).
+at::Tensor gathered_rows(const OpArgs& a) {
+  return a.mlp.hidden->index_select(
       0, a.combine.index->to(a.mlp.hidden->device()).clamp(0, a.mlp.hidden->size(0) - 1));
+}
+
+// The activations of rows x, whole: their gate_up products through the comm-free op (on whichever
+// engine serves the device; W8A8: int8 x with its rows' scales, fp32 out), then the gate.
+at::Tensor gated(const OpArgs& a, const at::Tensor& x, std::optional<at::Tensor> x_scale) {
+  const bool w8a8 = x_scale.has_value();
   const at::Tensor pre =
-      call_by_name("grouped_mat_mul", {{"x", std::vector<at::Tensor>{gathered}},
-                                       {"weight", a.mlp.w13},
-                                       {"bias", a.mlp.w13_bias},
-                                       {"antiquant_scale", a.mlp.w13_antiquant_scale},
-                                       {"group_list", a.group_list},
-                                       {"group_list_tensor", a.group_list_tensor},
-                                       {"split_item", 3},
-                                       {"group_list_type", 1},
-                                       {"world_size", 1}})[0]
+      call_by_name("grouped_mat_mul",
+                   {{"x", std::vector<at::Tensor>{x}},
+                    {"weight", a.mlp.w13},
+                    {"bias", a.mlp.w13_bias},
+                    {"antiquant_scale", a.mlp.w13_antiquant_scale},
+                    {"scale", a.mlp.w13_scale},
+                    {"per_token_scale", std::move(x_scale)},
+                    {"output_dtype", w8a8 ? c10::IValue(at::kFloat) : c10::IValue()},
+                    {"group_list", a.group_list},
+                    {"group_list_tensor", a.group_list_tensor},
+                    {"split_item", 3},
+                    {"group_list_type", 1},
+                    {"world_size", 1}})[0]
           .toTensorVector()[0];
-  return gate(pre, a.mlp.act).to(gathered.scalar_type());
+  return gate(pre, a.mlp.act);
+}
+
+// Rows of t quantised to int8 with a scale each (dynamic per-token quantisation): s = max |row| /
+// 127 (in fp32), q = round(row / s); a zero row gets scale 0 and zeros.
+std::pair<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& t) {
+  const at::Tensor f = t.to(at::kFloat);
+  const at::Tensor s = f.abs().amax({1}).div_(127);
+  const at::Tensor q = f.div(s.clamp_min(std::numeric_limits<float>::min()).unsqueeze(1))
+                           .round_()
+                           .clamp_(-127, 127)
+                           .to(at::kChar);
+  return {q, s};
+}
+
+// The x of the down product, whole: the activations in hidden_states' dtype; W8A8: the gathered
+// rows and then the activations (in fp32) quantised per row, the down product a W8A8 combined call
+// with those rows' scales and hidden_states' dtype out.
+void activations(OpArgs& a) {
+  const at::Tensor rows = gathered_rows(a);
+  if (!a.mlp.w13_scale) {
+    a.x = {gated(a, rows, std::nullopt).to(rows.scalar_type())};
+    return;
+  }
+  const auto [xq, xs] = quantize_rows(rows);
+  const auto [aq, as] = quantize_rows(gated(a, xq, xs));
+  a.x = {aq};
+  a.quant.per_token_scale = as;
+  a.quant.output_dtype = a.mlp.hidden->scalar_type();
 }
 
 }  // namespace
@@ -237,9 +286,11 @@ void route_mlp(OpArgs& a, bool fused) {
   a.split_item = 3;
   a.group_list_type = 1;
   a.combine.num_tokens = h.size(0);
-  a.mlp.fused = fused;
   // Fused: x only gives the plan its shape (its pages are never touched); else the activations.
-  a.x = {fused ? at::empty({rows, inter}, h.options()) : activations(a)};
+  // W8A8 is composed on every engine.
+  a.mlp.fused = fused && !a.mlp.w13_scale;
+  if (!a.mlp.fused) return activations(a);
+  a.x = {at::empty({rows, inter}, h.options())};
 }
 
 }  // namespace gmm_allreduce

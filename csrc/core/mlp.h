@@ -12,7 +12,9 @@
 // An engine that fuses the block (Engine::fuses_mlp: the CPU's) computes `a` a block of expert rows
 // at a time from hidden_states and w13 (gated_rows), never holding an [M, 2I] tensor; for any other
 // the driver computes `a` whole first (the grouped gate_up product through the comm-free op, then
-// the activation) and the engine runs the down product as for any combined call.
+// the activation) and the engine runs the down product as for any combined call. W8A8 (int8
+// weights with w13_scale and w2_scale) runs that way on every engine, hidden_states' rows and `a`'s
+// quantised per row on the way (the down product a W8A8 combined call).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -19,11 +19,12 @@ from ..cases import Case
 # The methods of an MLP scenario: "fused" (the composed op), "fp32" (the same in fp32), and:
 # - block: gmm_allreduce.grouped_mlp_all_reduce, the whole block in one call;
 # - block_int8: the same on int8 weights (weight-only, quantize_weights), under torch.no_grad();
+# - block_w8a8: the same int8 weights with int8 activations (W8A8, dynamic per-token scales);
 # - torch_loop: per expert, its tokens' rows gathered, gate_up, SiLU * up, down, weighted and
 #   index_add_-ed into the output (transformers' eager experts);
 # - vllm: torch.ops._C.cpu_fused_moe on weights prepacked once by cpu_prepack_moe_weight (isa "amx"
 #   where the tier is amx, else "vec"), vLLM's library for the tier (_C_AVX2 under avx2).
-MLP = ("block", "block_int8", "torch_loop", "vllm")
+MLP = ("block", "block_int8", "block_w8a8", "torch_loop", "vllm")
 
 
 def routing(tokens: int, top_k: int, experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,19 +83,21 @@ def _block(x, gate_up, down, index, weights) -> Callable:
                                           topk_weights=weights)
 
 
-def _block_int8(x, gate_up, down, index, weights) -> Callable:
-    """The expert block op on int8 weights (per-column scales), quantised once."""
+def _block_int8(x, gate_up, down, index, weights, w8a8: bool = False) -> Callable:
+    """The expert block op on int8 weights (per-column scales), quantised once: weight-only, or
+    with int8 activations (`w8a8`)."""
     from ..block import grouped_mlp_all_reduce
     from ..quant import quantize_weights
 
     w13, s13 = quantize_weights(list(gate_up.transpose(1, 2).float()))
     w2, s2 = quantize_weights(list(down.transpose(1, 2).float()))
+    scales = (dict(w13_scale=s13, w2_scale=s2) if w8a8
+              else dict(w13_antiquant_scale=s13, w2_antiquant_scale=s2))
 
     def call():
         with torch.no_grad():
             return grouped_mlp_all_reduce(x, w13, w2, dist.group.WORLD, topk_ids=index,
-                                          topk_weights=weights, w13_antiquant_scale=s13,
-                                          w2_antiquant_scale=s2)
+                                          topk_weights=weights, **scales)
 
     return call
 
@@ -179,6 +182,8 @@ def make_mlp_methods(case: Case, methods, world: int) -> dict[str, Callable]:
             calls[method] = _block(*cast(case.dtype))
         elif method == "block_int8":
             calls[method] = _block_int8(*cast(case.dtype))
+        elif method == "block_w8a8":
+            calls[method] = _block_int8(*cast(case.dtype), w8a8=True)
         elif method == "fp32" and case.dtype != torch.float32:
             calls["fp32"] = _composed(*cast(torch.float32))
         elif method == "torch_loop":
@@ -189,6 +194,6 @@ def make_mlp_methods(case: Case, methods, world: int) -> dict[str, Callable]:
         got = call().double()
         error = float((got - ref).norm() / ref.norm())
         bound = 1e-5 if name == "fp32" or case.dtype == torch.float32 else 2e-2
-        bound = 3e-2 if name == "block_int8" else bound  # int8 weights: ~1% per product
+        bound = 3e-2 if name.startswith("block_") else bound  # int8: ~1% per product
         assert error < bound, f"{case.name}: {name} is {error:.2e} off the float64 reference"
     return calls

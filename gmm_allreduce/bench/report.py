@@ -56,7 +56,7 @@ def summarise(case, per_rank: list[dict]) -> list[dict]:
             row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest["fused@0"]))
         if name.startswith("ep") and "composed" in slowest:  # expert parallelism's fused ops
             row["vs_best"] = statistics.median(t / c for t, c in zip(slowest[name], slowest["composed"]))
-        if name == "block_int8" and "block" in slowest:  # int8 weights over the float block
+        if name.startswith("block_") and "block" in slowest:  # int8 weights over the float block
             row["vs_float"] = statistics.median(t / f for t, f in zip(slowest[name], slowest["block"]))
         if name.startswith(("fused@", "block")) and "vllm" in slowest:  # over the peer (MLPs)
             row["vs_peer"] = statistics.median(t / p for t, p in zip(slowest[name], slowest["vllm"]))
