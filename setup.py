@@ -84,7 +84,11 @@ if sanitize:
     checked = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     cxx_flags = ["-O1", "-g1", "-D_GLIBCXX_ASSERTIONS", *checked]
     link_flags = checked
-cxx_flags.append(CXX_STD)
+# OpenMP: ATen's parallel_for is a header template whose `#pragma omp parallel` is compiled into
+# our code; without -fopenmp every one of our parallel loops runs on one thread. Not linked: the
+# OpenMP calls bind at load time to the runtime torch itself loads, so that torch.set_num_threads
+# governs both.
+cxx_flags += [CXX_STD, "-fopenmp"]
 
 # Every folder's C++ but the CUDA engine's own files (csrc/cuda/, CUDA builds only; its host-side
 # planning in csrc/cuda/host/ is device-free and built everywhere, for the CPU twin tests) and the
