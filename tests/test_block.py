@@ -406,14 +406,27 @@ def test_few_rows_kernel(dtype):
         pytest.skip("no AVX2 on this CPU")
     g = torch.Generator().manual_seed(3)
     # r 1 and 2 with a [k, n] weight: the streaming tile (2100 columns: two tiles at r 2, the
-    # second's last columns short of a vector); more rows: the register tiles.
-    for r, k, n in ((1, 7, 5), (2, 35, 2100), (3, 64, 40), (8, 129, 33), (9, 16, 8), (32, 200, 17)):
+    # second's last columns short of a vector; k past 512: parts of the weight's rows summed
+    # after); more rows: the register tiles.
+    for r, k, n in ((1, 7, 5), (2, 35, 2100), (1, 1300, 40), (2, 1100, 2100), (3, 64, 40),
+                    (8, 129, 33), (9, 16, 8), (32, 200, 17)):
         x = torch.randn(r, k, generator=g).to(dtype)
         for w in (torch.randn(k, n, generator=g).to(dtype),
                   torch.randn(n, k, generator=g).to(dtype).t()):
             assert ops._few_rows_takes(x, w)
             torch.testing.assert_close(ops._few_rows_mm(x, w), x.float() @ w.float(),
                                        atol=1e-4, rtol=1e-4)
+    # the same bytes on one thread and two (the parts and tiles shared out differently)
+    x, w = torch.randn(2, 1500, generator=g).to(dtype), torch.randn(1500, 300, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(ops._few_rows_mm(x, w))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
     assert not ops._few_rows_takes(torch.randn(33, 4).to(dtype), torch.randn(4, 4).to(dtype))
     assert not ops._few_rows_takes(torch.randn(2, 4), torch.randn(4, 4))
 

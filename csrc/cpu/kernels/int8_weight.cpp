@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/kernels/isa.h"
 
@@ -280,7 +281,7 @@ GMM_WEIGHT_AVX2 inline void stream_step(const float* x, int64_t ldx, const W* w,
 // rows_tile_avx2 for a few rows (R <= kStreamMaxRows), up to kStreamCols columns: the weight read
 // in its own order, a few of its rows at a time along the tile's columns (long contiguous reads,
 // where rows_tile_avx2's narrow tile steps from page to page down k), the sums kept in L1 between
-// them. Each sum adds its products in the order of k, as rows_tile_avx2 does: the same bits.
+// them. Each sum adds its products in the order of k.
 template <int R, typename W>
 GMM_WEIGHT_AVX2 void rows_stream_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw,
                                       int64_t k, float* y, int64_t ldy, int64_t n0, int64_t cols) {
@@ -293,6 +294,41 @@ GMM_WEIGHT_AVX2 void rows_stream_avx2(const float* x, int64_t ldx, const W* w, i
   for (; kk + J <= k; kk += J) stream_step<R, J>(x, ldx, wt, ldw, kk, acc, cols);
   for (; kk < k; ++kk) stream_step<R, 1>(x, ldx, wt, ldw, kk, acc, cols);
   for (int r = 0; r < R; ++r) std::copy_n(acc[r], cols, y + r * ldy + n0);
+}
+
+// Weight rows in one part of a streaming call: the weight's rows are cut into parts of this many,
+// each streamed whole by one thread into its own partial sums, added in the parts' order after (the
+// same bits on any thread count).
+constexpr int64_t kStreamPartRows = 512;
+
+// y [R, n] = x @ w for a few rows (R <= kStreamMaxRows) and a weight in the rows layout, through
+// rows_stream_avx2: in parallel over parts of the weight's rows and tiles of its columns.
+template <int R, typename W>
+void rows_stream_mm(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, float* y,
+                    int64_t n) {
+  const int64_t parts = std::max<int64_t>(1, (k + kStreamPartRows - 1) / kStreamPartRows);
+  // One part: the columns split so that every thread has a tile.
+  const int64_t width =
+      parts > 1
+          ? kStreamCols<R>
+          : std::max<int64_t>(8, std::min(kStreamCols<R>, (n / at::get_num_threads() + 7) / 8 * 8));
+  const int64_t tiles = (n + width - 1) / width;
+  std::vector<float> partial(parts > 1 ? parts * R * n : 0);
+  at::parallel_for(0, parts * tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const int64_t p = j / tiles, n0 = j % tiles * width;
+      const int64_t k0 = p * kStreamPartRows;
+      float* out = parts > 1 ? partial.data() + p * R * n : y;
+      rows_stream_avx2<R>(x + k0, ldx, w + k0 * ldw, ldw, std::min(kStreamPartRows, k - k0), out, n,
+                          n0, std::min(width, n - n0));
+    }
+  });
+  if (parts == 1) return;
+  std::copy_n(partial.data(), R * n, y);
+  for (int64_t p = 1; p < parts; ++p) {
+    const float* part = partial.data() + p * R * n;
+    for (int64_t i = 0; i < R * n; ++i) y[i] += part[i];
+  }
 }
 
 // cols_tile on AVX2: y[r, n0 + c] for R rows and C columns (`cols` of them valid) as dot products
@@ -366,12 +402,11 @@ void rows_mm(const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) 
   const auto* wp = static_cast<const W*>(w.const_data_ptr());
   const bool rows = w.stride(1) == 1;
   const int64_t ldw = rows ? w.stride(0) : w.stride(1);
-  constexpr bool kStream = kAvx2 && R <= kStreamMaxRows;
-  // A streaming tile is as wide as its L1 buffer allows, but split so that every thread has one.
-  const int64_t stream = std::min(kStreamCols<R>, (n / at::get_num_threads() + 7) / 8 * 8);
+  if constexpr (kAvx2 && R <= kStreamMaxRows) {
+    if (rows) return rows_stream_mm<R>(x, ldx, wp, ldw, k, y, n);
+  }
   const int64_t width =
-      kAvx2 ? (rows ? (kStream ? std::max<int64_t>(stream, 8) : 8 * kBlocksAvx2<R>) : kColsAvx2<R>)
-            : (rows ? 16 * kBlocks<R> : kBlocks<R>);
+      kAvx2 ? (rows ? 8 * kBlocksAvx2<R> : kColsAvx2<R>) : (rows ? 16 * kBlocks<R> : kBlocks<R>);
   const int64_t tiles = (n + width - 1) / width;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k * width, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
@@ -380,12 +415,10 @@ void rows_mm(const X* x, int64_t ldx, const at::Tensor& w, float* y, int64_t n) 
       const int64_t cols = std::min(width, n - n0);
       if constexpr (kAvx2) {
         static_assert(std::is_same_v<X, float>, "AVX2: fp32 x");
-        if (!rows) {
-          cols_tile_avx2<R, kColsAvx2<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
-        } else if constexpr (kStream) {
-          rows_stream_avx2<R>(x, ldx, wp, ldw, k, y, n, n0, cols);
-        } else {
+        if (rows) {
           rows_tile_avx2<R, kBlocksAvx2<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
+        } else {
+          cols_tile_avx2<R, kColsAvx2<R>>(x, ldx, wp, ldw, k, y, n, n0, cols);
         }
       } else if constexpr (!std::is_same_v<W, int8_t>) {
         TORCH_INTERNAL_ASSERT(false, "16-bit weights: the AVX2 kernels");
